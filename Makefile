@@ -1,0 +1,21 @@
+# Fresh-clone entry points: `make demo` (main job, CPU) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Install torch first: a pinned CPU wheel, so megatron-core's open torch range installs nothing more.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo_mmsp_attention.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests

@@ -1,0 +1,26 @@
+"""megatron_longvila: LongVILA's Multi-Modal Sequence Parallelism as a Megatron-Core plugin."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_longvila",
+    version="0.1.0",
+    description="Long-context video-language training on Megatron-Core with Multi-Modal Sequence Parallelism",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_longvila", "megatron_longvila.*"]),
+    install_requires=[
+        # 0.16.1 is the newest megatron-core that supports Python 3.11.
+        "megatron-core==0.16.1",
+        "torch>=2.6",
+        # megatron-core needs einops for hierarchical CP groups but does not declare it.
+        "einops",
+        "numpy",
+        "sentencepiece",
+    ],
+    extras_require={
+        # The GPU stack: used when importable, never required. NVIDIA apex is not on PyPI
+        # (the PyPI package named "apex" is unrelated) and is therefore never listed.
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+)
