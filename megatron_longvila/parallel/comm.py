@@ -1,0 +1,147 @@
+"""Every collective of the project goes through here, so communication can be counted and tested.
+
+Counters record the bytes each rank *sends to other ranks* (its own share of an all-to-all or all-gather
+stays local and is not counted), keyed by (group name, kind). Groups are named when they are registered
+(`register_group`), which the MM-SP mesh does for its Ulysses, ring and CP groups.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+_GROUP_NAMES: Dict[int, str] = {}
+_BYTES: Dict[Tuple[str, str], int] = defaultdict(int)
+_CALLS: Dict[Tuple[str, str], int] = defaultdict(int)
+
+
+def register_group(group: Optional[dist.ProcessGroup], name: str) -> None:
+    """Give a process group a name for the byte counters."""
+    _GROUP_NAMES[id(group)] = name
+
+
+def group_name(group: Optional[dist.ProcessGroup]) -> str:
+    return _GROUP_NAMES.get(id(group), "world" if group is None else "unnamed")
+
+
+def _count(group, kind: str, nbytes: int) -> None:
+    key = (group_name(group), kind)
+    _BYTES[key] += int(nbytes)
+    _CALLS[key] += 1
+
+
+def reset_counters() -> None:
+    _BYTES.clear()
+    _CALLS.clear()
+
+
+def counters() -> Dict[str, Dict[str, int]]:
+    """Bytes sent by this rank so far, as {"group/kind": bytes}, plus call counts."""
+    return {
+        "bytes": {f"{g}/{k}": v for (g, k), v in sorted(_BYTES.items())},
+        "calls": {f"{g}/{k}": v for (g, k), v in sorted(_CALLS.items())},
+    }
+
+
+def total_bytes() -> int:
+    return sum(_BYTES.values())
+
+
+@contextmanager
+def counting():
+    """Reset the counters on entry; yields the live counter dict accessor."""
+    reset_counters()
+    yield counters
+
+
+def _nbytes(numel: int, t: torch.Tensor) -> int:
+    return numel * t.element_size()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collectives
+# ----------------------------------------------------------------------------------------------------
+
+def all_to_all_single(output: torch.Tensor, input: torch.Tensor, output_split_sizes: Sequence[int],
+                      input_split_sizes: Sequence[int], group, kind: str = "all_to_all") -> None:
+    """`dist.all_to_all_single` on flat buffers with split sizes in elements (dim 0), counted."""
+    me = dist.get_rank(group)
+    _count(group, kind, _nbytes(sum(input_split_sizes) - input_split_sizes[me], input))
+    dist.all_to_all_single(output, input, list(output_split_sizes), list(input_split_sizes), group=group)
+
+
+def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group, kind: str = "all_gather") -> None:
+    world = dist.get_world_size(group)
+    _count(group, kind, _nbytes(input.numel() * (world - 1), input))
+    dist.all_gather_into_tensor(output, input, group=group)
+
+
+def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> None:
+    world = dist.get_world_size(group)
+    # Ring all-reduce sends 2 (n-1)/n of the buffer per rank.
+    _count(group, kind, _nbytes(tensor.numel() * 2 * (world - 1) // max(world, 1), tensor))
+    dist.all_reduce(tensor, op=op, group=group)
+
+
+class P2PHandle:
+    """Outstanding point-to-point requests; `wait()` completes them all."""
+
+    def __init__(self, reqs: List):
+        self._reqs = reqs
+
+    def wait(self) -> None:
+        for r in self._reqs:
+            r.wait()
+        self._reqs = []
+
+
+def ring_exchange(sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], group, kind: str) -> P2PHandle:
+    """Send each tensor of `sends` to the next rank of the ring `group` and receive each of `recvs` from the
+    previous one, asynchronously. Returns a handle; the buffers must not be touched until `wait()`."""
+    n = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    nxt = dist.get_global_rank(group, (me + 1) % n)
+    prv = dist.get_global_rank(group, (me - 1) % n)
+    ops = []
+    # Receives first: gloo pairs operations in posting order per peer.
+    for t in recvs:
+        ops.append(dist.P2POp(dist.irecv, t, prv, group))
+    for t in sends:
+        _count(group, kind, _nbytes(t.numel(), t))
+        ops.append(dist.P2POp(dist.isend, t, nxt, group))
+    if not ops:
+        return P2PHandle([])
+    return P2PHandle(dist.batch_isend_irecv(ops))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd-aware all-to-all
+# ----------------------------------------------------------------------------------------------------
+
+class _AllToAll(torch.autograd.Function):
+    """Flat all-to-all whose backward is the all-to-all with the split sizes swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, kind):
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.kind = out_splits, in_splits, group, kind
+        x = x.contiguous()
+        out = x.new_empty(sum(out_splits))
+        all_to_all_single(out, x, out_splits, in_splits, group, kind)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        out = grad.new_empty(sum(ctx.in_splits))
+        all_to_all_single(out, grad, ctx.in_splits, ctx.out_splits, ctx.group, ctx.kind + "_bwd")
+        return out, None, None, None, None
+
+
+def all_to_all_autograd(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group,
+                        kind: str = "all_to_all") -> torch.Tensor:
+    """Differentiable flat all-to-all (1-D `x`, split sizes in elements)."""
+    return _AllToAll.apply(x.reshape(-1), list(out_splits), list(in_splits), group, kind)

@@ -1,0 +1,161 @@
+"""The MM-SP mesh: Ulysses x ring sub-groups inside Megatron-Core's context-parallel (CP) group.
+
+A CP group of size U * R is arranged as a U x R mesh. Ulysses (all-to-all over heads) runs inside groups
+of U ranks, which should share a fast domain (NVLink inside a node); the zigzag ring (P2P over sequence)
+runs across the R Ulysses groups. By default the U ranks of a Ulysses group are consecutive CP ranks
+(the usual intra-node placement); `ring_first=True` makes the ring ranks consecutive instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch.distributed as dist
+
+from . import comm
+
+
+class MeshError(ValueError):
+    """An MM-SP mesh that cannot be built from the given sizes and groups."""
+
+
+@dataclass(frozen=True)
+class MMSPMesh:
+    """One rank's view of the U x R MM-SP mesh."""
+
+    ulysses_group: Optional[dist.ProcessGroup]
+    """Process group of the U ranks that exchange heads by all-to-all (None when U == 1)."""
+    ring_group: Optional[dist.ProcessGroup]
+    """Process group of the R ranks that pass KV blocks around the zigzag ring (None when R == 1)."""
+    cp_group: Optional[dist.ProcessGroup]
+    """The whole context-parallel group (U * R ranks)."""
+    ulysses_size: int
+    """U: number of ranks in a Ulysses group."""
+    ring_size: int
+    """R: number of ranks in a ring."""
+    cp_rank: int
+    """This rank's index in the CP group."""
+    ulysses_rank: int
+    """This rank's index in its Ulysses group (u)."""
+    ring_rank: int
+    """This rank's index in its ring (r)."""
+    ring_first: bool = False
+    """Whether ring ranks (rather than Ulysses ranks) are consecutive in the CP group."""
+
+    @property
+    def cp_size(self) -> int:
+        return self.ulysses_size * self.ring_size
+
+    def cp_rank_of(self, ring_rank: int, ulysses_rank: int) -> int:
+        """CP-group index of mesh coordinate (r, u)."""
+        return cp_rank_of(ring_rank, ulysses_rank, self.ulysses_size, self.ring_size, self.ring_first)
+
+    def coords_of(self, cp_rank: int) -> Tuple[int, int]:
+        """Mesh coordinate (r, u) of a CP-group index."""
+        return coords_of(cp_rank, self.ulysses_size, self.ring_size, self.ring_first)
+
+
+def cp_rank_of(r: int, u: int, ulysses_size: int, ring_size: int, ring_first: bool = False) -> int:
+    return u * ring_size + r if ring_first else r * ulysses_size + u
+
+
+def coords_of(cp_rank: int, ulysses_size: int, ring_size: int, ring_first: bool = False) -> Tuple[int, int]:
+    if ring_first:
+        return cp_rank % ring_size, cp_rank // ring_size
+    return cp_rank // ulysses_size, cp_rank % ulysses_size
+
+
+def validate_mesh_sizes(ulysses_size: int, ring_size: int, cp_size: int) -> None:
+    """Raise MeshError with a message that says what to change."""
+    for name, v in (("ulysses_size", ulysses_size), ("ring_size", ring_size)):
+        if not isinstance(v, int) or v < 1:
+            raise MeshError(f"{name} must be a positive integer, got {v!r}")
+    if ulysses_size * ring_size != cp_size:
+        raise MeshError(
+            f"Ulysses size {ulysses_size} x ring size {ring_size} = {ulysses_size * ring_size} does not equal the "
+            f"context-parallel size {cp_size}: set --hierarchical-context-parallel-sizes U R with U*R = "
+            f"--context-parallel-size ({cp_size}).")
+
+
+def _default_cp_group():
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return parallel_state.get_context_parallel_group()
+    except ImportError:  # megatron-core is a dependency, but keep the mesh usable on its own
+        pass
+    return None
+
+
+# Sub-groups already built, keyed by (all CP groups' ranks, U, R, ring_first): new_group is collective over
+# the world, so it must be called once per layout in the same order everywhere.
+_CACHE: Dict[tuple, Dict[Tuple[int, ...], dist.ProcessGroup]] = {}
+
+
+def build_mmsp_mesh(ulysses_size: int, ring_size: int, cp_group=None, *, ring_first: bool = False) -> MMSPMesh:
+    """Build the Ulysses and ring sub-groups of a CP group.
+
+    Args:
+        ulysses_size: U, ranks per Ulysses (all-to-all) group.
+        ring_size: R, ranks per ring.
+        cp_group: the CP group to split. None: Megatron's parallel_state CP group if initialized, else the
+            default (world) group. Every rank of the world must call this (sub-group creation is collective
+            over the world); ranks in different CP groups (TP, PP, DP replicas) each get their own sub-groups.
+        ring_first: put the ring on consecutive CP ranks instead of Ulysses.
+    """
+    if not dist.is_initialized():
+        raise MeshError("torch.distributed is not initialized: call init_process_group (or Megatron's "
+                        "initialize_model_parallel) before build_mmsp_mesh")
+    if cp_group is None:
+        cp_group = _default_cp_group()
+    if cp_group is None:
+        cp_group = dist.group.WORLD
+    cp_ranks = tuple(dist.get_process_group_ranks(cp_group))
+    cp_size = len(cp_ranks)
+    validate_mesh_sizes(ulysses_size, ring_size, cp_size)
+    cp_rank = cp_ranks.index(dist.get_rank())
+    r, u = coords_of(cp_rank, ulysses_size, ring_size, ring_first)
+
+    # Learn every CP group of the world so all ranks create the same sub-groups in the same order.
+    gathered: List[Optional[Tuple[int, ...]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, cp_ranks)
+    all_cp = sorted(set(gathered))
+    key = (tuple(all_cp), ulysses_size, ring_size, ring_first)
+    if key not in _CACHE:
+        groups: Dict[Tuple[int, ...], dist.ProcessGroup] = {}
+        for ranks in all_cp:
+            if len(ranks) != cp_size:
+                raise MeshError(f"CP groups of different sizes in one world: {len(ranks)} vs {cp_size}")
+            subsets = []
+            if ulysses_size > 1:
+                for rr in range(ring_size):
+                    subsets.append(tuple(ranks[cp_rank_of(rr, uu, ulysses_size, ring_size, ring_first)]
+                                         for uu in range(ulysses_size)))
+            if ring_size > 1:
+                for uu in range(ulysses_size):
+                    subsets.append(tuple(ranks[cp_rank_of(rr, uu, ulysses_size, ring_size, ring_first)]
+                                         for rr in range(ring_size)))
+            for s in subsets:
+                groups[s] = dist.new_group(list(s))
+        _CACHE[key] = groups
+    groups = _CACHE[key]
+    me_u = tuple(cp_ranks[cp_rank_of(r, uu, ulysses_size, ring_size, ring_first)] for uu in range(ulysses_size))
+    me_r = tuple(cp_ranks[cp_rank_of(rr, u, ulysses_size, ring_size, ring_first)] for rr in range(ring_size))
+    ulysses_group = groups[me_u] if ulysses_size > 1 else None
+    ring_group = groups[me_r] if ring_size > 1 else None
+    if ulysses_group is not None:
+        comm.register_group(ulysses_group, "ulysses")
+    if ring_group is not None:
+        comm.register_group(ring_group, "ring")
+    comm.register_group(cp_group, "cp")
+    return MMSPMesh(ulysses_group=ulysses_group, ring_group=ring_group, cp_group=cp_group,
+                    ulysses_size=ulysses_size, ring_size=ring_size, cp_rank=cp_rank,
+                    ulysses_rank=u, ring_rank=r, ring_first=ring_first)
+
+
+def single_rank_mesh() -> MMSPMesh:
+    """A 1x1 mesh that needs no process group (single-process reference and CP=1 runs)."""
+    return MMSPMesh(ulysses_group=None, ring_group=None, cp_group=None, ulysses_size=1, ring_size=1,
+                    cp_rank=0, ulysses_rank=0, ring_rank=0)
