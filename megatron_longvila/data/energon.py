@@ -1,0 +1,141 @@
+"""Webdataset tar shards for large corpora, in the layout Megatron-Energon indexes.
+
+Each sample is a group of tar members sharing a key: `<key>.json` (the manifest record, media fields
+naming members of the same shard) and its media, `<key>.mp4` / `<key>.webm` for a video and
+`<key>.img<k>.<ext>` for images. These are plain tar files: `energon prepare <folder>` (from the optional
+megatron-energon package) indexes them for Energon's loaders, and `ShardSource` reads them here without it.
+
+`ShardSource` is a sample source for `VideoTextDataset` (`len()` and `record(i)`): it indexes member
+offsets once, and extracts a sample's media to a cache folder when the sample is read, since the video
+decoders (PyAV, DALI) work on files.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from typing import Sequence
+
+from megatron_longvila.data.errors import DataError
+from megatron_longvila.data.manifest import ManifestRecord, parse_record
+
+
+def energon_available() -> bool:
+    try:
+        import megatron.energon  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_shards(records: Sequence[ManifestRecord], out_dir: str | os.PathLike, *, samples_per_shard: int = 1000,
+                 prefix: str = "shard") -> list[str]:
+    """Write records and their media files into tar shards; returns the shard paths.
+
+    A record whose media file is missing raises DataError("missing_file"): shards should hold only
+    readable samples (check the manifest with tools/check_data.py first).
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    paths: list[str] = []
+    tar = None
+    for n, rec in enumerate(records):
+        if n % samples_per_shard == 0:
+            if tar is not None:
+                tar.close()
+            paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar"))
+            tar = tarfile.open(paths[-1], "w")
+        key = f"{n:09d}"
+        obj = rec.to_json()
+        for m in rec.media:
+            if not os.path.isfile(m.path):
+                raise DataError("missing_file", f"{m.path}: no such file (record {rec.id!r})")
+        image_members = []
+        for m in rec.media:
+            ext = os.path.splitext(m.path)[1].lower() or ".bin"
+            if m.kind == "video":
+                member = f"{key}{ext}"
+                obj["video"] = member
+            else:
+                member = f"{key}.img{len(image_members)}{ext}"
+                image_members.append(member)
+            tar.add(m.path, arcname=member)
+        if image_members:
+            obj["image"] = image_members[0] if len(image_members) == 1 else image_members
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        info = tarfile.TarInfo(f"{key}.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    if tar is not None:
+        tar.close()
+    return paths
+
+
+class ShardSource:
+    """Samples of webdataset shards: `len()` and `record(i)`, like `Manifest`.
+
+    Args:
+        shards: tar paths, or a folder whose *.tar files are read in name order.
+        cache_dir: where media are extracted when read (default: a temporary folder removed on close()).
+    """
+
+    def __init__(self, shards: str | os.PathLike | Sequence[str], cache_dir: str | None = None):
+        if isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards):
+            shards = sorted(glob.glob(os.path.join(os.fspath(shards), "*.tar")))
+        elif isinstance(shards, (str, os.PathLike)):
+            shards = [os.fspath(shards)]
+        if not shards:
+            raise FileNotFoundError("ShardSource: no .tar shards given")
+        self.shards = list(shards)
+        self._own_cache = cache_dir is None
+        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="longvila_shards_")
+        # One entry per sample: (shard, key, {suffix: member TarInfo}).
+        self._samples: list[tuple[int, str, dict[str, tarfile.TarInfo]]] = []
+        for s, path in enumerate(self.shards):
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            with tarfile.open(path, "r") as tar:
+                for info in tar.getmembers():
+                    if not info.isfile():
+                        continue
+                    base = os.path.basename(info.name)
+                    key, _, suffix = base.partition(".")
+                    groups.setdefault(key, {})[suffix] = info
+            for key in sorted(groups):
+                if "json" in groups[key]:
+                    self._samples.append((s, key, groups[key]))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def record(self, i: int) -> ManifestRecord:
+        shard, key, members = self._samples[i]
+        folder = os.path.join(self.cache_dir, f"{shard:06d}")
+        os.makedirs(folder, exist_ok=True)
+        with tarfile.open(self.shards[shard], "r") as tar:
+            raw = tar.extractfile(members["json"]).read()
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise DataError("undecodable_text", f"{self.shards[shard]}:{key}.json is not UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise DataError("malformed_manifest", f"{self.shards[shard]}:{key}.json: {e.msg}") from None
+            for suffix, info in members.items():
+                if suffix == "json":
+                    continue
+                target = os.path.join(folder, os.path.basename(info.name))
+                if not os.path.exists(target):
+                    with tar.extractfile(info) as src, open(target + ".part", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    os.replace(target + ".part", target)  # never leave a half-written file behind
+        return parse_record(obj, folder, i)
+
+    def close(self) -> None:
+        if self._own_cache:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
