@@ -1,0 +1,140 @@
+"""LongVILA's `mlp_downsample` projector: 2x2 space-to-channel, LayerNorm, Linear, GELU, Linear.
+
+Each 2x2 block of neighbouring patch features becomes one token of 4x the width (channel order: row in
+the block, column in the block, feature), which quarters the visual tokens. Odd grids are padded with
+zero features at the bottom and right first (SigLIP at 384 px: 27x27 -> 28x28 -> 14x14 = 196 tokens).
+
+The two linears are a megatron-core MLP (column-parallel then row-parallel), so with tensor parallelism
+the hidden activation is split over TP ranks and the output is replicated on every TP rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class ProjectorError(ValueError):
+    """A projector configuration or input that cannot work."""
+
+
+def downsampled_grid(rows: int, cols: int) -> tuple:
+    """Token grid after the 2x2 space-to-channel (odd sides are padded up)."""
+    return (rows + 1) // 2, (cols + 1) // 2
+
+
+def tokens_per_frame(height: int, width: int, patch_size: int) -> int:
+    """LLM tokens one frame of height x width px becomes (e.g. 196 at 384 px with 14 px patches)."""
+    if height % patch_size or width % patch_size:
+        raise ProjectorError(f"frame {height}x{width} px is not a whole number of {patch_size} px patches")
+    r, c = downsampled_grid(height // patch_size, width // patch_size)
+    return r * c
+
+
+def space_to_channel_2x2(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[n, rows*cols, C] -> [n, ceil(rows/2)*ceil(cols/2), 4C], zero-padding odd sides at the end."""
+    n, s, c = x.shape
+    if s != rows * cols:
+        raise ProjectorError(f"{s} patch features do not form a {rows}x{cols} grid")
+    x = x.reshape(n, rows, cols, c)
+    x = F.pad(x, (0, 0, 0, cols % 2, 0, rows % 2))
+    r2, c2 = x.shape[1] // 2, x.shape[2] // 2
+    x = x.reshape(n, r2, 2, c2, 2, c).permute(0, 1, 3, 2, 4, 5)  # [n, r2, c2, dy, dx, C]
+    return x.reshape(n, r2 * c2, 4 * c)
+
+
+@dataclass(kw_only=True)
+class ProjectorConfig:
+    """Shape of the mlp_downsample projector."""
+
+    vision_hidden_size: int
+    """Width of the encoder's patch features (C); the projector's input is 4C."""
+    llm_hidden_size: int
+    """Width of the LLM's token embeddings (the output, and the inner width)."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of the LayerNorm on the 4C features."""
+
+
+def projector_transformer_config(cfg: ProjectorConfig, *, tensor_model_parallel_size: int = 1,
+                                 params_dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = True,
+                                 init_method_std: float = 0.02, **overrides) -> TransformerConfig:
+    """The megatron-core config of the projector's MLP (GELU, biases, no gating, no fusions)."""
+    kwargs = dict(
+        num_layers=1, hidden_size=cfg.llm_hidden_size, ffn_hidden_size=cfg.llm_hidden_size,
+        num_attention_heads=1, add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu,
+        bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        use_cpu_initialization=use_cpu_initialization, tensor_model_parallel_size=tensor_model_parallel_size,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype, init_method_std=init_method_std,
+        layernorm_epsilon=cfg.layernorm_epsilon, hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+@dataclass
+class ProjectorSubmodules:
+    """What the projector is made of."""
+
+    layernorm: object = WrappedTorchNorm
+    """Norm over the 4C space-to-channel features."""
+    mlp: object = None
+    """ModuleSpec of the MLP (4C -> llm hidden -> llm hidden)."""
+
+
+def mlp_downsample_spec(use_te: bool = False) -> ModuleSpec:
+    """Spec of the projector with local (or TE) linears."""
+    if use_te:
+        from .vision import _require_te
+
+        _require_te("the TE projector spec")
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear
+
+        fc1, fc2, norm = TEColumnParallelLinear, TERowParallelLinear, TENorm
+    else:
+        fc1, fc2, norm = ColumnParallelLinear, RowParallelLinear, WrappedTorchNorm
+    return ModuleSpec(module=MlpDownsampleProjector,
+                      submodules=ProjectorSubmodules(layernorm=norm,
+                                                     mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                                                         linear_fc1=fc1, linear_fc2=fc2))))
+
+
+class MlpDownsampleProjector(MegatronModule):
+    """Patch features [n, rows*cols, C] -> LLM tokens [n, ceil(rows/2)*ceil(cols/2), llm_hidden]."""
+
+    def __init__(self, config: TransformerConfig, submodules: ProjectorSubmodules, cfg: ProjectorConfig,
+                 tp_group=None):
+        super().__init__(config=config)
+        if config.hidden_size != cfg.llm_hidden_size:
+            raise ProjectorError("projector config hidden_size must equal ProjectorConfig.llm_hidden_size")
+        if submodules.mlp is None:
+            raise ProjectorError("ProjectorSubmodules.mlp is required (use mlp_downsample_spec())")
+        self.cfg = cfg
+        in_size = 4 * cfg.vision_hidden_size
+        # The norm's width is 4C, not the config's hidden size.
+        self.layernorm = build_module(submodules.layernorm, config=config, hidden_size=in_size,
+                                      eps=cfg.layernorm_epsilon)
+        if tp_group is None:
+            from megatron.core import parallel_state
+
+            tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        self.mlp = build_module(submodules.mlp, config=config, input_size=in_size, tp_group=tp_group)
+
+    def forward(self, features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        x = space_to_channel_2x2(features, rows, cols)
+        n, t, c = x.shape
+        x = self.layernorm(x)
+        x = x.transpose(0, 1).contiguous()  # megatron linears take [s, b, h]
+        out, bias = self.mlp(x)
+        if bias is not None:
+            out = out + bias
+        return out.transpose(0, 1).contiguous()

@@ -1,0 +1,303 @@
+"""SigLIP-style vision encoder built from Megatron-Core modules.
+
+Patch embedding (a stride-`patch` convolution, with bias), learned position embeddings, no class token,
+a `TransformerBlock` of pre-LayerNorm layers with bidirectional attention, and an optional post-LayerNorm.
+Attention heads and MLP columns are split over the tensor-parallel group as in any Megatron layer. The
+encoder does not use context parallelism: MM-SP gives each CP rank its own frames instead (stage 1).
+
+Frames at a resolution other than the native one (e.g. a 448 px frame through a 384 px model, or the
+28/56 px test frames) get their position embeddings resized bicubically to the frame's patch grid.
+
+Layer specs: `vit_layer_spec(use_te=False)` is built from megatron-core's local modules (runs on CPU);
+`use_te=True` uses Transformer Engine modules and raises a clear error when TE is not importable.
+Unlike megatron-core's `get_vit_layer_with_local_spec` (causal mask), both specs use no mask: SigLIP
+attends bidirectionally over the patches of one frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.models.common.vision_module.vision_module import VisionModule
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+
+class VisionConfigError(ValueError):
+    """A vision-encoder configuration or input that cannot work."""
+
+
+def have_te() -> bool:
+    """Whether Transformer Engine's PyTorch extension imports."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE raises several error types when CUDA/cuDNN are missing
+        return False
+    return True
+
+
+def _require_te(what: str) -> None:
+    if not have_te():
+        raise VisionConfigError(f"{what} needs Transformer Engine (transformer_engine.pytorch), which is not "
+                                f"importable here: use use_te=False (megatron-core local layers) or install TE "
+                                f"on a CUDA machine")
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, SigLIP's activation."""
+    return F.gelu(x, approximate="tanh")
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """Shape of a SigLIP-style ViT. Presets live in `models.registry`."""
+
+    image_size: int = 384
+    """Native input size in pixels (square); position embeddings are learned for this grid."""
+    patch_size: int = 14
+    """Patch size in pixels (the embedding convolution's kernel and stride)."""
+    hidden_size: int = 1152
+    """Width of the encoder."""
+    num_layers: int = 27
+    """Transformer layers built (for VILA's select-layer -2 of so400m, build 26 and drop the post-norm)."""
+    num_attention_heads: int = 16
+    """Attention heads (must divide by the tensor-parallel size)."""
+    ffn_hidden_size: int = 4304
+    """Inner width of the MLP."""
+    layernorm_epsilon: float = 1e-6
+    """LayerNorm epsilon."""
+    post_layernorm: bool = True
+    """Apply a LayerNorm to the last layer's output."""
+    activation: str = "gelu_tanh"
+    """MLP activation: "gelu_tanh" (SigLIP) or "gelu"."""
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise VisionConfigError(f"image_size {self.image_size} is not a multiple of patch_size "
+                                    f"{self.patch_size}")
+        if self.hidden_size % self.num_attention_heads:
+            raise VisionConfigError(f"hidden_size {self.hidden_size} does not divide into "
+                                    f"{self.num_attention_heads} heads")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise VisionConfigError(f"activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side at the native size."""
+        return self.image_size // self.patch_size
+
+
+def vision_transformer_config(cfg: VisionConfig, *, tensor_model_parallel_size: int = 1,
+                              params_dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = True,
+                              init_method_std: float = 0.02, **overrides) -> TransformerConfig:
+    """The megatron-core TransformerConfig of the encoder's layers.
+
+    CP and PP are 1 by construction: MM-SP shards frames, not patches, and the encoder lives on the first
+    pipeline stage. Fusions are off so the same config runs on CPU; override them for GPU runs.
+    """
+    kwargs = dict(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size, kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        layernorm_epsilon=cfg.layernorm_epsilon, normalization="LayerNorm", add_bias_linear=True,
+        add_qkv_bias=True, gated_linear_unit=False,
+        activation_func=gelu_tanh if cfg.activation == "gelu_tanh" else F.gelu,
+        hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=False, use_cpu_initialization=use_cpu_initialization,
+        tensor_model_parallel_size=tensor_model_parallel_size, pipeline_model_parallel_size=1,
+        context_parallel_size=1, sequence_parallel=False, params_dtype=params_dtype,
+        pipeline_dtype=params_dtype, init_method_std=init_method_std, attention_softmax_in_fp32=True,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def vit_layer_spec(use_te: bool = False) -> ModuleSpec:
+    """Pre-norm ViT layer with bidirectional attention (no mask), local or Transformer Engine modules."""
+    if use_te:
+        _require_te("the TE ViT layer spec")
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        # TE fuses the pre-norms into the following column-parallel linear.
+        return ModuleSpec(
+            module=TransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                self_attention=ModuleSpec(
+                    module=SelfAttention, params={"attn_mask_type": AttnMaskType.no_mask},
+                    submodules=SelfAttentionSubmodules(linear_qkv=TELayerNormColumnParallelLinear,
+                                                       core_attention=TEDotProductAttention,
+                                                       linear_proj=TERowParallelLinear)),
+                self_attn_bda=get_bias_dropout_add,
+                pre_mlp_layernorm=IdentityOp,
+                mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
+                                                                    linear_fc2=TERowParallelLinear)),
+                mlp_bda=get_bias_dropout_add,
+            ),
+        )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention, params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
+                                                   core_attention=DotProductAttention,
+                                                   linear_proj=RowParallelLinear)),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def norm_impl(use_te: bool):
+    """The standalone LayerNorm module (post-norm): TE's fused norm or a torch LayerNorm."""
+    if use_te:
+        _require_te("the TE LayerNorm")
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return WrappedTorchNorm
+
+
+def vision_process_groups(tp_group=None, pp_group=None) -> ProcessGroupCollection:
+    """Process groups for the encoder: TP from the caller (default: Megatron's), never CP.
+
+    `cp` is left None on purpose: the encoder has no rotary embeddings (the only CP use inside megatron-core's
+    attention) and must not join the LLM's context-parallel collectives.
+    """
+    from megatron.core import parallel_state
+
+    pgs = ProcessGroupCollection()
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+    if pp_group is None:
+        pp_group = parallel_state.get_pipeline_model_parallel_group(check_initialized=False)
+    if tp_group is None or pp_group is None:
+        raise VisionConfigError("the vision encoder needs tensor- and pipeline-parallel groups: initialize "
+                                "megatron.core.parallel_state (initialize_model_parallel) or pass pg_collection")
+    pgs.tp = tp_group
+    pgs.pp = pp_group
+    pgs.cp = None
+    return pgs
+
+
+def patch_grid(height: int, width: int, patch_size: int) -> Tuple[int, int]:
+    """(rows, cols) of patches of a frame; the frame must be a whole number of patches."""
+    if height % patch_size or width % patch_size:
+        raise VisionConfigError(f"frame of {height}x{width} px is not a whole number of {patch_size} px patches: "
+                                f"resize it (the data pipeline's SigLIP processor does) before encoding")
+    return height // patch_size, width // patch_size
+
+
+class SiglipVisionModel(VisionModule):
+    """SigLIP-style ViT: frames [n, 3, H, W] -> patch features [n, (H/p)*(W/p), hidden].
+
+    Args:
+        cfg: encoder shape.
+        transformer_config: megatron-core config of its layers (`vision_transformer_config(cfg)`).
+        layer_spec: transformer layer spec (`vit_layer_spec(use_te)`).
+        pg_collection: process groups (`vision_process_groups()`); cp must be None.
+        use_te: build the post-norm from TE (must match the layer spec's choice).
+    """
+
+    def __init__(self, cfg: VisionConfig, transformer_config: TransformerConfig,
+                 layer_spec: Optional[ModuleSpec] = None, pg_collection: Optional[ProcessGroupCollection] = None,
+                 use_te: bool = False):
+        super().__init__(config=transformer_config)
+        if transformer_config.hidden_size != cfg.hidden_size or transformer_config.num_layers != cfg.num_layers:
+            raise VisionConfigError("transformer_config does not match the VisionConfig (hidden size / layers)")
+        if transformer_config.context_parallel_size != 1:
+            raise VisionConfigError("the vision encoder's config must have context_parallel_size=1: MM-SP shards "
+                                    "frames over CP ranks, each rank encodes whole frames")
+        self.cfg = cfg
+        self.pg_collection = pg_collection if pg_collection is not None else vision_process_groups()
+        dtype = transformer_config.params_dtype
+        self.conv1 = torch.nn.Conv2d(3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                     bias=True, dtype=dtype)
+        self.position_embeddings = torch.nn.Embedding(cfg.grid * cfg.grid, cfg.hidden_size, dtype=dtype)
+        torch.nn.init.normal_(self.position_embeddings.weight, std=transformer_config.init_method_std)
+        self.decoder = TransformerBlock(config=transformer_config,
+                                        spec=layer_spec if layer_spec is not None else vit_layer_spec(use_te),
+                                        pre_process=True, post_process=False, pg_collection=self.pg_collection)
+        self.ln_post = None
+        if cfg.post_layernorm:
+            self.ln_post = build_module(norm_impl(use_te), config=transformer_config, hidden_size=cfg.hidden_size,
+                                        eps=cfg.layernorm_epsilon)
+
+    def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
+        # The encoder is never split over pipeline stages; kept for megatron's model interface.
+        self.decoder.set_input_tensor(input_tensor)
+
+    def position_embedding_for(self, rows: int, cols: int) -> torch.Tensor:
+        """[rows*cols, hidden] position embeddings, resized bicubically from the native grid when needed."""
+        g = self.cfg.grid
+        w = self.position_embeddings.weight
+        if (rows, cols) == (g, g):
+            return w
+        grid = w.view(1, g, g, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False).to(w.dtype)
+        return grid.permute(0, 2, 3, 1).reshape(rows * cols, -1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode frames of one resolution.
+
+        Args:
+            images: [n, 3, H, W], H and W multiples of the patch size.
+
+        Returns:
+            [n, (H/p)*(W/p), hidden] patch features, row-major over the patch grid.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise VisionConfigError(f"expected frames [n, 3, H, W], got {tuple(images.shape)}")
+        rows, cols = patch_grid(images.shape[2], images.shape[3], self.cfg.patch_size)
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # [n, hidden, rows, cols]
+        x = x.flatten(2).transpose(1, 2)  # [n, rows*cols, hidden]
+        x = x + self.position_embedding_for(rows, cols).unsqueeze(0)
+        x = x.transpose(0, 1).contiguous()  # megatron layout [s, b, h]
+        x = self.decoder(x, attention_mask=None)
+        x = x.transpose(0, 1).contiguous()
+        if self.ln_post is not None:
+            x = self.ln_post(x)
+        return x
+
+
+def encode_frames(model: SiglipVisionModel, frames: Sequence[torch.Tensor]
+                  ) -> List[torch.Tensor]:
+    """Encode a list of single frames [3, H, W] of possibly different sizes, batching equal sizes.
+
+    Returns one [(H/p)*(W/p), hidden] tensor per frame, in the input order.
+    """
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    for i, f in enumerate(frames):
+        if f.dim() != 3 or f.shape[0] != 3:
+            raise VisionConfigError(f"frame {i}: expected [3, H, W], got {tuple(f.shape)}")
+        groups.setdefault((int(f.shape[1]), int(f.shape[2])), []).append(i)
+    out: List[Optional[torch.Tensor]] = [None] * len(frames)
+    for _, idx in groups.items():
+        feats = model(torch.stack([frames[i] for i in idx]))
+        for k, i in enumerate(idx):
+            out[i] = feats[k]
+    return out  # type: ignore[return-value]
