@@ -20,6 +20,7 @@ import functools
 import os
 import struct
 import threading
+from collections import Counter
 from fractions import Fraction
 from typing import Sequence
 
@@ -209,11 +210,45 @@ def _open(path: str, size: int):
     except (av.error.FFmpegError, OSError, ValueError) as e:
         if _container_truncated(path, size):
             raise DataError("truncated_video", f"{path}: file ends inside its container ({e})") from None
+        if isinstance(e, av.error.EOFError):
+            # A complete container that ends right after its headers: tracks declared, no frame written.
+            raise DataError("zero_frames", f"{path}: the container holds no frames ({e})") from None
         raise DataError("corrupt_video", f"{path}: cannot open ({e})") from None
     if not container.streams.video:
         container.close()
+        if _mp4_declares_video_track(path, size):
+            # FFmpeg hides an MP4 video track that has no samples; the file is a zero-frame video.
+            raise DataError("zero_frames", f"{path}: the video track has no frames")
         raise DataError("no_video_stream", f"{path}: no video stream")
     return container
+
+
+def _mp4_declares_video_track(path: str, size: int) -> bool:
+    """True when an MP4's 'moov' box holds a track whose handler is 'vide'."""
+    with open(path, "rb") as f:
+        offset = 0
+        while offset + 8 <= size:
+            f.seek(offset)
+            hdr = f.read(16)
+            box_size, kind = struct.unpack(">I", hdr[:4])[0], hdr[4:8]
+            if box_size == 1 and len(hdr) >= 16:
+                box_size = struct.unpack(">Q", hdr[8:16])[0]
+            elif box_size == 0:
+                box_size = size - offset
+            if box_size < 8:
+                return False
+            if kind == b"moov":
+                f.seek(offset)
+                moov = f.read(min(box_size, 64 << 20))
+                # hdlr box: size, 'hdlr', version/flags (4), pre_defined (4), handler type.
+                at = moov.find(b"hdlr")
+                while at >= 0:
+                    if moov[at + 12 : at + 16] == b"vide":
+                        return True
+                    at = moov.find(b"hdlr", at + 4)
+                return False
+            offset += box_size
+    return False
 
 
 def probe_video(
@@ -291,6 +326,10 @@ def _declared_frames(container, stream, fps: float) -> int | None:
 # --------------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------------
+
+DECODE_STATS: Counter[str] = Counter()
+"""Process-wide counters of the PyAV backend: "decoded" (pictures decoded), "returned" (pictures asked
+for), "seeks". Decoded / returned measures the work spent on frames nobody asked for."""
 
 
 def decode_frames(
@@ -372,11 +411,13 @@ def _decode_pyav(path: str, wanted: list[int], info: VideoInfo) -> torch.Tensor:
             if frames_iter is None or pos is None or target - pos > gop:
                 ts = start + int(round(target / fps / time_base)) if target > 0 else start
                 container.seek(ts, stream=stream, backward=True, any_frame=False)
+                DECODE_STATS["seeks"] += 1
                 frames_iter = container.decode(stream)
                 pos = None
             found = None
             try:
                 for frame in frames_iter:
+                    DECODE_STATS["decoded"] += 1
                     k = index_of(frame)
                     pos = k
                     if frame.key_frame:
@@ -391,6 +432,7 @@ def _decode_pyav(path: str, wanted: list[int], info: VideoInfo) -> torch.Tensor:
             if found is None:
                 raise DataError("truncated_video", f"{path}: stream ends before frame {target}")
             held = found
+            DECODE_STATS["returned"] += 1
             out.append(found[1])
     finally:
         container.close()
