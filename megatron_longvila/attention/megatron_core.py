@@ -1,0 +1,257 @@
+"""MM-SP attention inside Megatron-Core's GPT layer: the core-attention module and its plumbing.
+
+Public API:
+    initialize_mmsp(config, mmsp=None, *, seq_length=None, micro_batch_size=None, packed=False) -> MMSPMesh
+        validate (config.validate_mmsp) and build the U x R mesh inside Megatron's CP group. Collective:
+        every rank calls it once, after parallel_state.initialize_model_parallel.
+    get_mmsp_mesh() -> MMSPMesh, get_mmsp_config() -> MMSPConfig       what initialize_mmsp built
+    reset_mmsp()                                                        forget them (tests)
+    MMSPPackedSeqParams(PackedSeqParams)   Megatron's packed-sequence parameters plus the sharding `plan`
+    plan_for(packed_seq_params, local_len) -> SequencePlan              the plan a forward pass uses
+    MMSPCoreAttention                      Megatron core_attention (sbhd and thd) on top of mmsp_attention
+    MMSPSelfAttention(SelfAttention)       applies RoPE at the plan's per-document positions
+    mark_plan_rope_table(t) -> t           flag a rotary table as un-sliced (see models.gpt.PlanRotaryEmbedding)
+
+Why a SelfAttention subclass: Megatron applies RoPE before core attention, slicing positions in its own CP
+layout (or, for thd, splitting each document in 2*CP chunks). The MM-SP plan uses a different layout, so
+MMSPSelfAttention takes the full rotary table, picks the rows of this rank's tokens (plan.position_ids),
+and hands Megatron's attention the result as an ordinary sbhd sequence. thd and sbhd then differ only in
+the core-attention tensor shapes, which MMSPCoreAttention handles.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from ..config import MMSPConfig, MMSPConfigError, validate_mmsp
+from ..parallel.mesh import MMSPMesh, build_mmsp_mesh, single_rank_mesh
+from ..parallel.sharding import SequencePlan, plan_sequence
+from .mmsp import mmsp_attention
+
+__all__ = ["initialize_mmsp", "get_mmsp_mesh", "get_mmsp_config", "reset_mmsp", "MMSPPackedSeqParams", "plan_for",
+           "MMSPCoreAttention", "MMSPSelfAttention", "mark_plan_rope_table", "MMSPRuntimeError"]
+
+
+class MMSPRuntimeError(RuntimeError):
+    """A forward pass that does not match the MM-SP setup (wrong batch sharding, missing plan, ...)."""
+
+
+_STATE = {"mesh": None, "config": None}
+
+
+def initialize_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Optional[int] = None,
+                    micro_batch_size: Optional[int] = None, packed: bool = False) -> MMSPMesh:
+    """Validate the configuration and build the MM-SP mesh in Megatron's CP group (collective, all ranks)."""
+    mmsp = validate_mmsp(config, mmsp, seq_length=seq_length, micro_batch_size=micro_batch_size, packed=packed)
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise MMSPRuntimeError("initialize_mmsp needs Megatron's parallel state: call "
+                               "parallel_state.initialize_model_parallel(...) first")
+    if ps.get_context_parallel_world_size() != mmsp.cp_size:
+        raise MMSPConfigError(f"parallel_state has context-parallel size {ps.get_context_parallel_world_size()} but "
+                              f"the config says {mmsp.cp_size}: pass the same --context-parallel-size to both")
+    if mmsp.cp_size == 1:
+        mesh = single_rank_mesh()
+    else:
+        mesh = build_mmsp_mesh(mmsp.ulysses_size, mmsp.ring_size, ps.get_context_parallel_group(),
+                               ring_first=mmsp.ring_first)
+    _STATE["mesh"], _STATE["config"] = mesh, mmsp
+    return mesh
+
+
+def get_mmsp_mesh() -> MMSPMesh:
+    if _STATE["mesh"] is None:
+        raise MMSPRuntimeError("MM-SP is not initialized: call megatron_longvila.attention.megatron_core."
+                               "initialize_mmsp(config) after initialize_model_parallel")
+    return _STATE["mesh"]
+
+
+def get_mmsp_config() -> MMSPConfig:
+    get_mmsp_mesh()
+    return _STATE["config"]
+
+
+def reset_mmsp() -> None:
+    _STATE["mesh"], _STATE["config"] = None, None
+
+
+@dataclass
+class MMSPPackedSeqParams(PackedSeqParams):
+    """Megatron's PackedSeqParams plus the MM-SP sharding plan of the micro-batch.
+
+    Built by `training.batch.shard_batch`. `qkv_format` is "sbhd" ([s, b, h] hidden states; several documents
+    may still be packed: the plan knows them) or "thd" (b == 1). `max_seqlen_q/kv` hold the longest document,
+    which is what GPTModel asks the rotary embedding for.
+    """
+
+    plan: Optional[SequencePlan] = None
+
+
+_PLAN_CACHE: dict = {}
+_POS_CACHE: "weakref.WeakKeyDictionary[SequencePlan, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def plan_for(packed_seq_params: Optional[PackedSeqParams], local_len: int) -> SequencePlan:
+    """The sharding plan of the current micro-batch.
+
+    An MMSPPackedSeqParams carries it. A plain thd PackedSeqParams gets a plan from its (global, unpadded)
+    cu_seqlens_q with the shard settings of `initialize_mmsp`; with no params at all the sequence is one
+    document, which is only unambiguous without context parallelism.
+    """
+    plan = getattr(packed_seq_params, "plan", None)
+    if plan is None:
+        mesh = _STATE["mesh"] or single_rank_mesh()
+        cfg = _STATE["config"]
+        uniform = bool(cfg.uniform_shards) if cfg else False
+        multiple = cfg.pad_to_multiple if cfg else 1
+        if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
+            cu = [int(x) for x in packed_seq_params.cu_seqlens_q.tolist()]
+            seq_lens = tuple(b - a for a, b in zip(cu, cu[1:]) if b > a)
+        elif mesh.cp_size == 1:
+            seq_lens = (local_len,)
+        else:
+            raise MMSPRuntimeError(
+                "MM-SP attention with context parallelism needs the micro-batch's sharding plan: build the batch "
+                "with megatron_longvila.training.batch.shard_batch and pass its packed_seq_params to the model")
+        key = (id(mesh), seq_lens, uniform, multiple)
+        plan = _PLAN_CACHE.get(key)
+        if plan is None:
+            if len(_PLAN_CACHE) > 64:
+                _PLAN_CACHE.clear()
+            plan = _PLAN_CACHE[key] = plan_sequence(mesh, seq_lens, uniform=uniform,
+                                                    pad_to_multiple=multiple if uniform else 1)
+    if plan.local_len != local_len:
+        raise MMSPRuntimeError(
+            f"this rank holds {local_len} tokens but the sharding plan gives it {plan.local_len} (documents "
+            f"{plan.seq_lens}): shard tokens, labels and position ids with training.batch.shard_batch (not "
+            f"Megatron's get_batch_on_this_cp_rank)")
+    return plan
+
+
+def _plan_positions(plan: SequencePlan, device) -> torch.Tensor:
+    pos = _POS_CACHE.get(plan)
+    if pos is None or pos.device != torch.device(device):
+        pos = plan.position_ids().to(device)
+        _POS_CACHE[plan] = pos
+    return pos
+
+
+_PLAN_ROPE_FLAG = "_mmsp_full_rope_table"
+
+
+def mark_plan_rope_table(table: torch.Tensor) -> torch.Tensor:
+    """Flag a rotary table as covering positions 0..n-1 un-sliced (what MMSPSelfAttention indexes by plan)."""
+    setattr(table, _PLAN_ROPE_FLAG, True)
+    return table
+
+
+class MMSPSelfAttention(SelfAttention):
+    """Megatron's SelfAttention with RoPE taken at the plan's per-document positions (see module docstring)."""
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+        if inference_context is not None or inference_params is not None:
+            raise MMSPRuntimeError("MM-SP layers do not implement inference (KV cache); use Megatron's layer spec")
+        if rotary_pos_cos is not None or rotary_pos_sin is not None or rotary_pos_cos_sin is not None:
+            raise MMSPRuntimeError("MM-SP layers take RoPE as a rotary table (rotary_pos_emb), not cos/sin")
+        local_len = hidden_states.shape[0]
+        if self.config.sequence_parallel:
+            local_len *= self.config.tensor_model_parallel_size
+        plan = plan_for(packed_seq_params, local_len)
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and hidden_states.shape[1] != 1:
+            raise MMSPRuntimeError(f"thd format needs batch 1, got hidden states {tuple(hidden_states.shape)}")
+        # From here on every layout is sbhd to Megatron (thd is sbhd with b == 1); the plan knows the documents.
+        params = MMSPPackedSeqParams(qkv_format="sbhd", plan=plan)
+        if rotary_pos_emb is not None:
+            tables = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
+            pos = None
+            local = []
+            for table in tables:
+                if table is None:
+                    local.append(None)
+                    continue
+                if plan.cp_size > 1 and not getattr(table, _PLAN_ROPE_FLAG, False):
+                    raise MMSPRuntimeError(
+                        "the model's RotaryEmbedding slices positions in Megatron's CP layout, which is not the MM-SP "
+                        "layout: build the model with megatron_longvila.models.gpt.build_gpt_model, or call "
+                        "megatron_longvila.models.gpt.use_plan_rope(model) after building it")
+                if pos is None:
+                    pos = _plan_positions(plan, table.device)
+                if pos.numel() and int(pos.max()) >= table.shape[0]:
+                    raise MMSPRuntimeError(
+                        f"a document of {int(pos.max()) + 1} tokens exceeds the rotary table ({table.shape[0]} "
+                        f"positions): raise --max-position-embeddings / --seq-length")
+                local.append(table.index_select(0, pos))
+            rotary_pos_emb = tuple(local)
+        return super().forward(hidden_states, attention_mask, key_value_states=key_value_states,
+                               rotary_pos_emb=rotary_pos_emb, attention_bias=attention_bias,
+                               packed_seq_params=params, sequence_len_offset=sequence_len_offset)
+
+
+class MMSPCoreAttention(MegatronModule):
+    """Megatron-Core core_attention on MM-SP's 2D (Ulysses x zigzag ring) attention.
+
+    Inputs are this rank's tokens as sharded by the micro-batch's plan, after TP has split the heads:
+    sbhd q [s, b, heads_q/TP, d] and k, v [s, b, heads_kv/TP (or 1), d], or thd [t, heads, d]. Documents of
+    the plan never attend to each other; inside a document attention is causal (or full for no_mask). The
+    Ulysses all-to-all then splits the heads TP left over the U ranks of the mesh.
+
+    `attention_mask` must be None: masking is defined by the plan's documents and the mask type (Megatron's
+    dense [b, 1, s, s] masks describe the unsharded sequence and cannot be honoured here).
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None, backend: Optional[str] = None):
+        super().__init__(config=config)
+        if attention_type != "self":
+            raise MMSPConfigError(f"MM-SP core attention implements self-attention only, got {attention_type!r}")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise MMSPConfigError(f"attention dropout {dropout}: MM-SP attention has no dropout; set "
+                                  f"--attention-dropout 0")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise MMSPConfigError(f"attention mask type {attn_mask_type.name}: MM-SP attention is causal (or "
+                                  f"unmasked) inside each document of the plan; use attn_mask_type=causal")
+        if cp_comm_type not in (None, "a2a+p2p") and config.context_parallel_size > 1:
+            raise MMSPConfigError(f"--cp-comm-type {cp_comm_type}: MM-SP is hierarchical; set --cp-comm-type a2a+p2p")
+        if getattr(config, "apply_query_key_layer_scaling", False):
+            raise MMSPConfigError("--apply-query-key-layer-scaling is not supported by MM-SP attention")
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        cfg = _STATE["config"]
+        self.backend = backend or (cfg.attention_backend if cfg is not None else "auto")
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_mask is not None:
+            raise MMSPRuntimeError("MM-SP attention takes attention_mask=None (documents and causality come from the "
+                                   "sharding plan); build batches without a dense mask "
+                                   "(--no-create-attention-mask-in-dataloader)")
+        if attention_bias is not None:
+            raise MMSPRuntimeError("MM-SP attention does not take an attention bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise MMSPRuntimeError(f"attention mask type {mask_type.name} is not supported by MM-SP attention")
+        thd = query.dim() == 3
+        if thd:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        plan = plan_for(packed_seq_params, query.shape[0])
+        out = mmsp_attention(query, key, value, plan, causal=mask_type == AttnMaskType.causal,
+                             softmax_scale=self.softmax_scale, backend=self.backend)
+        s, b = out.shape[0], out.shape[1]
+        return out.reshape(s, -1) if thd else out.reshape(s, b, -1)

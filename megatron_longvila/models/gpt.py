@@ -1,0 +1,76 @@
+"""Build a Megatron-Core GPTModel that runs MM-SP context parallelism.
+
+Public API:
+    build_gpt_model(config, *, vocab_size, max_sequence_length, spec=None, pre_process=None, post_process=None,
+                    share_embeddings_and_output_weights=False, rotary_base=10000, rotary_percent=1.0,
+                    vp_stage=None) -> GPTModel
+        validates the layer spec against the config, builds a RoPE GPTModel with the MM-SP spec (default
+        `get_gpt_mmsp_layer_spec()`), and installs PlanRotaryEmbedding.
+    PlanRotaryEmbedding(RotaryEmbedding)   rotary table over positions 0..max_sequence_length-1, never sliced
+        in Megatron's CP layout (MMSPSelfAttention indexes it by the plan's per-document positions)
+    use_plan_rope(model) -> model          swap a built GPTModel's RotaryEmbedding for PlanRotaryEmbedding
+        (for a model_provider that builds GPTModel itself, e.g. Megatron's pretrain_gpt.py with --spec)
+
+Packed micro-batches from `training.batch.shard_batch` (qkv_format "thd") need no rotary swap: Megatron does
+not slice the table for thd. The swap matters for sbhd micro-batches (micro-batch size > 1) under CP.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt import GPTModel
+
+from ..attention.megatron_core import mark_plan_rope_table
+from .specs import get_gpt_mmsp_layer_spec, validate_layer_spec
+
+__all__ = ["build_gpt_model", "PlanRotaryEmbedding", "use_plan_rope"]
+
+
+class PlanRotaryEmbedding(RotaryEmbedding):
+    """RotaryEmbedding whose forward returns the whole, un-sliced table (at least `min_positions` rows)."""
+
+    def __init__(self, *args, min_positions: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.min_positions = int(min_positions)
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        # Position ids are per document and at most the longest document: cover the model's maximum.
+        return mark_plan_rope_table(self.get_emb(max(int(max_seq_len), self.min_positions), offset))
+
+
+def use_plan_rope(model: GPTModel) -> GPTModel:
+    """Replace `model.rotary_pos_emb` (a RotaryEmbedding) by an equivalent PlanRotaryEmbedding, in place."""
+    old = getattr(model, "rotary_pos_emb", None)
+    if old is None or type(old) is not RotaryEmbedding:
+        raise TypeError(f"use_plan_rope needs a GPTModel with position_embedding_type='rope' (plain RotaryEmbedding), "
+                        f"got {type(old).__name__}")
+    new = PlanRotaryEmbedding.__new__(PlanRotaryEmbedding)
+    new.__dict__.update(old.__dict__)  # same inv_freq, scaling and interleaving: only forward differs
+    new.min_positions = int(model.max_sequence_length)
+    model.rotary_pos_emb = new
+    return model
+
+
+def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec=None,
+                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                    share_embeddings_and_output_weights: bool = False, rotary_base: int = 10000,
+                    rotary_percent: float = 1.0, vp_stage: Optional[int] = None) -> GPTModel:
+    """A RoPE GPTModel with MM-SP attention; pre/post_process default to this rank's pipeline stage."""
+    from megatron.core import parallel_state as ps
+
+    spec = get_gpt_mmsp_layer_spec() if spec is None else spec
+    validate_layer_spec(spec, config)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+                     max_sequence_length=max_sequence_length, pre_process=pre_process, post_process=post_process,
+                     share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+                     position_embedding_type="rope", rotary_base=rotary_base, rotary_percent=rotary_percent,
+                     vp_stage=vp_stage)
+    return use_plan_rope(model)
