@@ -8,6 +8,7 @@ runs across the R Ulysses groups. By default the U ranks of a Ulysses group are 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -79,13 +80,11 @@ def validate_mesh_sizes(ulysses_size: int, ring_size: int, cp_size: int) -> None
 
 
 def _default_cp_group():
-    try:
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            return parallel_state.get_context_parallel_group()
-    except ImportError:  # megatron-core is a dependency, but keep the mesh usable on its own
-        pass
+    # Megatron's parallel state can only be initialized if it was imported: avoid importing megatron.core
+    # (seconds of start-up) just to find out it is not.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_context_parallel_group()
     return None
 
 

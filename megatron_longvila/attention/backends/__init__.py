@@ -1,0 +1,57 @@
+"""Local attention kernels behind one interface (see base.py). `get_backend(name, q)` picks one.
+
+- cpu:        ATen flash attention for CPU (returns log-sum-exp; exact in fp32/fp64).
+- torch_cuda: PyTorch's built-in CUDA flash kernels, varlen, fp16/bf16.
+- te:         Transformer Engine fused attention (thd), FP8-capable, when transformer_engine imports.
+- math:       plain tensor algebra on any device and dtype (references, fp32 on a GPU).
+- auto:       cpu on CPU; on CUDA te if importable else torch_cuda for fp16/bf16, math for fp32/fp64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AttentionBackend, BackendUnavailable, Segments
+
+_INSTANCES = {}
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # any import failure (missing, no cuDNN, ABI mismatch) means unavailable
+        return False
+    return True
+
+
+def get_backend(name: str, q: torch.Tensor) -> AttentionBackend:
+    """Resolve a backend name for tensors like `q`. Raises BackendUnavailable with the reason."""
+    if name == "auto":
+        if q.device.type == "cpu":
+            name = "cpu"
+        elif q.device.type == "cuda":
+            if q.dtype in (torch.float16, torch.bfloat16):
+                name = "te" if te_available() else "torch_cuda"
+            else:
+                name = "math"
+        else:
+            name = "math"
+    if name not in _INSTANCES:
+        if name == "cpu":
+            from .cpu import CPUBackend as cls
+        elif name == "math":
+            from .math import MathBackend as cls
+        elif name == "torch_cuda":
+            from .torch_cuda import TorchCUDABackend as cls
+        elif name == "te":
+            if not te_available():
+                raise BackendUnavailable("backend 'te' needs transformer_engine (pip install "
+                                         "'megatron_longvila[gpu]' on a CUDA machine); use 'torch_cuda' or 'auto'")
+            from .te import TEBackend as cls
+        else:
+            raise BackendUnavailable(f"unknown attention backend {name!r}; choose auto, cpu, torch_cuda, te or math")
+        _INSTANCES[name] = cls()
+    return _INSTANCES[name]
+
+
+__all__ = ["AttentionBackend", "BackendUnavailable", "Segments", "get_backend", "te_available"]

@@ -1,0 +1,219 @@
+"""Zigzag ring attention over the ring group, per document, with a ring backward.
+
+Each ring rank r holds, for every document, the zigzag chunks r and 2R-1-r (its "ring buffer", see
+parallel/sharding.py). At step s it holds the KV buffer of ring rank j = r - s and computes, per document:
+- j == r: causal attention of its buffer on itself (the two chunks are in position order);
+- j <  r: all its queries against chunk j only (chunk 2R-1-j lies after both of its chunks);
+- j >  r: only its late chunk's queries against both of j's chunks (its early chunk precedes them).
+So every rank does the same work at every step. Without a causal mask every step is all-against-all.
+Partial results are merged by log-sum-exp. The next KV buffer is in flight while the current one is
+computed. The backward is also a ring: KV travels again, and the dK/dV accumulator of each block follows
+one hop behind it, starting at the first non-owner and arriving home after R-1 hops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import comm
+from ..parallel.sharding import SequencePlan
+from .backends import AttentionBackend, Segments
+
+
+@dataclass
+class Block:
+    """The work of one ring step: which query rows meet which key rows, in varlen segments."""
+
+    q_index: Optional[torch.Tensor]
+    """Rows of the local ring buffer taking part (None: all rows, in order)."""
+    k_index: Optional[torch.Tensor]
+    """Rows of the held KV buffer taking part (None: all rows, in order)."""
+    seg: Segments
+    """Segment boundaries inside the gathered rows."""
+    nq: int
+    """Number of query rows taking part."""
+
+    @property
+    def empty(self) -> bool:
+        return len(self.seg.cu_q) <= 1
+
+
+def _ranges_to_block(q_ranges, k_ranges, q_total, k_total, causal) -> Block:
+    cu_q, cu_k, qi, ki = [0], [0], [], []
+    for (qa, qb), (ka, kb) in zip(q_ranges, k_ranges):
+        if qb <= qa or kb <= ka:
+            continue
+        qi.append(torch.arange(qa, qb))
+        ki.append(torch.arange(ka, kb))
+        cu_q.append(cu_q[-1] + qb - qa)
+        cu_k.append(cu_k[-1] + kb - ka)
+    q_index = torch.cat(qi) if qi else torch.zeros(0, dtype=torch.long)
+    k_index = torch.cat(ki) if ki else torch.zeros(0, dtype=torch.long)
+    # Skip the gather when the rows are the whole buffer in order (the common case).
+    if q_index.numel() == q_total and torch.equal(q_index, torch.arange(q_total)):
+        q_index = None
+    if k_index.numel() == k_total and torch.equal(k_index, torch.arange(k_total)):
+        k_index = None
+    return Block(q_index, k_index, Segments(cu_q, cu_k, causal), cu_q[-1])
+
+
+def ring_step_block(plan: SequencePlan, r: int, j: int, causal: bool) -> Block:
+    """The block ring rank r computes against the KV buffer of ring rank j (cached on the plan)."""
+    key = ("ring_block", r, j, causal)
+    cache = plan._block_cache
+    if key in cache:
+        return cache[key]
+    mine = {d.doc: d for d in plan.ring_docs[r]}
+    theirs = {d.doc: d for d in plan.ring_docs[j]}
+    q_ranges, k_ranges = [], []
+    for doc, dq in mine.items():
+        dk = theirs.get(doc)
+        if dk is None:
+            continue
+        if not causal or j == r:
+            q_ranges.append((dq.offset, dq.offset + dq.length))
+            k_ranges.append((dk.offset, dk.offset + dk.length))
+        elif j < r:
+            q_ranges.append((dq.offset, dq.offset + dq.length))
+            k_ranges.append((dk.offset, dk.offset + dk.len_a))
+        else:
+            q_ranges.append((dq.offset + dq.len_a, dq.offset + dq.length))
+            k_ranges.append((dk.offset, dk.offset + dk.length))
+    blk = _ranges_to_block(q_ranges, k_ranges, plan.ring_lens[r], plan.ring_lens[j], causal and j == r)
+    cache[key] = blk
+    return blk
+
+
+# Attention work actually computed by this rank (query-key pairs x heads x head dim), for benchmarks.
+ATTENTION_STATS: Dict[str, int] = {"fwd_flops": 0, "bwd_flops": 0}
+
+
+def reset_attention_stats() -> None:
+    ATTENTION_STATS["fwd_flops"] = 0
+    ATTENTION_STATS["bwd_flops"] = 0
+
+
+def _take(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if index is None else x.index_select(0, index.to(x.device))
+
+
+def _merge(out_acc, lse_acc, o, l, index):
+    """Merge a partial (o [n,H,D], l [H,n]) into fp32 accumulators at rows `index` by log-sum-exp."""
+    if index is None:
+        new = torch.logaddexp(lse_acc, l)
+        out_acc.mul_(torch.exp(lse_acc - new).transpose(0, 1).unsqueeze(-1))
+        out_acc.add_(o.float() * torch.exp(l - new).transpose(0, 1).unsqueeze(-1))
+        lse_acc.copy_(new)
+        return
+    index = index.to(out_acc.device)
+    la = lse_acc.index_select(1, index)
+    new = torch.logaddexp(la, l)
+    oa = out_acc.index_select(0, index) * torch.exp(la - new).transpose(0, 1).unsqueeze(-1)
+    oa = oa + o.float() * torch.exp(l - new).transpose(0, 1).unsqueeze(-1)
+    out_acc.index_copy_(0, index, oa)
+    lse_acc.index_copy_(1, index, new)
+
+
+class RingAttention(torch.autograd.Function):
+    """Zigzag ring attention on compact ring buffers in [S, heads, D] layout (batch folded into heads)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: SequencePlan, ring_group, causal: bool, scale: float,
+                backend: AttentionBackend):
+        R = plan.ring_size
+        r = plan.mesh.ring_rank
+        out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse_acc = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        cur_k, cur_v = k.contiguous(), v.contiguous()
+        flops = 0
+        for s in range(R):
+            j = (r - s) % R
+            handle = None
+            if s < R - 1:
+                n_next = plan.ring_lens[(r - s - 1) % R]
+                nk = cur_k.new_empty((n_next,) + tuple(cur_k.shape[1:]))
+                nv = cur_v.new_empty((n_next,) + tuple(cur_v.shape[1:]))
+                handle = comm.ring_exchange([cur_k, cur_v], [nk, nv], ring_group, kind="kv")
+            blk = ring_step_block(plan, r, j, causal)
+            if not blk.empty and q.shape[1] > 0:
+                o, l = backend.forward(_take(q, blk.q_index), _take(cur_k, blk.k_index), _take(cur_v, blk.k_index),
+                                       blk.seg, scale)
+                _merge(out_acc, lse_acc, o, l, blk.q_index)
+                flops += 4 * blk.seg.pairs() * q.shape[1] * q.shape[2]
+            if handle is not None:
+                handle.wait()
+                cur_k, cur_v = nk, nv
+        ATTENTION_STATS["fwd_flops"] += flops
+        out = out_acc.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse_acc)
+        ctx.plan, ctx.ring_group, ctx.causal, ctx.scale, ctx.backend = plan, ring_group, causal, scale, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, group, causal, scale, backend = ctx.plan, ctx.ring_group, ctx.causal, ctx.scale, ctx.backend
+        R = plan.ring_size
+        r = plan.mesh.ring_rank
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        acc_shape = tuple(k.shape[1:])
+        cur_k, cur_v = k.contiguous(), v.contiguous()
+        dkv_home = None
+        acc_handle, acc_recv = None, None
+        flops = 0
+        for s in range(R):
+            j = (r - s) % R
+            kv_handle = None
+            if s < R - 1:
+                n_next = plan.ring_lens[(r - s - 1) % R]
+                nk = cur_k.new_empty((n_next,) + tuple(cur_k.shape[1:]))
+                nv = cur_v.new_empty((n_next,) + tuple(cur_v.shape[1:]))
+                kv_handle = comm.ring_exchange([cur_k, cur_v], [nk, nv], group, kind="kv_bwd")
+            blk = ring_step_block(plan, r, j, causal)
+            n_j = plan.ring_lens[j]
+            dk_part = torch.zeros((n_j,) + acc_shape, dtype=torch.float32, device=q.device)
+            dv_part = torch.zeros((n_j,) + acc_shape, dtype=torch.float32, device=q.device)
+            if not blk.empty and q.shape[1] > 0:
+                qi = blk.q_index
+                g_q, g_k, g_v = backend.backward(
+                    _take(dout, qi), _take(q, qi), _take(cur_k, blk.k_index), _take(cur_v, blk.k_index),
+                    _take(out, qi), lse if qi is None else lse.index_select(1, qi.to(lse.device)), blk.seg, scale)
+                if qi is None:
+                    dq.add_(g_q.float())
+                else:
+                    dq.index_add_(0, qi.to(dq.device), g_q.float())
+                if blk.k_index is None:
+                    dk_part.add_(g_k.float())
+                    dv_part.add_(g_v.float())
+                else:
+                    ki = blk.k_index.to(dk_part.device)
+                    dk_part.index_add_(0, ki, g_k.float())
+                    dv_part.index_add_(0, ki, g_v.float())
+                flops += 10 * blk.seg.pairs() * q.shape[1] * q.shape[2]
+            if s == 0:
+                dkv_home = (dk_part, dv_part)
+            else:
+                if acc_handle is not None:
+                    acc_handle.wait()
+                    dk_part.add_(acc_recv[0])
+                    dv_part.add_(acc_recv[1])
+                # Send this block's accumulator on; receive the next step's (or, last, our own block's).
+                n_recv = plan.ring_lens[(r - s - 1) % R]
+                acc_recv = (dk_part.new_empty((n_recv,) + acc_shape), dv_part.new_empty((n_recv,) + acc_shape))
+                acc_handle = comm.ring_exchange([dk_part, dv_part], list(acc_recv), group, kind="dkv")
+                acc_send_keepalive = (dk_part, dv_part)  # noqa: F841  buffers must live until wait()
+            if kv_handle is not None:
+                kv_handle.wait()
+                cur_k, cur_v = nk, nv
+        dk, dv = dkv_home
+        if acc_handle is not None:
+            acc_handle.wait()
+            dk = dk + acc_recv[0]
+            dv = dv + acc_recv[1]
+        ATTENTION_STATS["bwd_flops"] += flops
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None

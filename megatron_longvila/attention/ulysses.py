@@ -1,0 +1,109 @@
+"""Ulysses all-to-all: sequence-sharded [s, b, H, d] <-> head-sharded ring buffer [S_ring, b, h, d].
+
+Heads are split over the U ranks of a Ulysses group as evenly as possible (H need not divide by U). For
+GQA, each rank receives exactly the KV heads its query heads use; a KV head used by several ranks is sent
+to each of them, and the backward sums its gradients (autograd does, through the index selection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..parallel import comm
+from ..parallel.sharding import SequencePlan, _split_even
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How query and KV heads are spread over a Ulysses group."""
+
+    q_ranges: Tuple[Tuple[int, int], ...]
+    """Query heads [start, end) of each Ulysses rank."""
+    kv_heads: Tuple[Tuple[int, ...], ...]
+    """KV head indices each Ulysses rank receives (repeats allowed), ordered so that local query head i
+    uses local KV head i // (local query heads / local KV heads)."""
+
+
+def head_layout(num_q: int, num_kv: int, ulysses_size: int) -> HeadLayout:
+    if num_kv < 1 or num_q % num_kv:
+        raise ValueError(f"query heads ({num_q}) must be a multiple of KV heads ({num_kv})")
+    group = num_q // num_kv
+    sizes = _split_even(num_q, ulysses_size)
+    q_ranges, kv_heads, start = [], [], 0
+    for n in sizes:
+        needed = [h // group for h in range(start, start + n)]
+        uniq = sorted(set(needed))
+        runs = [needed.count(x) for x in uniq]
+        if runs and all(c == runs[0] for c in runs):
+            kv = tuple(uniq)  # uniform local grouping: send each KV head once
+        else:
+            kv = tuple(needed)  # ragged grouping: one KV head per local query head
+        q_ranges.append((start, start + n))
+        kv_heads.append(kv)
+        start += n
+    return HeadLayout(tuple(q_ranges), tuple(kv_heads))
+
+
+def _select_heads(x: torch.Tensor, heads) -> torch.Tensor:
+    heads = list(heads)
+    if heads and heads == list(range(heads[0], heads[0] + len(heads))):
+        return x[:, :, heads[0]:heads[0] + len(heads)]
+    return x.index_select(2, torch.tensor(heads, dtype=torch.long, device=x.device))
+
+
+def _compact_index(plan: SequencePlan, ring_rank: int, device) -> Optional[torch.Tensor]:
+    """Rows of the received (pad-interleaved) ring buffer that hold real tokens; None when nothing is padded."""
+    if not plan.padded:
+        return None
+    key = ("compact", ring_rank, str(device))
+    if key not in plan._block_cache:
+        real, local = plan.ring_pad_layout(ring_rank)
+        idx, base = [], 0
+        for n, m in zip(real, local):
+            idx.append(torch.arange(base, base + n))
+            base += m
+        plan._block_cache[key] = torch.cat(idx).to(device)
+    return plan._block_cache[key]
+
+
+def seq_to_heads(x: torch.Tensor, heads_per_rank, plan: SequencePlan, group, kind: str) -> torch.Tensor:
+    """[s_local, b, H, d] on each Ulysses rank -> compact ring buffer [S_ring, b, h_mine, d]."""
+    mesh = plan.mesh
+    U, u, r = mesh.ulysses_size, mesh.ulysses_rank, mesh.ring_rank
+    s, b, _, d = x.shape
+    if U == 1:
+        y = _select_heads(x, heads_per_rank[0])
+    else:
+        _, local = plan.ring_pad_layout(r)
+        parts = [_select_heads(x, heads_per_rank[t]).reshape(-1) for t in range(U)]
+        in_splits = [p.numel() for p in parts]
+        h_me = len(heads_per_rank[u])
+        out_splits = [local[t] * b * h_me * d for t in range(U)]
+        flat = comm.all_to_all_autograd(torch.cat(parts), out_splits, in_splits, group, kind)
+        y = flat.view(sum(local), b, h_me, d)
+    idx = _compact_index(plan, r, x.device)
+    return y if idx is None else y.index_select(0, idx)
+
+
+def heads_to_seq(y: torch.Tensor, q_ranges, plan: SequencePlan, group, kind: str) -> torch.Tensor:
+    """Compact ring buffer [S_ring, b, h_mine, d] -> [s_local, b, H, d] (pads zero)."""
+    mesh = plan.mesh
+    U, u, r = mesh.ulysses_size, mesh.ulysses_rank, mesh.ring_rank
+    _, b, h_me, d = y.shape
+    idx = _compact_index(plan, r, y.device)
+    if idx is not None:
+        real, local = plan.ring_pad_layout(r)
+        full = y.new_zeros((sum(local), b, h_me, d))
+        y = full.index_copy(0, idx, y)
+    if U == 1:
+        return y
+    _, local = plan.ring_pad_layout(r)
+    s_me = local[u]
+    in_splits = [local[t] * b * h_me * d for t in range(U)]
+    out_splits = [s_me * b * (hb - ha) * d for ha, hb in q_ranges]
+    flat = comm.all_to_all_autograd(y.contiguous(), out_splits, in_splits, group, kind)
+    pieces = torch.split(flat, out_splits)
+    return torch.cat([p.view(s_me, b, hb - ha, d) for p, (ha, hb) in zip(pieces, q_ranges)], dim=2)
