@@ -1,10 +1,11 @@
 """Chat templates: conversation turns + media -> input_ids, labels and the positions of visual tokens.
 
-Each `<image>` or `<video>` placeholder in a user turn takes the next media item of the sample (in
-manifest order) and expands, per frame, into `tokens_per_frame` image-token ids, followed by one
+Each `<image>` or `<video>` placeholder in a user turn takes the next media item of the sample (text
+order of placeholders, manifest order of media) and expands, per frame, into `tokens_per_frame` image-token ids, followed by one
 frame-separator id when `frame_separator` is set. The model later replaces the embeddings at those
 positions with the projector's output for that frame. Media without a placeholder get one prepended to
-the first user turn (VILA does the same). Labels are IGNORE_INDEX everywhere except the assistant
+the first user turn (VILA does the same). Text segments (template parts, turns) are tokenized separately, without a
+sentencepiece dummy prefix at each segment's start. Labels are IGNORE_INDEX everywhere except the assistant
 replies and the end-of-turn marker after them, so the model learns to stop.
 """
 

@@ -108,6 +108,13 @@ class SentencePieceTokenizer(_SpecialTokenMixin):
             return i if i != unk and self.sp.id_to_piece(i) == tok else None
 
         self._init_special(special_tokens, self.sp.get_piece_size(), lookup)
+        # Models trained with a dummy prefix put "▁" before every encoded string, so each template
+        # segment would start with a spurious space. Encode behind a sentinel and drop it (the way
+        # Hugging Face's non-legacy Llama tokenizer does).
+        self._sentinel = self.sp.id_to_piece(unk) if unk >= 0 else None
+        self._sentinel_ids = list(self.sp.encode(self._sentinel)) if self._sentinel else []
+        self._sentinel_text = self.sp.decode(self._sentinel_ids) if self._sentinel else ""
+        self._dummy_prefix = bool(self._sentinel) and self.sp.encode("x", out_type=str)[0].startswith("\u2581")
 
     @property
     def bos_id(self) -> int | None:
@@ -125,22 +132,32 @@ class SentencePieceTokenizer(_SpecialTokenMixin):
         return i if i >= 0 else (self.eos_id if self.eos_id is not None else 0)
 
     def _encode_plain(self, text: str) -> list[int]:
+        if self._dummy_prefix:
+            ids = list(self.sp.encode(self._sentinel + text, out_type=int))
+            n = len(self._sentinel_ids)
+            if ids[:n] == self._sentinel_ids:
+                return ids[n:]
         return list(self.sp.encode(text, out_type=int))
 
     def decode(self, ids: Sequence[int]) -> str:
         out, run = [], []
-        for i in ids:
-            i = int(i)
-            if i in self._id_to_special and i >= self.sp.get_piece_size():
+        for i in [int(i) for i in ids] + [None]:
+            if i is None or (i in self._id_to_special and i >= self.sp.get_piece_size()):
                 if run:
-                    out.append(self.sp.decode(run))
+                    out.append(self._decode_plain(run))
                     run = []
-                out.append(self._id_to_special[i])
+                if i is not None:
+                    out.append(self._id_to_special[i])
             else:
                 run.append(i)
-        if run:
-            out.append(self.sp.decode(run))
         return "".join(out)
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        if not self._dummy_prefix:
+            return self.sp.decode(ids)
+        # Decoding drops a leading space as the dummy prefix: decode behind the sentinel to keep it.
+        text = self.sp.decode(self._sentinel_ids + ids)
+        return text[len(self._sentinel_text):] if text.startswith(self._sentinel_text) else self.sp.decode(ids)
 
 
 class HFTokenizerFile(_SpecialTokenMixin):
