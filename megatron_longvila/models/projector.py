@@ -35,8 +35,8 @@ def downsampled_grid(rows: int, cols: int) -> tuple:
 
 def tokens_per_frame(height: int, width: int, patch_size: int) -> int:
     """LLM tokens one frame of height x width px becomes (e.g. 196 at 384 px with 14 px patches)."""
-    if height % patch_size or width % patch_size:
-        raise ProjectorError(f"frame {height}x{width} px is not a whole number of {patch_size} px patches")
+    if height < patch_size or width < patch_size:
+        raise ProjectorError(f"frame {height}x{width} px is smaller than one {patch_size} px patch")
     r, c = downsampled_grid(height // patch_size, width // patch_size)
     return r * c
 

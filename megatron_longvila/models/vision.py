@@ -16,9 +16,8 @@ attends bidirectionally over the patches of one frame.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -88,9 +87,8 @@ class VisionConfig:
     """MLP activation: "gelu_tanh" (SigLIP) or "gelu"."""
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise VisionConfigError(f"image_size {self.image_size} is not a multiple of patch_size "
-                                    f"{self.patch_size}")
+        if self.image_size < self.patch_size:
+            raise VisionConfigError(f"image_size {self.image_size} is smaller than one {self.patch_size} px patch")
         if self.hidden_size % self.num_attention_heads:
             raise VisionConfigError(f"hidden_size {self.hidden_size} does not divide into "
                                     f"{self.num_attention_heads} heads")
@@ -99,7 +97,7 @@ class VisionConfig:
 
     @property
     def grid(self) -> int:
-        """Patches per side at the native size."""
+        """Patches per side at the native size (384 px / 14 -> 27: the valid convolution drops the last 6 px)."""
         return self.image_size // self.patch_size
 
 
@@ -205,10 +203,10 @@ def vision_process_groups(tp_group=None, pp_group=None) -> ProcessGroupCollectio
 
 
 def patch_grid(height: int, width: int, patch_size: int) -> Tuple[int, int]:
-    """(rows, cols) of patches of a frame; the frame must be a whole number of patches."""
-    if height % patch_size or width % patch_size:
-        raise VisionConfigError(f"frame of {height}x{width} px is not a whole number of {patch_size} px patches: "
-                                f"resize it (the data pipeline's SigLIP processor does) before encoding")
+    """(rows, cols) of patches of a frame. As in SigLIP, the patch convolution is "valid": pixels past the last
+    whole patch are ignored (384 px -> 27 patches of 14 px)."""
+    if height < patch_size or width < patch_size:
+        raise VisionConfigError(f"frame of {height}x{width} px is smaller than one {patch_size} px patch")
     return height // patch_size, width // patch_size
 
 
@@ -265,7 +263,7 @@ class SiglipVisionModel(VisionModule):
         """Encode frames of one resolution.
 
         Args:
-            images: [n, 3, H, W], H and W multiples of the patch size.
+            images: [n, 3, H, W], at least one patch per side.
 
         Returns:
             [n, (H/p)*(W/p), hidden] patch features, row-major over the patch grid.

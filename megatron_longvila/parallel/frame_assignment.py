@@ -62,13 +62,13 @@ def encoder_cost(height: int, width: int, patch_size: int, layers: int = 1, hidd
     (attention) for n patches; the constant factors cancel in a balance.
 
     Args:
-        height, width: frame size in pixels (multiples of `patch_size`).
+        height, width: frame size in pixels (pixels past the last whole patch are not encoded).
         patch_size: ViT patch size.
         layers: encoder depth (scales every frame alike; kept for absolute estimates).
         hidden: encoder hidden size.
     """
-    if height % patch_size or width % patch_size:
-        raise AssignmentError(f"frame {height}x{width} is not a multiple of the patch size {patch_size}")
+    if height < patch_size or width < patch_size:
+        raise AssignmentError(f"frame {height}x{width} px is smaller than one {patch_size} px patch")
     n = (height // patch_size) * (width // patch_size)
     return float(layers) * (12.0 * n * hidden * hidden + 2.0 * n * n * hidden)
 

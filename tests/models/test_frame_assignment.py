@@ -75,6 +75,7 @@ def test_bad_input_is_rejected(costs, P, pref, msg):
         assign_frames(costs, P, preferred=pref)
 
 
-def test_encoder_cost_rejects_partial_patches():
-    with pytest.raises(AssignmentError, match="patch size"):
-        encoder_cost(30, 28, 14)
+def test_encoder_cost_counts_whole_patches_and_rejects_tiny_frames():
+    assert encoder_cost(384, 384, 14) == encoder_cost(378, 378, 14)  # 27x27 patches either way
+    with pytest.raises(AssignmentError, match="smaller than one"):
+        encoder_cost(10, 28, 14)

@@ -1,0 +1,175 @@
+"""Registry of LongVILA's parts by name: vision encoders, projectors and LLM shapes, and the model builder.
+
+Adding an encoder, projector or LLM shape is one entry in ENCODERS, PROJECTORS or LLMS.
+`build_longvila(...)` builds the whole model for this rank's TP/PP position from names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .longvila import GPTAdapter, LongVILAModel
+from .projector import ProjectorConfig, mlp_downsample_spec, projector_transformer_config
+from .vision import SiglipVisionModel, VisionConfig, vision_process_groups, vision_transformer_config, vit_layer_spec
+
+
+class RegistryError(KeyError):
+    """An unknown name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+ENCODERS: Dict[str, VisionConfig] = {
+    # SigLIP so400m/14 (LongVILA's encoder): 27 layers, width 1152, 16 heads, MLP 4304.
+    "siglip_so400m_patch14_384": VisionConfig(image_size=384, patch_size=14, hidden_size=1152, num_layers=27,
+                                              num_attention_heads=16, ffn_hidden_size=4304),
+    "siglip_so400m_patch14_448": VisionConfig(image_size=448, patch_size=14, hidden_size=1152, num_layers=27,
+                                              num_attention_heads=16, ffn_hidden_size=4304),
+    # For tests and demos: 28 px frames (2x2 patches -> 1 token), 56 px (4x4 -> 4 tokens), 42 px (3x3 -> 4).
+    "siglip_tiny": VisionConfig(image_size=56, patch_size=14, hidden_size=32, num_layers=2,
+                                num_attention_heads=4, ffn_hidden_size=64),
+}
+
+
+@dataclass(kw_only=True, frozen=True)
+class LLMShape:
+    """The shape of a decoder-only LLM (Megatron's GPTModel with RoPE, SwiGLU, RMSNorm, GQA)."""
+
+    hidden_size: int
+    """Model width."""
+    num_layers: int
+    """Transformer layers."""
+    num_attention_heads: int
+    """Query heads."""
+    num_query_groups: int
+    """Key/value heads (GQA groups)."""
+    ffn_hidden_size: int
+    """SwiGLU inner width."""
+    vocab_size: int
+    """Vocabulary size (before padding for TP)."""
+    rotary_base: int
+    """RoPE theta."""
+    norm_epsilon: float
+    """RMSNorm epsilon."""
+    qkv_bias: bool
+    """Bias on the QKV projection (Qwen2: yes, Llama-3: no)."""
+    tie_embeddings: bool = False
+    """Share input embeddings and output layer."""
+    max_position_embeddings: int = 32768
+    """Longest document the rotary table covers (raise it for long-context stages)."""
+
+
+LLMS: Dict[str, LLMShape] = {
+    "qwen2_7b": LLMShape(hidden_size=3584, num_layers=28, num_attention_heads=28, num_query_groups=4,
+                         ffn_hidden_size=18944, vocab_size=152064, rotary_base=1000000, norm_epsilon=1e-6,
+                         qkv_bias=True, max_position_embeddings=32768),
+    "llama3_8b": LLMShape(hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=8,
+                          ffn_hidden_size=14336, vocab_size=128256, rotary_base=500000, norm_epsilon=1e-5,
+                          qkv_bias=False, max_position_embeddings=8192),
+    # Qwen2-like at toy size, for tests.
+    "tiny": LLMShape(hidden_size=48, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                     vocab_size=96, rotary_base=10000, norm_epsilon=1e-6, qkv_bias=True,
+                     max_position_embeddings=512),
+}
+
+
+def llm_transformer_config(shape: LLMShape, *, tensor_model_parallel_size: int = 1,
+                           pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1,
+                           hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
+                           params_dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = True,
+                           **overrides) -> TransformerConfig:
+    """The LLM's TransformerConfig (fusions off so it runs on CPU; override them for GPU runs)."""
+    kwargs = dict(
+        num_layers=shape.num_layers, hidden_size=shape.hidden_size, num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups, ffn_hidden_size=shape.ffn_hidden_size,
+        normalization="RMSNorm", layernorm_epsilon=shape.norm_epsilon, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=shape.qkv_bias, hidden_dropout=0.0,
+        attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        use_cpu_initialization=use_cpu_initialization, tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size, context_parallel_size=context_parallel_size,
+        hierarchical_context_parallel_sizes=(list(hierarchical_context_parallel_sizes)
+                                             if hierarchical_context_parallel_sizes else None),
+        cp_comm_type="a2a+p2p" if hierarchical_context_parallel_sizes else None,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype, attention_softmax_in_fp32=True,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_mlp_downsample(vision: VisionConfig, llm_hidden: int, *, tensor_model_parallel_size: int = 1,
+                         params_dtype: torch.dtype = torch.float32, use_te: bool = False, tp_group=None):
+    cfg = ProjectorConfig(vision_hidden_size=vision.hidden_size, llm_hidden_size=llm_hidden)
+    tc = projector_transformer_config(cfg, tensor_model_parallel_size=tensor_model_parallel_size,
+                                      params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available())
+    return build_module(mlp_downsample_spec(use_te), config=tc, cfg=cfg, tp_group=tp_group)
+
+
+PROJECTORS: Dict[str, Callable] = {"mlp_downsample": build_mlp_downsample}
+
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise RegistryError(f"unknown {what} {name!r}: choose one of {sorted(table)}")
+    return table[name]
+
+
+def build_vision_encoder(name: str, *, tensor_model_parallel_size: int = 1, params_dtype=torch.float32,
+                         use_te: bool = False, pg_collection=None, **config_overrides) -> SiglipVisionModel:
+    """Build a registered encoder (config_overrides change VisionConfig fields, e.g. num_layers=26)."""
+    cfg = replace(_lookup(ENCODERS, name, "vision encoder"), **config_overrides)
+    tc = vision_transformer_config(cfg, tensor_model_parallel_size=tensor_model_parallel_size,
+                                   params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available())
+    return SiglipVisionModel(cfg, tc, vit_layer_spec(use_te),
+                             pg_collection if pg_collection is not None else vision_process_groups(), use_te=use_te)
+
+
+def build_longvila(*, encoder: str = "siglip_so400m_patch14_384", projector: str = "mlp_downsample",
+                   llm: str = "qwen2_7b", tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                   context_parallel_size: int = 1, hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
+                   params_dtype: torch.dtype = torch.float32, use_te: bool = False, layer_spec=None,
+                   pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                   media_token_id: Optional[int] = None, locality_aware: bool = True,
+                   llm_overrides: Optional[dict] = None) -> LongVILAModel:
+    """Build LongVILA for this rank (megatron parallel_state must be initialized with the same sizes).
+
+    With pipeline parallelism the encoder and projector exist only on the first stage.
+    """
+    from megatron.core import parallel_state as ps
+
+    from .gpt import build_gpt_model
+    from .specs import get_gpt_mmsp_layer_spec
+
+    shape = _lookup(LLMS, llm, "LLM shape")
+    vis_cfg = _lookup(ENCODERS, encoder, "vision encoder")
+    build_proj = _lookup(PROJECTORS, projector, "projector")
+    lm_cfg = llm_transformer_config(shape, tensor_model_parallel_size=tensor_model_parallel_size,
+                                    pipeline_model_parallel_size=pipeline_model_parallel_size,
+                                    context_parallel_size=context_parallel_size,
+                                    hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes,
+                                    params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available(),
+                                    **(llm_overrides or {}))
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
+    spec = layer_spec if layer_spec is not None else get_gpt_mmsp_layer_spec("te" if use_te else "local")
+    gpt = build_gpt_model(lm_cfg, vocab_size=shape.vocab_size, max_sequence_length=shape.max_position_embeddings,
+                          spec=spec, pre_process=pre_process, post_process=post_process,
+                          share_embeddings_and_output_weights=shape.tie_embeddings, rotary_base=shape.rotary_base)
+    vision = proj = None
+    if pre_process:
+        vision = build_vision_encoder(encoder, tensor_model_parallel_size=tensor_model_parallel_size,
+                                      params_dtype=params_dtype, use_te=use_te)
+        proj = build_proj(vis_cfg, shape.hidden_size, tensor_model_parallel_size=tensor_model_parallel_size,
+                          params_dtype=params_dtype, use_te=use_te)
+    return LongVILAModel(vision, proj, GPTAdapter(gpt), media_token_id=media_token_id,
+                         locality_aware=locality_aware, pre_process=pre_process, post_process=post_process)
