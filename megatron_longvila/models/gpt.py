@@ -25,7 +25,9 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.models.gpt import GPTModel
 
 from ..attention.megatron_core import mark_plan_rope_table
-from .specs import get_gpt_mmsp_layer_spec, validate_layer_spec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from .specs import LocalNorm, get_gpt_mmsp_layer_spec, validate_layer_spec
 
 __all__ = ["build_gpt_model", "PlanRotaryEmbedding", "use_plan_rope"]
 
@@ -63,7 +65,12 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec=N
     from megatron.core import parallel_state as ps
 
     spec = get_gpt_mmsp_layer_spec() if spec is None else spec
-    validate_layer_spec(spec, config)
+    validate_layer_spec(spec, config, final_norm=LocalNorm)
+    if getattr(getattr(spec, "submodules", None), "input_layernorm", None) is LocalNorm:
+        # A bare layer spec gets Megatron's default final norm (torch's, which refuses sequence parallelism
+        # without apex): give the block the same LocalNorm as its layers.
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                          layer_norm=LocalNorm)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:

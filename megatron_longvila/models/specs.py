@@ -168,8 +168,12 @@ def get_gpt_te_cp_layer_spec() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
-def validate_layer_spec(spec: ModuleSpec, config) -> None:
-    """Start-up checks of a layer spec against the config; raise MMSPConfigError naming the fix."""
+def validate_layer_spec(spec: ModuleSpec, config, *, final_norm=None) -> None:
+    """Start-up checks of a layer spec against the config; raise MMSPConfigError naming the fix.
+
+    final_norm: the block's final norm when the caller supplies one; None means Megatron's default for a
+    bare layer spec (its LayerNormImpl), which is checked too.
+    """
     sub = getattr(spec, "submodules", None)
     attn = getattr(sub, "self_attention", None)
     attn_cls = getattr(attn, "module", None)
@@ -182,8 +186,11 @@ def validate_layer_spec(spec: ModuleSpec, config) -> None:
     if config.sequence_parallel:
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        for name in ("input_layernorm", "pre_mlp_layernorm"):
-            norm = getattr(sub, name, None)
+        from megatron.core.transformer import transformer_block
+
+        norms = {name: getattr(sub, name, None) for name in ("input_layernorm", "pre_mlp_layernorm")}
+        norms["final_layernorm"] = final_norm or getattr(transformer_block, "LayerNormImpl", None)
+        for name, norm in norms.items():
             norm = getattr(norm, "module", norm)
             if norm is WrappedTorchNorm or norm in (torch.nn.RMSNorm, torch.nn.LayerNorm):
                 raise MMSPConfigError(
