@@ -3,7 +3,7 @@
 Public API:
     build_gpt_model(config, *, vocab_size, max_sequence_length, spec=None, pre_process=None, post_process=None,
                     share_embeddings_and_output_weights=False, rotary_base=10000, rotary_percent=1.0,
-                    vp_stage=None) -> GPTModel
+                    vp_stage=None, cp_attention="mmsp") -> GPTModel
         validates the layer spec against the config, builds a RoPE GPTModel with the MM-SP spec (default
         `get_gpt_mmsp_layer_spec()`), and installs PlanRotaryEmbedding.
     PlanRotaryEmbedding(RotaryEmbedding)   rotary table over positions 0..max_sequence_length-1, never sliced
@@ -60,10 +60,28 @@ def use_plan_rope(model: GPTModel) -> GPTModel:
 def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec=None,
                     pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                     share_embeddings_and_output_weights: bool = False, rotary_base: int = 10000,
-                    rotary_percent: float = 1.0, vp_stage: Optional[int] = None) -> GPTModel:
-    """A RoPE GPTModel with MM-SP attention; pre/post_process default to this rank's pipeline stage."""
+                    rotary_percent: float = 1.0, vp_stage: Optional[int] = None,
+                    cp_attention: str = "mmsp") -> GPTModel:
+    """A RoPE GPTModel with MM-SP attention; pre/post_process default to this rank's pipeline stage.
+
+    cp_attention="te_a2a_p2p" builds the same model as the baseline instead: Megatron's TE layer spec with TE's
+    hierarchical a2a+p2p context parallelism and Megatron's own RoPE slicing (shard its batches with
+    training.batch.shard_batch_te_cp). Needs Transformer Engine.
+    """
     from megatron.core import parallel_state as ps
 
+    if cp_attention == "te_a2a_p2p":
+        from .specs import get_gpt_te_cp_layer_spec
+
+        return GPTModel(config=config, transformer_layer_spec=spec or get_gpt_te_cp_layer_spec(),
+                        vocab_size=vocab_size, max_sequence_length=max_sequence_length,
+                        pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,
+                        post_process=ps.is_pipeline_last_stage() if post_process is None else post_process,
+                        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+                        position_embedding_type="rope", rotary_base=rotary_base, rotary_percent=rotary_percent,
+                        vp_stage=vp_stage)
+    if cp_attention != "mmsp":
+        raise ValueError(f"cp_attention={cp_attention!r}: choose 'mmsp' or 'te_a2a_p2p'")
     spec = get_gpt_mmsp_layer_spec() if spec is None else spec
     validate_layer_spec(spec, config, final_norm=LocalNorm)
     if getattr(getattr(spec, "submodules", None), "input_layernorm", None) is LocalNorm:

@@ -7,6 +7,8 @@ Public API:
                 seq_length=None, pad_id=0) -> ShardedBatch
         shard a full micro-batch (every CP rank holds it, as Megatron's data loader gives it) by one plan
     ShardedBatch          tokens, labels, loss_mask, position_ids ([b, s_local]), packed_seq_params, plan
+    shard_batch_te_cp(tokens, *, labels=None, loss_mask=None, position_ids=None) -> dict
+        the TE a2a+p2p baseline's sharding (Megatron's get_batch_on_this_cp_rank layout, single documents)
 
 Labels are shifted on the full sequence, before sharding, so no target is lost where a shard boundary cuts
 a document. Position ids (each token's position inside its own document) are sharded with the tokens and
@@ -30,7 +32,7 @@ from ..config import MMSPConfig
 from ..parallel.mesh import MMSPMesh
 from ..parallel.sharding import SequencePlan, plan_sequence
 
-__all__ = ["ShardedBatch", "shard_batch", "shift_labels", "BatchError"]
+__all__ = ["ShardedBatch", "shard_batch", "shard_batch_te_cp", "shift_labels", "BatchError"]
 
 
 class BatchError(ValueError):
@@ -149,3 +151,24 @@ def shard_batch(tokens: torch.Tensor, *, seq_lens: Optional[Sequence[int]] = Non
     params = MMSPPackedSeqParams(qkv_format="thd" if b == 1 else "sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=max(seq_lens), max_seqlen_kv=max(seq_lens), plan=plan)
     return ShardedBatch(tokens=t, labels=lab, loss_mask=lm, position_ids=pos, packed_seq_params=params, plan=plan)
+
+
+def shard_batch_te_cp(tokens: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
+                      loss_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> dict:
+    """Baseline sharding for TE's a2a+p2p CP: Megatron's own 2*CP-chunk layout (unpacked sequences).
+
+    Labels are shifted before sharding here too, so both paths train on the same targets.
+    """
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    b, s = tokens.shape
+    if labels is None:
+        if loss_mask is not None:
+            raise BatchError("loss_mask without labels: give both (already shifted) or neither")
+        labels, loss_mask = shift_labels(tokens, [s])
+    elif loss_mask is None:
+        loss_mask = torch.ones(b, s, dtype=torch.float32, device=tokens.device)
+    if position_ids is None:
+        position_ids = torch.arange(s, device=tokens.device).expand(b, s).contiguous()
+    return get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "loss_mask": loss_mask.float(),
+                                      "position_ids": position_ids, "attention_mask": None})
