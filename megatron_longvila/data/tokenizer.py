@@ -182,8 +182,34 @@ class HFTokenizerFile(_SpecialTokenMixin):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def load_tokenizer(path: str | os.PathLike, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS):
-    """A sentencepiece `.model` file, a `tokenizer.json`, or a folder holding one of them."""
+class ByteTokenizer(_SpecialTokenMixin):
+    """UTF-8 bytes as ids 0..255, then BOS=256, EOS=257, then the special tokens. Needs no model file:
+    for data checks (`tools/check_data.py` without `--tokenizer`) and examples, not for real models."""
+
+    def __init__(self, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS):
+        self.bos_id, self.eos_id, self.pad_id = 256, 257, 257
+        self._init_special(special_tokens, 258, lambda tok: None)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out, run = [], bytearray()
+        for i in [int(i) for i in ids]:
+            if i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            out.append(self._id_to_special.get(i, ""))
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+def load_tokenizer(path: str | os.PathLike | None, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS):
+    """A sentencepiece `.model` file, a `tokenizer.json`, a folder holding one of them, or None (bytes)."""
+    if path is None:
+        return ByteTokenizer(special_tokens)
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in ("tokenizer.model", "tokenizer.json"):
