@@ -61,18 +61,17 @@ def mmsp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Sequ
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens, *, causal: bool = True,
                         softmax_scale: Optional[float] = None) -> torch.Tensor:
-    """Single-process attention on the full sequence, per document, in plain tensor algebra (the oracle)."""
+    """Single-process attention on the full sequence, one document at a time, with PyTorch's own
+    scaled_dot_product_attention (independent of this package's kernels): the oracle for tests."""
     s, b, hq, d = q.shape
     hkv = k.shape[2]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     outs, start = [], 0
     for n in seq_lens:
-        qq = q[start:start + n].permute(1, 2, 0, 3)  # [b, h, n, d]
-        kk = k[start:start + n].permute(1, 2, 0, 3).repeat_interleave(hq // hkv, dim=1)
-        vv = v[start:start + n].permute(1, 2, 0, 3).repeat_interleave(hq // hkv, dim=1)
-        sc = torch.matmul(qq, kk.transpose(-1, -2)) * scale
-        if causal:
-            sc = sc.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-        outs.append(torch.matmul(torch.softmax(sc, dim=-1), vv).permute(2, 0, 1, 3))
+        qq, kk, vv = (t[start:start + n].permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, n, d]
+        if hkv != hq:
+            kk = kk.repeat_interleave(hq // hkv, dim=1)
+            vv = vv.repeat_interleave(hq // hkv, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=softmax_scale)
+        outs.append(o.permute(2, 0, 1, 3))
         start += n
     return torch.cat(outs)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..parallel import comm
 from ..parallel.sharding import SequencePlan
 from .backends import AttentionBackend, Segments
+from .backends.base import acc_dtype
 
 
 @dataclass
@@ -106,14 +107,14 @@ def _merge(out_acc, lse_acc, o, l, index):
     if index is None:
         new = torch.logaddexp(lse_acc, l)
         out_acc.mul_(torch.exp(lse_acc - new).transpose(0, 1).unsqueeze(-1))
-        out_acc.add_(o.float() * torch.exp(l - new).transpose(0, 1).unsqueeze(-1))
+        out_acc.add_(o.to(out_acc.dtype) * torch.exp(l - new).transpose(0, 1).unsqueeze(-1))
         lse_acc.copy_(new)
         return
     index = index.to(out_acc.device)
     la = lse_acc.index_select(1, index)
     new = torch.logaddexp(la, l)
     oa = out_acc.index_select(0, index) * torch.exp(la - new).transpose(0, 1).unsqueeze(-1)
-    oa = oa + o.float() * torch.exp(l - new).transpose(0, 1).unsqueeze(-1)
+    oa = oa + o.to(oa.dtype) * torch.exp(l - new).transpose(0, 1).unsqueeze(-1)
     out_acc.index_copy_(0, index, oa)
     lse_acc.index_copy_(1, index, new)
 
@@ -126,8 +127,9 @@ class RingAttention(torch.autograd.Function):
                 backend: AttentionBackend):
         R = plan.ring_size
         r = plan.mesh.ring_rank
-        out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse_acc = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        acc = acc_dtype(q.dtype)
+        out_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse_acc = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
         cur_k, cur_v = k.contiguous(), v.contiguous()
         flops = 0
         for s in range(R):
@@ -160,7 +162,8 @@ class RingAttention(torch.autograd.Function):
         R = plan.ring_size
         r = plan.mesh.ring_rank
         dout = dout.contiguous()
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        acc = acc_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         acc_shape = tuple(k.shape[1:])
         cur_k, cur_v = k.contiguous(), v.contiguous()
         dkv_home = None
@@ -176,24 +179,24 @@ class RingAttention(torch.autograd.Function):
                 kv_handle = comm.ring_exchange([cur_k, cur_v], [nk, nv], group, kind="kv_bwd")
             blk = ring_step_block(plan, r, j, causal)
             n_j = plan.ring_lens[j]
-            dk_part = torch.zeros((n_j,) + acc_shape, dtype=torch.float32, device=q.device)
-            dv_part = torch.zeros((n_j,) + acc_shape, dtype=torch.float32, device=q.device)
+            dk_part = torch.zeros((n_j,) + acc_shape, dtype=acc, device=q.device)
+            dv_part = torch.zeros((n_j,) + acc_shape, dtype=acc, device=q.device)
             if not blk.empty and q.shape[1] > 0:
                 qi = blk.q_index
                 g_q, g_k, g_v = backend.backward(
                     _take(dout, qi), _take(q, qi), _take(cur_k, blk.k_index), _take(cur_v, blk.k_index),
                     _take(out, qi), lse if qi is None else lse.index_select(1, qi.to(lse.device)), blk.seg, scale)
                 if qi is None:
-                    dq.add_(g_q.float())
+                    dq.add_(g_q.to(acc))
                 else:
-                    dq.index_add_(0, qi.to(dq.device), g_q.float())
+                    dq.index_add_(0, qi.to(dq.device), g_q.to(acc))
                 if blk.k_index is None:
-                    dk_part.add_(g_k.float())
-                    dv_part.add_(g_v.float())
+                    dk_part.add_(g_k.to(acc))
+                    dv_part.add_(g_v.to(acc))
                 else:
                     ki = blk.k_index.to(dk_part.device)
-                    dk_part.index_add_(0, ki, g_k.float())
-                    dv_part.index_add_(0, ki, g_v.float())
+                    dk_part.index_add_(0, ki, g_k.to(acc))
+                    dv_part.index_add_(0, ki, g_v.to(acc))
                 flops += 10 * blk.seg.pairs() * q.shape[1] * q.shape[2]
             if s == 0:
                 dkv_home = (dk_part, dv_part)

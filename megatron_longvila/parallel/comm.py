@@ -14,6 +14,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+# torch >= 2.13 renamed all_gather_into_tensor (and deprecated the old name); the GPU image has 2.11.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 _GROUP_NAMES: Dict[int, str] = {}
 _BYTES: Dict[Tuple[str, str], int] = defaultdict(int)
 _CALLS: Dict[Tuple[str, str], int] = defaultdict(int)
@@ -77,7 +80,7 @@ def all_to_all_single(output: torch.Tensor, input: torch.Tensor, output_split_si
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group, kind: str = "all_gather") -> None:
     world = dist.get_world_size(group)
     _count(group, kind, _nbytes(input.numel() * (world - 1), input))
-    dist.all_gather_into_tensor(output, input, group=group)
+    _all_gather_single(output, input, group=group)
 
 
 def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> None:

@@ -5,7 +5,7 @@ segment i pairs queries q[cu_q[i]:cu_q[i+1]] with keys/values k[cu_k[i]:cu_k[i+1
 natural-log log-sum-exp of each query row so partial results can be merged across ring steps.
 
 Shapes: q [Tq, H, D], k and v [Tk, Hkv, D] with H % Hkv == 0 (query head h uses KV head h // (H/Hkv));
-out [Tq, H, D] in q's dtype; lse [H, Tq] float32. `causal` is only ever used with equal query and key
+out [Tq, H, D] in q's dtype; lse [H, Tq] in `acc_dtype(q.dtype)` (float32, float64 for float64 inputs). `causal` is only ever used with equal query and key
 segment lengths (the diagonal block of a zigzag ring step), so top-left and bottom-right alignment agree.
 The backward receives the *final* (merged) out and lse of the rows, which makes per-block gradients exact.
 """
@@ -52,6 +52,11 @@ class Segments:
             self._device_cache[key] = (torch.tensor(self.cu_q, dtype=torch.int32, device=device),
                                        torch.tensor(self.cu_k, dtype=torch.int32, device=device))
         return self._device_cache[key]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for log-sum-exp, merged outputs and traveling gradients."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class AttentionBackend:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionBackend, Segments
+from .base import acc_dtype, AttentionBackend, Segments
 
 
 def _scores(q, k, scale, causal):
@@ -29,7 +29,7 @@ class MathBackend(AttentionBackend):
 
     def forward(self, q, k, v, seg: Segments, scale: float):
         out = q.new_zeros(q.shape)
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
         h, hkv = q.shape[1], k.shape[1]
         for qa, qb, ka, kb in zip(seg.cu_q, seg.cu_q[1:], seg.cu_k, seg.cu_k[1:]):
             if qb == qa or kb == ka:
@@ -39,7 +39,7 @@ class MathBackend(AttentionBackend):
             p = torch.exp(s - l.unsqueeze(-1))
             vv = v[ka:kb].to(s.dtype).repeat_interleave(h // hkv, dim=1)
             out[qa:qb] = torch.einsum("hqk,khd->qhd", p, vv).to(q.dtype)
-            lse[:, qa:qb] = l.float()
+            lse[:, qa:qb] = l.to(lse.dtype)
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
