@@ -31,6 +31,7 @@ def select_frame_indices(
         num_frames: take this many frames spread uniformly over the window (the first and last frame of
             the window included). If the window holds fewer frames, indices repeat so the count stays
             `num_frames` (the model's token budget per video does not change with the video's length).
+            A single frame is the middle one.
         fps: instead of a count, take frames at this rate (at most one per source frame).
         max_frames: cap on the result; a longer selection is thinned uniformly to this many.
         start_s, end_s: optional time window in seconds, [start_s, end_s).
