@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import struct
 import threading
@@ -396,6 +397,24 @@ def _decode_pyav(path: str, wanted: list[int], info: VideoInfo) -> torch.Tensor:
                 raise DataError("corrupt_video", f"{path}: frame without a timestamp")
             return int(round(float((frame.pts - start) * time_base) * fps))
 
+        def seek(target: int):
+            """Frames from the keyframe at or before `target`."""
+            ts = start + int(round(target / fps / time_base)) if target > 0 else start
+            for attempt in (ts, start):
+                container.seek(attempt, stream=stream, backward=True, any_frame=False)
+                DECODE_STATS["seeks"] += 1
+                frames = container.decode(stream)
+                try:
+                    first = next(frames)
+                except StopIteration:
+                    return iter(())
+                except av.error.FFmpegError as e:
+                    raise DataError("corrupt_video", f"{path}: decoding failed near frame {target} ({e})") from None
+                # An imprecise index can land past the target: then decode from the beginning.
+                if index_of(first) <= target or attempt == start:
+                    return itertools.chain([first], frames)
+            raise AssertionError("unreachable")
+
         # Frames between two targets are decoded (and dropped) when the gap is shorter than a keyframe
         # interval; otherwise a seek to the keyframe before the target is cheaper. The interval is
         # learned from the keyframes seen so far.
@@ -409,10 +428,7 @@ def _decode_pyav(path: str, wanted: list[int], info: VideoInfo) -> torch.Tensor:
                 out.append(held[1])
                 continue
             if frames_iter is None or pos is None or target - pos > gop:
-                ts = start + int(round(target / fps / time_base)) if target > 0 else start
-                container.seek(ts, stream=stream, backward=True, any_frame=False)
-                DECODE_STATS["seeks"] += 1
-                frames_iter = container.decode(stream)
+                frames_iter = seek(target)
                 pos = None
             found = None
             try:
