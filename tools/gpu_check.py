@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""GPU checks of the attention kernels and the zigzag block schedule (run on a CUDA machine).
+
+1. Exactness: the `torch_cuda` backend (and `te`, `te_fp8` when Transformer Engine imports) against the
+   `math` backend in float32 on random varlen segments (causal and full, GQA), forward and backward.
+2. `mmsp_attention` on a 1x1 mesh with the CUDA kernel against PyTorch's attention, per document.
+3. Speed: one ring rank's zigzag block schedule (R steps of per-document blocks merged by log-sum-exp, no
+   communication) against a single fused causal call over the whole sequence, normalized per
+   query-key pair: efficiency = (pairs/s of the schedule) / (pairs/s of the fused call).
+
+  python tools/gpu_check.py --json > gpu_check.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_kernels(names, device):
+    from megatron_longvila.attention.backends import BackendUnavailable, Segments, get_backend
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    results = []
+    for causal, cu_q, cu_k in ((True, [0, 1, 130, 1154, 1161], [0, 1, 130, 1154, 1161]),
+                               (False, [0, 64, 600], [0, 300, 321])):
+        seg = Segments(cu_q, cu_k, causal)
+        q = torch.randn(cu_q[-1], 8, 128, generator=g).to(device)
+        k = torch.randn(cu_k[-1], 2, 128, generator=g).to(device)
+        v = torch.randn(cu_k[-1], 2, 128, generator=g).to(device)
+        do = torch.randn(q.shape, generator=g).to(device)
+        ref = get_backend("math", q)
+        ro, rl = ref.forward(q, k, v, seg, 0.088)
+        rg = ref.backward(do, q, k, v, ro, rl, seg, 0.088)
+        for name in names:
+            try:
+                be = get_backend(name, q.bfloat16())
+            except BackendUnavailable as e:
+                results.append({"backend": name, "causal": causal, "skipped": str(e)})
+                continue
+            qb, kb, vb, dob = (t.bfloat16() for t in (q, k, v, do))
+            o, l = be.forward(qb, kb, vb, seg, 0.088)
+            gr = be.backward(dob, qb, kb, vb, o, l, seg, 0.088)
+            results.append({"backend": name, "causal": causal, "out": _rel(o, ro), "lse": _rel(l, rl),
+                            "dq": _rel(gr[0], rg[0]), "dk": _rel(gr[1], rg[1]), "dv": _rel(gr[2], rg[2])})
+    return results
+
+
+def check_mmsp_single(device, backend):
+    from megatron_longvila.attention import mmsp_attention, reference_attention
+    from megatron_longvila.parallel.mesh import single_rank_mesh
+    from megatron_longvila.parallel.sharding import plan_sequence
+
+    lens = [1, 777, 2048, 13]
+    plan = plan_sequence(single_rank_mesh(), lens)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    T = sum(lens)
+    q, k, v, do = (torch.randn(T, 2, h, 128, generator=g).to(device) for h in (8, 2, 2, 8))
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = mmsp_attention(qb, kb, vb, plan, backend=backend)
+    out.backward(do.bfloat16())
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(qr, kr, vr, lens)
+    ref.backward(do.double())
+    return {"backend": backend, "out": _rel(out, ref), "dq": _rel(qb.grad, qr.grad),
+            "dk": _rel(kb.grad, kr.grad), "dv": _rel(vb.grad, vr.grad)}
+
+
+def _time(fn, iters):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_schedule(device, backend, T, R, heads, kv_heads, d, iters, rank):
+    """One ring rank's zigzag schedule (all KV buffers local) vs one fused causal call on all T tokens."""
+    from megatron_longvila.attention.backends import Segments, get_backend
+    from megatron_longvila.attention.ring import _merge, _take, ring_step_block
+    from megatron_longvila.parallel.mesh import MMSPMesh
+    from megatron_longvila.parallel.sharding import plan_sequence
+
+    mesh = MMSPMesh(None, None, None, 1, R, rank, 0, rank)
+    plan = plan_sequence(mesh, [T])
+    q = torch.randn(T, heads, d, device=device, dtype=torch.bfloat16)
+    k = torch.randn(T, kv_heads, d, device=device, dtype=torch.bfloat16)
+    v = torch.randn(T, kv_heads, d, device=device, dtype=torch.bfloat16)
+    be = get_backend(backend, q)
+    scale = d ** -0.5
+    qr = q.index_select(0, plan.ring_index[rank].to(device))
+    kvs = [(k.index_select(0, plan.ring_index[j].to(device)), v.index_select(0, plan.ring_index[j].to(device)))
+           for j in range(R)]
+    blocks = [ring_step_block(plan, rank, (rank - s) % R, True) for s in range(R)]
+    pairs_sched = sum(b.seg.pairs() for b in blocks)
+
+    def schedule():
+        out = torch.zeros(qr.shape, dtype=torch.float32, device=device)
+        lse = torch.full((heads, qr.shape[0]), float("-inf"), dtype=torch.float32, device=device)
+        for s, blk in enumerate(blocks):
+            kk, vv = kvs[(rank - s) % R]
+            o, l = be.forward(_take(qr, blk.q_index), _take(kk, blk.k_index), _take(vv, blk.k_index), blk.seg,
+                              scale)
+            _merge(out, lse, o, l, blk.q_index)
+        return out
+
+    full_seg = Segments([0, T], [0, T], True)
+
+    def fused():
+        return be.forward(q, k, v, full_seg, scale)
+
+    t_sched = _time(schedule, iters)
+    t_full = _time(fused, iters)
+    pairs_full = full_seg.pairs()
+    eff = (pairs_sched / t_sched) / (pairs_full / t_full)
+    flops = 4 * d * heads
+    return {"T": T, "R": R, "rank": rank, "heads": heads, "kv_heads": kv_heads, "head_dim": d,
+            "backend": be.name, "schedule_s": t_sched, "fused_causal_s": t_full,
+            "schedule_tflops": flops * pairs_sched / t_sched / 1e12,
+            "fused_tflops": flops * pairs_full / t_full / 1e12, "efficiency": eff}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--rings", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--iters", type=int, default=10)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tools/gpu_check.py needs a CUDA GPU: torch.cuda.is_available() is False", file=sys.stderr)
+        sys.exit(2)
+    from megatron_longvila.attention.backends import te_available
+
+    dev = torch.device("cuda")
+    res = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "te_available": te_available()}
+    names = ["torch_cuda"] + (["te", "te_fp8"] if res["te_available"] else [])
+    res["kernels"] = check_kernels(names, dev)
+    res["mmsp_1x1"] = [check_mmsp_single(dev, n) for n in names if n != "te_fp8"]
+    res["schedule"] = []
+    for n in names[:2]:
+        for T in a.seq:
+            for R in a.rings:
+                for rank in (0, R - 1):
+                    res["schedule"].append(bench_schedule(dev, n, T, R, 32, 8, 128, a.iters, rank))
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(json.dumps(res, indent=1))
+        for s in res["schedule"]:
+            print(f"{s['backend']:10s} T={s['T']:7d} R={s['R']} rank {s['rank']}: schedule {s['schedule_s']*1e3:8.2f} ms "
+                  f"({s['schedule_tflops']:.0f} TFLOP/s), fused {s['fused_causal_s']*1e3:8.2f} ms "
+                  f"({s['fused_tflops']:.0f} TFLOP/s), efficiency {s['efficiency']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
