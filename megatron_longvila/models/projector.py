@@ -71,7 +71,9 @@ def projector_transformer_config(cfg: ProjectorConfig, *, tensor_model_parallel_
     """The megatron-core config of the projector's MLP (GELU, biases, no gating, no fusions)."""
     kwargs = dict(
         num_layers=1, hidden_size=cfg.llm_hidden_size, ffn_hidden_size=cfg.llm_hidden_size,
-        num_attention_heads=1, add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu,
+        # The projector has no attention; megatron still checks heads against the TP size.
+        num_attention_heads=tensor_model_parallel_size, add_bias_linear=True, gated_linear_unit=False,
+        activation_func=F.gelu,
         bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=use_cpu_initialization, tensor_model_parallel_size=tensor_model_parallel_size,
         params_dtype=params_dtype, pipeline_dtype=params_dtype, init_method_std=init_method_std,
