@@ -415,10 +415,11 @@ def _decode_pyav(path: str, wanted: list[int], info: VideoInfo) -> torch.Tensor:
                     return itertools.chain([first], frames)
             raise AssertionError("unreachable")
 
-        # Frames between two targets are decoded (and dropped) when the gap is shorter than a keyframe
-        # interval; otherwise a seek to the keyframe before the target is cheaper. The interval is
-        # learned from the keyframes seen so far.
-        gop = 32
+        # Between two targets: if the next keyframe comes at or before the target, seeking skips
+        # every frame up to it; otherwise decoding forward is what a seek would do anyway. The
+        # keyframe interval is learned from the keyframes seen; until two are seen, seek only for
+        # targets more than 32 frames ahead.
+        gop = None
         last_key = None
         frames_iter = None
         pos = None  # index of the last decoded frame
@@ -427,7 +428,13 @@ def _decode_pyav(path: str, wanted: list[int], info: VideoInfo) -> torch.Tensor:
             if held is not None and held[0] >= target:
                 out.append(held[1])
                 continue
-            if frames_iter is None or pos is None or target - pos > gop:
+            if frames_iter is None or pos is None:
+                must_seek = True
+            elif gop is not None and last_key is not None:
+                must_seek = target >= last_key + gop and target - pos > 2
+            else:
+                must_seek = target - pos > 32
+            if must_seek:
                 frames_iter = seek(target)
                 pos = None
             found = None
@@ -438,7 +445,7 @@ def _decode_pyav(path: str, wanted: list[int], info: VideoInfo) -> torch.Tensor:
                     pos = k
                     if frame.key_frame:
                         if last_key is not None and k > last_key:
-                            gop = max(gop, k - last_key)
+                            gop = k - last_key
                         last_key = k
                     if k >= target:
                         found = (k, _frame_to_rgb(frame))
