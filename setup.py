@@ -16,11 +16,16 @@ setup(
         "einops",
         "numpy",
         "sentencepiece",
+        # Video decoding on CPU (H.264/HEVC) and image preprocessing.
+        "av>=12",
+        "pillow>=9.1",
     ],
     extras_require={
         # The GPU stack: used when importable, never required. NVIDIA apex is not on PyPI
         # (the PyPI package named "apex" is unrelated) and is therefore never listed.
-        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
-        "test": ["pytest", "pytest-timeout"],
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda130"],
+        # imageio-ffmpeg carries an ffmpeg binary (libx264, libvpx-vp9) to make real test videos; DALI's CPU
+        # decoder is checked against PyAV in the tests (the wheel installs and imports without a GPU).
+        "test": ["pytest", "pytest-timeout", "imageio-ffmpeg", "nvidia-dali-cuda130"],
     },
 )
