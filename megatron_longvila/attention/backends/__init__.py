@@ -2,7 +2,8 @@
 
 - cpu:        ATen flash attention for CPU (returns log-sum-exp; exact in fp32/fp64).
 - torch_cuda: PyTorch's built-in CUDA flash kernels, varlen, fp16/bf16.
-- te:         Transformer Engine fused attention (thd), FP8-capable, when transformer_engine imports.
+- te:         Transformer Engine fused attention (thd), when transformer_engine imports.
+- te_fp8:     the same with an FP8 (E4M3) forward; unverified numerics, opt-in only (never chosen by auto).
 - math:       plain tensor algebra on any device and dtype (references, fp32 on a GPU).
 - auto:       cpu on CPU; on CUDA te if importable else torch_cuda for fp16/bf16, math for fp32/fp64.
 """
@@ -43,13 +44,18 @@ def get_backend(name: str, q: torch.Tensor) -> AttentionBackend:
             from .math import MathBackend as cls
         elif name == "torch_cuda":
             from .torch_cuda import TorchCUDABackend as cls
-        elif name == "te":
+        elif name in ("te", "te_fp8"):
             if not te_available():
-                raise BackendUnavailable("backend 'te' needs transformer_engine (pip install "
+                raise BackendUnavailable(f"backend {name!r} needs transformer_engine (pip install "
                                          "'megatron_longvila[gpu]' on a CUDA machine); use 'torch_cuda' or 'auto'")
-            from .te import TEBackend as cls
+            from functools import partial
+
+            from .te import TEBackend
+
+            cls = partial(TEBackend, fp8=name == "te_fp8")
         else:
-            raise BackendUnavailable(f"unknown attention backend {name!r}; choose auto, cpu, torch_cuda, te or math")
+            raise BackendUnavailable(f"unknown attention backend {name!r}; "
+                                     "choose auto, cpu, torch_cuda, te, te_fp8 or math")
         _INSTANCES[name] = cls()
     return _INSTANCES[name]
 
