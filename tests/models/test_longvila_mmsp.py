@@ -19,6 +19,7 @@ from megatron_longvila.parallel.mesh import build_mmsp_mesh, single_rank_mesh
 from megatron_longvila.testing import run_distributed
 
 from ._longvila_cases import build, load_from, micro_batch, setup_megatron, tp_slice
+from .test_routing import _worker as routing_worker
 
 RTOL = 1e-5
 CASES = ("seven", "three")
@@ -36,6 +37,11 @@ def _close(got, ref):
 
 
 def _worker(rank, world):
+    routing = routing_worker(rank, world)
+    return {"routing": routing, "model": _model_worker(rank, world)}
+
+
+def _model_worker(rank, world):
     from megatron.core import parallel_state as ps
 
     # Reference: the same model at TP=1, CP=1, in this process.
@@ -109,8 +115,18 @@ def _worker(rank, world):
     return report
 
 
+_SHARED = []
+
+
+def shared_world():
+    """One 8-rank run serving this module's test and test_routing's (spawned once per session)."""
+    if not _SHARED:
+        _SHARED.append(run_distributed(_worker, 8, timeout=600))
+    return _SHARED[0]
+
+
 def test_longvila_mmsp_matches_cp1():
-    reports = run_distributed(_worker, 8, timeout=600)
+    reports = [r["model"] for r in shared_world()]
     # Stage-2 bytes: the ranks of each CP group together move exactly the minimum, forward and backward.
     seen = set()
     for r in reports[0]:

@@ -1,4 +1,8 @@
-"""Stage-2 routing on gloo: exact placement, gradients back to the encoding rank, bytes = minimum."""
+"""Stage-2 routing on gloo: exact placement, gradients back to the encoding rank, bytes = minimum.
+
+`check_routing(mesh, tag)` runs inside the 8-rank world of test_longvila_mmsp.py (one spawn for both: each
+8-rank spawn costs seconds on CI's two cores); `test_routing_exact_and_minimal` below runs it on its own.
+"""
 
 import torch
 import torch.distributed as dist
@@ -8,7 +12,6 @@ from megatron_longvila.parallel.frame_assignment import assign_frames
 from megatron_longvila.parallel.mesh import build_mmsp_mesh
 from megatron_longvila.parallel.routing import build_routing_plan, merge_visual, route
 from megatron_longvila.parallel.sharding import plan_sequence
-from megatron_longvila.testing import run_distributed
 
 H = 8
 
@@ -20,7 +23,7 @@ def _scenarios():
     yield [11], []  # text only
 
 
-def _check(mesh, tag):
+def check_routing(mesh, tag):
     out = []
     P = mesh.cp_size
     for s, (lens, frames) in enumerate(_scenarios()):
@@ -66,17 +69,22 @@ def _worker(rank, world):
     groups2 = [dist.new_group([2 * i, 2 * i + 1]) for i in range(4)]
     results = []
     for U, R in [(2, 4), (4, 2)]:
-        results += _check(build_mmsp_mesh(U, R), f"{U}x{R}")
-    results += _check(build_mmsp_mesh(2, 2, groups4[rank // 4]), "2x2")
+        results += check_routing(build_mmsp_mesh(U, R), f"{U}x{R}")
+    results += check_routing(build_mmsp_mesh(2, 2, groups4[rank // 4]), "2x2")
     for U, R in [(2, 1), (1, 2)]:
-        results += _check(build_mmsp_mesh(U, R, groups2[rank // 2]), f"{U}x{R}")
+        results += check_routing(build_mmsp_mesh(U, R, groups2[rank // 2]), f"{U}x{R}")
     return results
 
 
-def test_routing_exact_and_minimal():
-    res = run_distributed(_worker, 8)
+def check_group_minimum(res):
     # Per group, the bytes sent by its ranks add up to the group's minimum.
     for i in range(len(res[0])):
         tag, s, _, mn = res[0][i]
         size = {"2x4": 8, "4x2": 8, "2x2": 4, "2x1": 2, "1x2": 2}[tag]
         assert sum(res[r][i][2] for r in range(size)) == mn, (tag, s)
+
+
+def test_routing_exact_and_minimal():
+    from .test_longvila_mmsp import shared_world
+
+    check_group_minimum([r["routing"] for r in shared_world()])
