@@ -5,7 +5,7 @@
 - te:         Transformer Engine fused attention (thd), when transformer_engine imports.
 - te_fp8:     the same with an FP8 (E4M3) forward; unverified numerics, opt-in only (never chosen by auto).
 - math:       plain tensor algebra on any device and dtype (references, fp32 on a GPU).
-- auto:       cpu on CPU; on CUDA te if importable else torch_cuda for fp16/bf16, math for fp32/fp64.
+- auto:       cpu on CPU; on CUDA te if importable (sm80+) else torch_cuda for fp16/bf16, math for fp32/fp64.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def get_backend(name: str, q: torch.Tensor) -> AttentionBackend:
             name = "cpu"
         elif q.device.type == "cuda":
             if q.dtype in (torch.float16, torch.bfloat16):
-                name = "te" if te_available() else "torch_cuda"
+                # TE's thd fused attention needs Ampere or newer; older GPUs get PyTorch's kernels.
+                sm80 = torch.cuda.get_device_capability(q.device) >= (8, 0)
+                name = "te" if sm80 and te_available() else "torch_cuda"
             else:
                 name = "math"
         else:
