@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 __all__ = ["MMSPConfig", "MMSPConfigError", "mmsp_config_from_megatron", "validate_mmsp", "CP_ATTENTION_CHOICES"]
 
 CP_ATTENTION_CHOICES = ("mmsp", "te_a2a_p2p")
-_BACKENDS = ("auto", "cpu", "torch_cuda", "te", "math")
+_BACKENDS = ("auto", "cpu", "torch_cuda", "te", "te_fp8", "math")
 
 
 class MMSPConfigError(ValueError):
@@ -194,10 +194,11 @@ def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Opti
     if fp8_attn and not _te_importable():
         raise MMSPConfigError("--fp8-dot-product-attention needs Transformer Engine, which does not import here; "
                               "drop the flag or install transformer-engine on a CUDA machine")
-    if fp8_attn and mmsp.cp_attention == "mmsp":
-        # mmsp_attention has no FP8 switch yet: refuse rather than silently run the ring in bf16.
-        raise MMSPConfigError("--fp8-dot-product-attention is not wired into the MM-SP ring yet; drop the flag "
-                              "(FP8 linear layers still work) or use the TE baseline spec gpt_te_cp")
+    if fp8_attn and mmsp.cp_attention == "mmsp" and mmsp.attention_backend not in ("auto", "te_fp8"):
+        # FP8 attention inside the ring is the te_fp8 kernel; another explicit kernel would silently run in 16 bit.
+        raise MMSPConfigError(f"--fp8-dot-product-attention runs the ring's blocks with the te_fp8 kernel, but "
+                              f"attention_backend={mmsp.attention_backend!r} was set; use 'auto' or 'te_fp8', or drop "
+                              f"the flag")
     if mmsp.cp_attention == "te_a2a_p2p" and not _te_importable():
         raise MMSPConfigError("the TE a2a+p2p baseline (gpt_te_cp_layer_spec) needs Transformer Engine, which does "
                               "not import here; use --spec megatron_longvila.models.specs gpt_mmsp_layer_spec")

@@ -235,6 +235,8 @@ class MMSPCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         cfg = _STATE["config"]
         self.backend = backend or (cfg.attention_backend if cfg is not None else "auto")
+        if getattr(config, "fp8", None) and getattr(config, "fp8_dot_product_attention", False):
+            self.backend = "te_fp8"  # validated at start-up: TE imports and no other kernel was asked for
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
