@@ -374,14 +374,18 @@ class LongVILAModel(MegatronModule):
         return torch.cat([rows[f] for f in frame_ids])
 
     # -- forward ---------------------------------------------------------------------------------------
-    def forward(self, batch: MicroBatch, mesh: MMSPMesh, *, uniform: bool = False, pad_to_multiple: int = 1
-                ) -> torch.Tensor:
+    def forward(self, batch: MicroBatch, mesh: MMSPMesh, *, uniform: bool = False, pad_to_multiple: int = 1,
+                reduction: str = "global_mean"):
         """One micro-batch on one CP rank.
 
-        Returns (last pipeline stage) this rank's share of the loss: sum over its tokens of weight * CE, divided
-        by the micro-batch's total weight; the CP ranks' shares add up to the full loss. Other stages return
-        the LLM's hidden states.
+        Returns (last pipeline stage), with reduction="global_mean", this rank's share of the loss: sum over its
+        tokens of weight * CE, divided by the micro-batch's total weight; the CP ranks' shares add up to the full
+        loss. With reduction="none": (per-token CE [1, s_local], loss weights [1, s_local]), e.g. for
+        `training.loss.loss_func` under Megatron's schedules with calculate_per_token_loss. Other pipeline
+        stages return the LLM's hidden states.
         """
+        if reduction not in ("global_mean", "none"):
+            raise LongVILAInputError(f"reduction must be 'global_mean' or 'none', got {reduction!r}")
         if sum(batch.seq_lens) != batch.total_len:
             raise LongVILAInputError(f"seq_lens add up to {sum(batch.seq_lens)}, the micro-batch has "
                                      f"{batch.total_len} tokens")
@@ -411,6 +415,8 @@ class LongVILAModel(MegatronModule):
         out = self.language_model(decoder_input, local_pos, local_targets, plan)
         if not self.post_process:
             return out
+        if reduction == "none":
+            return out.unsqueeze(0), local_w.to(out.dtype).unsqueeze(0)
         total_w = weights.sum()
         if float(total_w) == 0:
             return (out * 0).sum()  # nothing to learn; keep the graph (and its collectives) intact

@@ -69,6 +69,9 @@ def _one_rank(rank, world):
         ce = model.language_model(emb.unsqueeze(1), mb.position_ids, t, model.last_step.plan)
         manual = (ce * w).sum() / w.sum()
     out["manual"] = abs(float(loss) - float(manual)) <= 1e-5 * abs(float(manual))
+    with torch.no_grad():
+        ce_tok, w_tok = model(mb, mesh, reduction="none")
+    out["per_token"] = abs(float((ce_tok * w_tok).sum() / w.sum()) - float(loss)) <= 1e-5 * abs(float(loss))
 
     # 2. The pixels matter: a changed frame changes the loss.
     mb2 = micro_batch("seven")
@@ -137,6 +140,7 @@ def _one_rank(rank, world):
 def test_longvila_single_rank():
     out = run_distributed(_one_rank, 1)[0]
     assert out["manual"]
+    assert out["per_token"]
     assert out["pixels_matter"]
     assert out["errors"] == {"media_token": True, "token_count": True, "missing_pixels": True, "no_size": True}
     assert out["ctx_ext"]
