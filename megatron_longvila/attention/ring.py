@@ -119,6 +119,17 @@ def _merge(out_acc, lse_acc, o, l, index):
     lse_acc.index_copy_(1, index, new)
 
 
+def _post_kv(plan, r, s, cur_k, cur_v, group, kind):
+    """Post the exchange that brings step s+1's KV buffer (ring rank r-s-1's) while step s computes."""
+    R = plan.ring_size
+    if s >= R - 1:
+        return None, None, None
+    n_next = plan.ring_lens[(r - s - 1) % R]
+    nk = cur_k.new_empty((n_next,) + tuple(cur_k.shape[1:]))
+    nv = cur_v.new_empty((n_next,) + tuple(cur_v.shape[1:]))
+    return comm.ring_exchange([cur_k, cur_v], [nk, nv], group, kind=kind), nk, nv
+
+
 class RingAttention(torch.autograd.Function):
     """Zigzag ring attention on compact ring buffers in [S, heads, D] layout (batch folded into heads)."""
 
@@ -134,12 +145,7 @@ class RingAttention(torch.autograd.Function):
         flops = 0
         for s in range(R):
             j = (r - s) % R
-            handle = None
-            if s < R - 1:
-                n_next = plan.ring_lens[(r - s - 1) % R]
-                nk = cur_k.new_empty((n_next,) + tuple(cur_k.shape[1:]))
-                nv = cur_v.new_empty((n_next,) + tuple(cur_v.shape[1:]))
-                handle = comm.ring_exchange([cur_k, cur_v], [nk, nv], ring_group, kind="kv")
+            handle, nk, nv = _post_kv(plan, r, s, cur_k, cur_v, ring_group, "kv")
             blk = ring_step_block(plan, r, j, causal)
             if not blk.empty and q.shape[1] > 0:
                 o, l = backend.forward(_take(q, blk.q_index), _take(cur_k, blk.k_index), _take(cur_v, blk.k_index),
@@ -171,12 +177,7 @@ class RingAttention(torch.autograd.Function):
         flops = 0
         for s in range(R):
             j = (r - s) % R
-            kv_handle = None
-            if s < R - 1:
-                n_next = plan.ring_lens[(r - s - 1) % R]
-                nk = cur_k.new_empty((n_next,) + tuple(cur_k.shape[1:]))
-                nv = cur_v.new_empty((n_next,) + tuple(cur_v.shape[1:]))
-                kv_handle = comm.ring_exchange([cur_k, cur_v], [nk, nv], group, kind="kv_bwd")
+            kv_handle, nk, nv = _post_kv(plan, r, s, cur_k, cur_v, group, "kv_bwd")
             blk = ring_step_block(plan, r, j, causal)
             n_j = plan.ring_lens[j]
             dk_part = torch.zeros((n_j,) + acc_shape, dtype=acc, device=q.device)

@@ -178,13 +178,7 @@ class SequencePlan:
             raise PlanError(f"plan.shard: dimension {seq_dim} has {x.shape[seq_dim]} tokens, the plan covers "
                             f"{self.total_len} (documents {self.seq_lens})")
         idx = self.token_index().to(x.device)
-        out = x.index_select(seq_dim, idx)
-        pad = self.local_len - idx.numel()
-        if pad:
-            shape = list(out.shape)
-            shape[seq_dim] = pad
-            out = torch.cat([out, out.new_zeros(shape)], dim=seq_dim)
-        return out
+        return _pad_tail(x.index_select(seq_dim, idx), seq_dim, self.local_len - idx.numel())
 
     def gather(self, x_local: torch.Tensor, seq_dim: int = 0) -> torch.Tensor:
         """This rank's tokens -> the full sequence on every CP rank (the inverse of `shard`, pads removed).
@@ -212,6 +206,15 @@ class SequencePlan:
         return self._block_cache[key]
 
 
+def _pad_tail(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
+    """Append `pad` zero rows along `dim` (a uniform plan's pad tokens)."""
+    if not pad:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_local, plan: SequencePlan, seq_dim: int):
@@ -230,13 +233,7 @@ class _Gather(torch.autograd.Function):
     def backward(ctx, grad):
         plan, seq_dim = ctx.plan, ctx.seq_dim
         idx = plan.token_index().to(grad.device)
-        g = grad.index_select(seq_dim, idx)
-        pad = plan.local_len - idx.numel()
-        if pad:
-            shape = list(g.shape)
-            shape[seq_dim] = pad
-            g = torch.cat([g, g.new_zeros(shape)], dim=seq_dim)
-        return g, None, None
+        return _pad_tail(grad.index_select(seq_dim, idx), seq_dim, plan.local_len - idx.numel()), None, None
 
 
 def plan_sequence(mesh: MMSPMesh, seq_lens: Sequence[int], *, uniform: bool = False,
