@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from ..parallel.frame_assignment import FrameAssignment, assign_frames, encoder_cost
@@ -184,6 +185,20 @@ def _media_frames(m: Media, offset: int, sample_len: int, where: str) -> List[Fr
                       pixels=None if m.frames is None else m.frames[k]) for k in range(n)]
 
 
+def _fill_to(batch: MicroBatch, seq_length: int, pad_id: int) -> MicroBatch:
+    """`batch` plus a filler document (token pad_id, weight 0) up to seq_length tokens."""
+    fill = seq_length - batch.total_len
+    if fill < 0:
+        raise LongVILAInputError(f"micro-batch of {batch.total_len} tokens is longer than seq_length {seq_length}")
+    if fill == 0:
+        return batch
+    return MicroBatch(input_ids=torch.cat([batch.input_ids, batch.input_ids.new_full((fill,), pad_id)]),
+                      labels=torch.cat([batch.labels, batch.labels.new_full((fill,), IGNORE_INDEX)]),
+                      loss_weights=torch.cat([batch.loss_weights, batch.loss_weights.new_zeros(fill)]),
+                      position_ids=torch.cat([batch.position_ids, torch.arange(fill)]),
+                      seq_lens=list(batch.seq_lens) + [fill], frames=batch.frames)
+
+
 def shift_targets(labels: torch.Tensor, weights: torch.Tensor, seq_lens: Sequence[int]
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Next-token targets on the whole packed sequence: position t learns labels[t + 1] of the same document.
@@ -242,8 +257,15 @@ class GPTAdapter(LanguageModelAdapter):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        if getattr(model, "embedding", None) is not None:
-            model.embedding.scatter_to_sequence_parallel = False
+        emb = getattr(model, "embedding", None)
+        if emb is not None:
+            # The visual rows are merged into the whole local sequence before the SP scatter, so the lookup must
+            # return every local token. Clearing scatter_to_sequence_parallel alone is not enough: under SP the
+            # embedding decided at construction to reduce-scatter inside VocabParallelEmbedding
+            # (reduce_scatter_embeddings), which would hand back 1/TP of the tokens.
+            emb.scatter_to_sequence_parallel = False
+            emb.reduce_scatter_embeddings = False
+            emb.word_embeddings.reduce_scatter_embeddings = False
 
     @property
     def hidden_size(self) -> int:
@@ -306,10 +328,22 @@ class LongVILAModel(MegatronModule):
         self.media_token_id = media_token_id
         self.locality_aware = locality_aware
         self.pre_process, self.post_process = pre_process, post_process
+        # Megatron's schedules read model_type; the encoder lives inside the first stage (one pipeline of
+        # decoder-like stages, as LLaVA in megatron-core), not on stages of its own.
+        self.model_type = ModelType.encoder_or_decoder
         self.last_step: Optional[StepInfo] = None
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
+
+    # Megatron's finalize_model_grads asks the first and last pipeline stages' model for these (to all-reduce a
+    # tied embedding/output weight); without them a PP > 1 step fails after the backward.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return bool(getattr(self.language_model.model, "share_embeddings_and_output_weights", False))
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.model.shared_embedding_or_output_weight()
 
     # -- stage 1 ---------------------------------------------------------------------------------------
     def frame_costs(self, frames: Sequence[FrameSlot]) -> List[float]:
@@ -375,8 +409,13 @@ class LongVILAModel(MegatronModule):
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, batch: MicroBatch, mesh: MMSPMesh, *, uniform: bool = False, pad_to_multiple: int = 1,
-                reduction: str = "global_mean"):
+                reduction: str = "global_mean", seq_length: Optional[int] = None, pad_id: int = 0):
         """One micro-batch on one CP rank.
+
+        seq_length: fixed shapes for Megatron's pipeline schedules (PP > 1) and TP sequence parallelism: the
+        micro-batch gets a filler document (token `pad_id`, no loss) up to seq_length and a uniform plan, so every
+        rank holds exactly seq_length / CP tokens (seq_length must divide by CP, x TP under sequence
+        parallelism: pass pad_to_multiple=TP there). Losses and gradients are those of the unfilled batch.
 
         Returns (last pipeline stage), with reduction="global_mean", this rank's share of the loss: sum over its
         tokens of weight * CE, divided by the micro-batch's total weight; the CP ranks' shares add up to the full
@@ -389,7 +428,15 @@ class LongVILAModel(MegatronModule):
         if sum(batch.seq_lens) != batch.total_len:
             raise LongVILAInputError(f"seq_lens add up to {sum(batch.seq_lens)}, the micro-batch has "
                                      f"{batch.total_len} tokens")
+        if seq_length is not None:
+            batch = _fill_to(batch, int(seq_length), pad_id)
+            uniform = True
         plan = plan_sequence(mesh, batch.seq_lens, uniform=uniform, pad_to_multiple=pad_to_multiple)
+        if seq_length is not None and plan.local_len * plan.cp_size != seq_length:
+            raise LongVILAInputError(
+                f"seq_length {seq_length} over {plan.cp_size} CP ranks gives {plan.local_len} tokens per rank, not "
+                f"seq_length / CP: make seq_length a multiple of CP (x pad_to_multiple, the TP size under sequence "
+                f"parallelism)")
         targets, weights = shift_targets(batch.labels, batch.loss_weights, batch.seq_lens)
         local_ids = plan.shard(batch.input_ids)
         local_pos = plan.shard(batch.position_ids)
