@@ -1,0 +1,166 @@
+"""Command-line arguments with Megatron's flag names, filled from a stage recipe, checked at start-up.
+
+    build_parser(extra_args_provider=None) -> argparse.ArgumentParser
+    parse_args(argv=None, extra_args_provider=None) -> argparse.Namespace   (recipe applied, validated)
+    ArgumentError: a bad combination; the message names the flag to change
+
+Flags Megatron users know keep Megatron's names and meanings (--tensor-model-parallel-size, --seq-length,
+--global-batch-size, --lr, --save, --load, ...). LongVILA-specific ones are few: --recipe, --vision-encoder,
+--llm, --data-path (a JSONL manifest), --num-frames, --metrics-file, --peak-tflops.
+Recipe values fill every flag left unset; an explicit flag always wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional, Sequence
+
+from .recipes import CONTEXT_EXTENSION_ROPE_BASES, get_recipe, RECIPES
+
+__all__ = ["build_parser", "parse_args", "ArgumentError"]
+
+
+class ArgumentError(ValueError):
+    """Flags that cannot run together; the message names the one to change."""
+
+
+def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LongVILA training on Megatron-Core (MM-SP)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    g = p.add_argument_group("parallelism (Megatron)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
+                   help="U R: Ulysses size inside a node, ring size across nodes (U*R = CP)")
+    g.add_argument("--cp-comm-type", default="a2a+p2p", help="MM-SP is Ulysses x ring: a2a+p2p")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+    g = p.add_argument_group("training (Megatron)")
+    g.add_argument("--recipe", default="short_sft", choices=list(RECIPES),
+                   help="LongVILA stage: freezing, template, lengths and learning rates")
+    g.add_argument("--train-iters", type=int, required=False, default=None)
+    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=None)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+
+    g = p.add_argument_group("checkpointing (Megatron)")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="start a new stage from this checkpoint's weights (fresh optimizer, iteration 0)")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"])
+
+    g = p.add_argument_group("model")
+    g.add_argument("--vision-encoder", default="siglip_so400m_patch14_384")
+    g.add_argument("--llm", default="qwen2_7b")
+    g.add_argument("--projector", default="mlp_downsample")
+    g.add_argument("--rotary-base", type=int, default=None)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None, help="training manifest (JSON Lines, LLaVA/VILA conversations)")
+    g.add_argument("--valid-data-path", default=None)
+    g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model or tokenizer.json; none: bytes")
+    g.add_argument("--num-frames", type=int, default=None)
+    g.add_argument("--num-workers", type=int, default=0)
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None, help="one JSON object per iteration")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for MFU (default: 989 on Hopper bf16; no MFU on CPU unless given)")
+    g.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    if extra_args_provider is not None:
+        p = extra_args_provider(p)
+    return p
+
+
+def _apply_recipe(a: argparse.Namespace) -> None:
+    r = get_recipe(a.recipe)
+    for flag, value in (("seq_length", r.seq_length), ("global_batch_size", r.global_batch_size), ("lr", r.lr),
+                        ("min_lr", r.min_lr), ("weight_decay", r.weight_decay), ("num_frames", r.num_frames)):
+        if getattr(a, flag) is None:
+            setattr(a, flag, value)
+    if a.rotary_base is None and r.name == "context_extension":
+        if a.seq_length not in CONTEXT_EXTENSION_ROPE_BASES:
+            raise ArgumentError(f"--recipe context_extension with --seq-length {a.seq_length}: LongVILA's RoPE bases "
+                                f"exist for {sorted(CONTEXT_EXTENSION_ROPE_BASES)}; pick one or give --rotary-base")
+        a.rotary_base = CONTEXT_EXTENSION_ROPE_BASES[a.seq_length]
+    elif a.rotary_base is None:
+        a.rotary_base = r.rotary_base  # later stages keep stage 4's base; None keeps the LLM's own
+    a.freeze = r.freeze
+    a.template = r.template
+
+
+def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> None:
+    """Check what can be checked before any process group exists; raise ArgumentError naming the flag."""
+    if a.train_iters is None or a.train_iters < 1:
+        raise ArgumentError("--train-iters is required (>= 1)")
+    if a.data_path is None:
+        raise ArgumentError("--data-path is required: a JSON Lines manifest (see tools/make_manifest.py)")
+    if a.micro_batch_size != 1:
+        raise ArgumentError(f"--micro-batch-size {a.micro_batch_size}: a micro-batch is one packed sequence of up "
+                            f"to --seq-length tokens; set --micro-batch-size 1 and raise --seq-length to pack more")
+    cp = a.context_parallel_size
+    hier = a.hierarchical_context_parallel_sizes
+    if cp > 1 and hier is None:
+        raise ArgumentError(f"--context-parallel-size {cp} needs --hierarchical-context-parallel-sizes U R (U*R = "
+                            f"{cp}; Ulysses inside a node, ring across nodes)")
+    if hier is not None and (len(hier) != 2 or hier[0] * hier[1] != cp):
+        raise ArgumentError(f"--hierarchical-context-parallel-sizes {' '.join(map(str, hier))}: give two sizes U R "
+                            f"with U*R = --context-parallel-size {cp}")
+    if world_size is not None:
+        mp = a.tensor_model_parallel_size * a.pipeline_model_parallel_size * cp
+        if world_size % mp:
+            raise ArgumentError(f"world size {world_size} is not a multiple of TP*PP*CP = {mp}: change "
+                                f"--tensor-model-parallel-size, --pipeline-model-parallel-size or "
+                                f"--context-parallel-size (or the number of ranks)")
+        dp = world_size // mp
+        if a.global_batch_size % (a.micro_batch_size * dp):
+            raise ArgumentError(f"--global-batch-size {a.global_batch_size} is not a multiple of --micro-batch-size "
+                                f"x data-parallel size = {a.micro_batch_size * dp}")
+    if a.save_interval is not None and a.save is None:
+        raise ArgumentError("--save-interval without --save: give the checkpoint directory")
+    if a.eval_interval is not None and a.valid_data_path is None:
+        raise ArgumentError("--eval-interval needs --valid-data-path")
+    if a.tensorboard_dir is not None:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except Exception:
+            raise ArgumentError("--tensorboard-dir given but TensorBoard does not import: pip install tensorboard, "
+                                "or drop --tensorboard-dir") from None
+    if a.lr_warmup_iters is None:
+        a.lr_warmup_iters = int(get_recipe(a.recipe).lr_warmup_fraction * a.train_iters)
+    if a.lr_decay_iters is None:
+        a.lr_decay_iters = a.train_iters
+    if a.lr_warmup_iters >= a.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters {a.lr_warmup_iters} must be below --lr-decay-iters "
+                            f"{a.lr_decay_iters} (default: --train-iters)")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider: Optional[Callable] = None,
+               world_size: Optional[int] = None) -> argparse.Namespace:
+    a = build_parser(extra_args_provider).parse_args(argv)
+    _apply_recipe(a)
+    validate(a, world_size)
+    return a

@@ -1,0 +1,330 @@
+"""A Megatron-style training loop on megatron-core's own pieces (the wheel has no megatron.training).
+
+    pretrain(train_valid_test_dataset_provider, model_provider, forward_step_func, *, extra_args_provider=None,
+             argv=None, hooks=None) -> TrainResult
+    get_args() -> argparse.Namespace        the parsed arguments (as megatron.training.get_args)
+    TrainResult                             losses per iteration, last metrics, checkpoint directory
+
+The three providers have Megatron's signatures, so the same functions plug into megatron.training.pretrain
+when a Megatron-LM checkout is importable:
+    model_provider(pre_process=True, post_process=True, vp_stage=None) -> MegatronModule
+    forward_step_func(data_iterator, model) -> (output_tensor, loss_func)
+    train_valid_test_dataset_provider(train_val_test_num_samples) -> (train, valid, test)
+Datasets here are resumable iterables: `iter(ds)` gives micro-batches and `ds.state_dict()` /
+`ds.load_state_dict()` give and restore the position (stored in every checkpoint).
+
+One iteration: Megatron's forward/backward schedule over global_batch / (micro_batch x DP) micro-batches,
+DDP's gradient reduction over DP x CP (per-token loss: calculate_per_token_loss), the Megatron optimizer's
+step, the scheduler's step; then logging, evaluation and checkpointing at their intervals.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .arguments import ArgumentError, parse_args
+from .logging import TrainLogger
+
+__all__ = ["pretrain", "get_args", "TrainResult"]
+
+_ARGS = None
+
+
+def get_args():
+    """The arguments `pretrain` parsed (providers read them, as with megatron.training.get_args)."""
+    if _ARGS is None:
+        raise RuntimeError("get_args() before pretrain() parsed the arguments")
+    return _ARGS
+
+
+@dataclass
+class TrainResult:
+    """What a run did (returned on every rank)."""
+
+    losses: Dict[int, float] = field(default_factory=dict)
+    """Global token-mean training loss per iteration run in this process."""
+    start_iteration: int = 0
+    """Iteration the run resumed after (0 for a fresh start)."""
+    last_metrics: Optional[dict] = None
+    """The last iteration's metrics record."""
+    saved: List[str] = field(default_factory=list)
+    """Checkpoint directories committed."""
+    valid_losses: Dict[int, float] = field(default_factory=dict)
+    """Validation loss per evaluation."""
+    tokens_per_s: List[float] = field(default_factory=list)
+    """Throughput per iteration."""
+
+
+def _init_distributed() -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        raise RuntimeError("no process group and no RANK in the environment: launch with torchrun (or srun via "
+                           "examples/slurm), or use --demo for the single-command CPU demo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+
+
+def _init_megatron(args) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes)
+    # Megatron's seeding: the same default seed on every rank of a pipeline stage (replicated weights agree),
+    # distinct tensor-parallel seeds inside the model-parallel RNG tracker.
+    seed = args.seed + 100 * ps.get_pipeline_model_parallel_rank()
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _build_model(model_provider, args):
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from megatron.core.enums import ModelType
+
+    model = model_provider(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    model.model_type = ModelType.encoder_or_decoder  # as megatron.training's get_model sets it
+    config = model.config
+    if not getattr(config, "calculate_per_token_loss", False):
+        raise ArgumentError("the model's TransformerConfig needs calculate_per_token_loss=True: MM-SP shards give "
+                            "ranks different token counts and only per-token scaling is the exact global mean")
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=args.use_distributed_optimizer)
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    # Interleaved pipelines with batched p2p give wrong results on gloo when both neighbours are one rank
+    # (ENVIRONMENT.md); separate sends/receives are exact and cost little.
+    config.batch_p2p_comm = False
+    return model, ddp, config
+
+
+def _build_optimizer(ddp, args):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if not any(p.requires_grad for p in ddp.parameters()):
+        raise ArgumentError(f"--recipe {args.recipe}: nothing trains on this rank (all parameters frozen)")
+    oc = OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                         clip_grad=args.clip_grad, bf16=args.bf16,
+                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                         use_distributed_optimizer=args.use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(oc, [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
+        lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * args.global_batch_size,
+        wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def _flops_per_token(model, args) -> float:
+    """Model FLOPs per token for MFU, from parameter counts summed over the model-parallel group."""
+    from megatron.core import parallel_state as ps
+
+    from .logging import model_flops_per_token
+
+    def count(part):
+        return sum(p.numel() for p in part.parameters()) if part is not None else 0
+
+    lm = getattr(model, "language_model", model)
+    counts = torch.tensor([count(lm), count(getattr(model, "vision_model", None))], dtype=torch.float64)
+    if torch.cuda.is_available():
+        counts = counts.cuda()
+    dist.all_reduce(counts, group=ps.get_model_parallel_group())
+    cfg = model.config
+    return model_flops_per_token(llm_params=int(counts[0]), num_layers=cfg.num_layers, hidden=cfg.hidden_size,
+                                 avg_doc_len=args.seq_length / 2, vision_params=int(counts[1]),
+                                 visual_token_fraction=0.5 if counts[1] else 0.0)
+
+
+def _reduce_losses(store: list, group) -> tuple:
+    """Sum the per-micro-batch [loss_sum, tokens] reports of this rank (already reduced over DP x CP)."""
+    s = torch.zeros(2, dtype=torch.float64)
+    for item in store:
+        s += item["lm loss"].detach().double()
+    return float(s[0]), float(s[1])
+
+
+def _broadcast_from_last(values: List[float]) -> List[float]:
+    """Loss figures live on the last pipeline stage; every rank gets them (for results and logging)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    dist.broadcast(t, src=dist.get_world_size() - 1)
+    return t.cpu().tolist()
+
+
+def _run_schedule(forward_step_func, iterator, ddp, args, num_microbatches, forward_only=False):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    seq_local = args.seq_length // args.context_parallel_size
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func, data_iterator=iterator, model=[ddp], num_microbatches=num_microbatches,
+        seq_length=seq_local, micro_batch_size=args.micro_batch_size, forward_only=forward_only)
+
+
+class _CountingIterator:
+    """Wraps the micro-batch iterator to count the real (non-pad) tokens the step consumed."""
+
+    def __init__(self, it):
+        self.it = it
+        self.tokens = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        self.tokens += len(item)
+        return item
+
+
+def _evaluate(forward_step_func, valid_ds, ddp, args, num_microbatches) -> float:
+    ddp.eval()
+    total = [0.0, 0.0]
+    it = iter(valid_ds)
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            store = _run_schedule(forward_step_func, it, ddp, args, num_microbatches, forward_only=True)
+            s, c = _reduce_losses(store, None) if store else (0.0, 0.0)
+            total[0] += s
+            total[1] += c
+    ddp.train()
+    s, c = _broadcast_from_last(total)
+    return s / max(c, 1.0)
+
+
+def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callable, forward_step_func: Callable,
+             *, extra_args_provider: Optional[Callable] = None, argv: Optional[List[str]] = None,
+             hooks: Optional[dict] = None) -> TrainResult:
+    """Parse arguments, build everything, resume if possible, train, checkpoint. Every rank calls it.
+
+    hooks (tests): {"after_write": fn} is passed to save_checkpoint; {"stop_after": n} stops after iteration n
+    as if killed (no final save).
+    """
+    global _ARGS
+    from megatron.core import parallel_state as ps
+
+    from ..runtime.cpu import enable_cpu_runtime
+
+    _init_distributed()
+    cpu = enable_cpu_runtime()
+    args = parse_args(argv, extra_args_provider, world_size=dist.get_world_size())
+    if cpu and args.bf16:
+        raise ArgumentError("--bf16 on a CPU run: drop --bf16 (CPU runs are fp32, which makes resume bitwise)")
+    _ARGS = args
+    hooks = hooks or {}
+    _init_megatron(args)
+    dp = ps.get_data_parallel_world_size()
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+
+    model, ddp, config = _build_model(model_provider, args)
+    optimizer, scheduler = _build_optimizer(ddp, args)
+
+    result = TrainResult()
+    iteration = 0
+    data_state = None
+    loaded = None
+    if args.load and ckpt.read_tracker(args.load) is not None:
+        loaded = ckpt.load_checkpoint(args.load, model, None if args.no_load_optim else optimizer,
+                                      None if args.no_load_optim else scheduler, load_rng=not args.no_load_rng)
+        iteration = loaded.iteration
+        data_state = loaded.data_state
+    elif args.pretrained_checkpoint:
+        if ckpt.read_tracker(args.pretrained_checkpoint) is None:
+            raise ArgumentError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no "
+                                f"{ckpt.TRACKER} there (the previous stage has not saved a checkpoint)")
+        loaded = ckpt.load_checkpoint(args.pretrained_checkpoint, model)
+        if hasattr(optimizer, "reload_model_params"):
+            optimizer.reload_model_params()
+    result.start_iteration = iteration
+
+    train_ds, valid_ds, _ = train_valid_test_dataset_provider(
+        [args.train_iters * args.global_batch_size, (args.eval_iters if args.eval_interval else 0)
+         * args.global_batch_size, 0])
+    if data_state is not None:
+        train_ds.load_state_dict(data_state)
+    elif iteration > 0 and not args.no_load_optim:
+        raise ckpt.CheckpointError(f"{args.load} has no data position for this rank; cannot resume exactly")
+
+    logger = TrainLogger(args, flops_per_token=_flops_per_token(model, args),
+                         world_size=dist.get_world_size(), is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
+    if loaded is not None:
+        logger.message(f"loaded iteration {loaded.iteration} from "
+                       f"{args.load if iteration else args.pretrained_checkpoint} (layout {loaded.layout})")
+    logger.message(f"training {args.recipe} (freeze preset {args.freeze}) from iteration {iteration} to "
+                   f"{args.train_iters}: {num_microbatches} micro-batches x DP {dp} per step, TP "
+                   f"{args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} CP "
+                   f"{args.context_parallel_size} {args.hierarchical_context_parallel_sizes or ''}")
+
+    train_iter = iter(train_ds)
+    ddp.train()
+    while iteration < args.train_iters:
+        t0 = time.perf_counter()
+        counting = _CountingIterator(train_iter)
+        optimizer.zero_grad()
+        ddp.zero_grad_buffer()
+        store = _run_schedule(forward_step_func, counting, ddp, args, num_microbatches)
+        ok, grad_norm, _ = optimizer.step()
+        if not ok:
+            raise RuntimeError(f"iteration {iteration + 1}: the optimizer skipped its step (non-finite gradients)")
+        scheduler.step(increment=args.global_batch_size)
+        iteration += 1
+        s, c = _reduce_losses(store, None) if store else (0.0, 0.0)
+        # Tokens: each DP replica's CP/TP ranks read the same sequences; count once per replica.
+        tok = torch.tensor([counting.tokens if (ps.get_context_parallel_rank() == 0
+                                                and ps.get_tensor_model_parallel_rank() == 0
+                                                and ps.is_pipeline_first_stage()) else 0], dtype=torch.float64)
+        dist.all_reduce(tok)
+        s, c = _broadcast_from_last([s, c])
+        loss = s / max(c, 1.0)
+        step_time = time.perf_counter() - t0
+        rec = logger.log(iteration, loss=loss, tokens=int(tok.item()), step_time=step_time,
+                         lr=optimizer.param_groups[0]["lr"],
+                         grad_norm=float(grad_norm) if grad_norm is not None else None)
+        result.losses[iteration] = loss
+        result.last_metrics = rec
+        result.tokens_per_s.append(rec["tokens_per_s"])
+
+        if args.eval_interval and iteration % args.eval_interval == 0:
+            v = _evaluate(forward_step_func, valid_ds, ddp, args, num_microbatches)
+            result.valid_losses[iteration] = v
+            logger.message(f"validation loss at iteration {iteration}: {v:.4f}")
+        if hooks.get("stop_after") == iteration:
+            logger.close()
+            return result
+        if args.save and ((args.save_interval and iteration % args.save_interval == 0)
+                          or iteration == args.train_iters):
+            result.saved.append(ckpt.save_checkpoint(
+                args.save, iteration, ddp, optimizer, scheduler, data_state=train_ds.state_dict(),
+                train_state={"consumed_samples": iteration * args.global_batch_size, "recipe": args.recipe},
+                hooks=hooks))
+    logger.close()
+    return result
