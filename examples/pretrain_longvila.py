@@ -319,6 +319,9 @@ def run_demo(user_argv: list) -> int:
     with open(os.path.join(save, "demo_summary.json")) as f:
         summary = json.load(f)
     losses = {int(k): v for k, v in summary["losses"].items()}
+    if not losses:
+        print(f"nothing to train: {save} already holds the final checkpoint (remove {root} to train again)")
+        return 0
     first, last = min(losses), max(losses)
     tps = summary["tokens_per_s"]
     print(f"\nLongVILA demo done in {time.perf_counter() - t0:.0f}s on {world} CPU ranks (MM-SP 2x2 mesh): "

@@ -226,8 +226,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
              hooks: Optional[dict] = None) -> TrainResult:
     """Parse arguments, build everything, resume if possible, train, checkpoint. Every rank calls it.
 
-    hooks (tests): {"after_write": fn} is passed to save_checkpoint; {"stop_after": n} stops after iteration n
-    as if killed (no final save).
+    hooks (tests): {"after_write": fn} is passed to save_checkpoint; {"stop_after": n} ends the run after
+    iteration n (and its checkpoint, if one is due), as an interrupted job would.
     """
     global _ARGS
     from megatron.core import parallel_state as ps
@@ -317,14 +317,13 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
             v = _evaluate(forward_step_func, valid_ds, ddp, args, num_microbatches)
             result.valid_losses[iteration] = v
             logger.message(f"validation loss at iteration {iteration}: {v:.4f}")
-        if hooks.get("stop_after") == iteration:
-            logger.close()
-            return result
         if args.save and ((args.save_interval and iteration % args.save_interval == 0)
                           or iteration == args.train_iters):
             result.saved.append(ckpt.save_checkpoint(
                 args.save, iteration, ddp, optimizer, scheduler, data_state=train_ds.state_dict(),
                 train_state={"consumed_samples": iteration * args.global_batch_size, "recipe": args.recipe},
                 hooks=hooks))
+        if hooks.get("stop_after") == iteration:
+            break
     logger.close()
     return result
