@@ -414,8 +414,8 @@ class LongVILAModel(MegatronModule):
 
         seq_length: fixed shapes for Megatron's pipeline schedules (PP > 1) and TP sequence parallelism: the
         micro-batch gets a filler document (token `pad_id`, no loss) up to seq_length and a uniform plan, so every
-        rank holds exactly seq_length / CP tokens (seq_length must divide by CP, x TP under sequence
-        parallelism: pass pad_to_multiple=TP there). Losses and gradients are those of the unfilled batch.
+        rank holds exactly seq_length / CP tokens, the shape Megatron's schedules allocate (seq_length must divide
+        by CP, and by CP x TP under sequence parallelism). Losses and gradients are those of the unfilled batch.
 
         Returns (last pipeline stage), with reduction="global_mean", this rank's share of the loss: sum over its
         tokens of weight * CE, divided by the micro-batch's total weight; the CP ranks' shares add up to the full
@@ -435,8 +435,7 @@ class LongVILAModel(MegatronModule):
         if seq_length is not None and plan.local_len * plan.cp_size != seq_length:
             raise LongVILAInputError(
                 f"seq_length {seq_length} over {plan.cp_size} CP ranks gives {plan.local_len} tokens per rank, not "
-                f"seq_length / CP: make seq_length a multiple of CP (x pad_to_multiple, the TP size under sequence "
-                f"parallelism)")
+                f"seq_length / CP: make seq_length a multiple of CP (x TP under sequence parallelism)")
         targets, weights = shift_targets(batch.labels, batch.loss_weights, batch.seq_lens)
         local_ids = plan.shard(batch.input_ids)
         local_pos = plan.shard(batch.position_ids)

@@ -8,6 +8,9 @@ pipeline embedding-group step) and `training.loss.loss_func` on the model's redu
 micro-batch is filled to SEQ tokens (uniform plan: the p2p buffers have fixed shapes); the reference is unfilled.
 Each rank compares its own parameters (its PP stage's layers, its TP shard) with the matching slice of the
 reference gradient; together the ranks of a replica cover every reference parameter.
+
+Layouts (one 8-rank world): PP=2 with CP 2x1, 1x2, 2x2 and TP=2 x CP 2x1; TP=2 sequence parallelism with CP 2x1
+and 1x2 (PP=1) and 1x2 x PP=2; the alignment stage (only the projector trains) at PP=2 x CP 2x1.
 """
 
 from functools import partial
@@ -22,10 +25,14 @@ from ._longvila_cases import MEDIA, _sample, tp_slice
 RTOL = 1e-5
 SEQ = 80  # longest micro-batch is 65 tokens; divisible by CP x TP for every layout
 MICRO = 2  # micro-batches per DP rank: 1F1B at PP=2 then has a warm-up, a steady and a cool-down phase
-# (TP, PP, U, R, sequence_parallel); DP fills the rest of the 8 ranks.
-LAYOUTS = [(1, 2, 2, 1, False), (1, 2, 1, 2, False), (2, 2, 2, 1, False), (2, 1, 2, 1, True), (2, 2, 1, 2, True)]
+# (TP, PP, U, R, sequence_parallel, freezing stage or None = everything trains); DP fills the rest of 8 ranks.
+LAYOUTS = [(1, 2, 2, 1, False, None), (1, 2, 1, 2, False, None), (1, 2, 2, 2, False, None),
+           (2, 2, 2, 1, False, None), (2, 1, 2, 1, True, None), (2, 1, 1, 2, True, None), (2, 2, 1, 2, True, None),
+           # alignment stage at PP=2: only the projector (first stage) trains; the LLM stage has nothing to train
+           # but must still return the input gradient through the pipeline
+           (1, 2, 2, 1, False, "align")]
 WORLD = 8
-MAX_DP = max(WORLD // (tp * pp * u * r) for tp, pp, u, r, _ in LAYOUTS)
+MAX_DP = max(WORLD // (tp * pp * u * r) for tp, pp, u, r, _, _ in LAYOUTS)
 
 
 def micro_batch(dp_rank: int, m: int) -> MicroBatch:
@@ -105,12 +112,13 @@ def _worker(rank, world, layouts):
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_longvila.models.freezing import apply_freezing
     from megatron_longvila.parallel.mesh import build_mmsp_mesh
     from megatron_longvila.training.loss import loss_func
 
     ref_state, per_micro = _reference()
     out = []
-    for tp, pp, u, r, sp in layouts:
+    for tp, pp, u, r, sp, freeze in layouts:
         cp = u * r
         _setup(tp, pp, cp, [u, r])
         mesh = build_mmsp_mesh(u, r)
@@ -119,6 +127,8 @@ def _worker(rank, world, layouts):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(tp_slice(n, p, ref_state[global_name(model, n)], tp, tp_rank))
+        if freeze:
+            apply_freezing(model, freeze)
         cfg = model.config
         assert cfg.batch_p2p_comm is False and cfg.pipeline_model_parallel_size == pp
         ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(), model)
@@ -128,7 +138,7 @@ def _worker(rank, world, layouts):
         batches = [micro_batch(dp_rank, m) for m in range(MICRO)]
 
         def step(it, model):
-            res = model(next(it), mesh, reduction="none", seq_length=SEQ, pad_to_multiple=tp if sp else 1)
+            res = model(next(it), mesh, reduction="none", seq_length=SEQ)
             if isinstance(res, tuple):  # last stage: per-token CE and weights
                 ce, w = res
                 return ce, partial(loss_func, w)
@@ -149,6 +159,10 @@ def _worker(rank, world, layouts):
         for n, p in model.named_parameters():
             g = global_name(model, n)
             exp = tp_slice(n, p, sum(per_micro[k][2][g] for k in keys) / total_w, tp, tp_rank)
+            if freeze:  # the freezing stage decides what trains; only what trains has a gradient to compare
+                assert p.requires_grad == n.startswith("projector."), (freeze, n)
+                if not p.requires_grad:
+                    continue
             e = _rel(p.main_grad, exp)
             part = n.split(".", 1)[0]
             if e > errs[part]:
@@ -156,7 +170,7 @@ def _worker(rank, world, layouts):
                 if e > RTOL:
                     worst = g
             checked.append(g)
-        out.append(dict(layout=(tp, pp, u, r, sp), errs=errs, worst=worst, checked=checked,
+        out.append(dict(layout=(tp, pp, u, r, sp, freeze), errs=errs, worst=worst, checked=checked,
                         replica=(ps.get_data_parallel_rank(), ps.get_context_parallel_rank(), tp_rank),
                         first_stage=ps.is_pipeline_first_stage(),
                         frames_encoded=len(model.last_step.frames_encoded) if ps.is_pipeline_first_stage() else 0))
@@ -178,9 +192,10 @@ def test_longvila_pipeline_and_sequence_parallel_match_single_process():
             covered.setdefault(row["replica"], []).extend(row["checked"])
             bad = {k: v for k, v in row["errs"].items() if v is not None and v > RTOL}
             if bad:
-                failures.append(f"tp,pp,U,R,sp={layout}: {bad} (e.g. {row['worst']})")
+                failures.append(f"tp,pp,U,R,sp,freeze={layout}: {bad} (e.g. {row['worst']})")
+        expected = sorted(ref_names) if layout[5] is None else sorted(n for n in ref_names if n.startswith("projector."))
         for replica, names in covered.items():
-            assert sorted(names) == sorted(ref_names), (layout, replica, set(ref_names) ^ set(names))
+            assert sorted(names) == expected, (layout, replica, set(expected) ^ set(names))
         # Stage 1 ran on the first stage: each frame of the last micro-batch was encoded by exactly one CP rank.
         encoded = {}
         for row in rows:
