@@ -26,7 +26,8 @@ class ArgumentError(ValueError):
 
 def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LongVILA training on Megatron-Core (MM-SP)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+                                fromfile_prefix_chars="@")
     g = p.add_argument_group("parallelism (Megatron)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
