@@ -304,6 +304,8 @@ def run_demo(user_argv: list) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     world = ns.demo_ranks
+    # megatron-core warns at import about optional GPU packages (TE, apex) a CPU demo never needs.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning")
     threads = max(1, (os.cpu_count() or 1) // world)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_demo_rank, args=(r, world, port, argv, threads)) for r in range(world)]

@@ -184,10 +184,10 @@ def _broadcast_from_last(values: List[float]) -> List[float]:
 def _run_schedule(forward_step_func, iterator, ddp, args, num_microbatches, forward_only=False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    seq_local = args.seq_length // args.context_parallel_size
+    # The full --seq-length: the schedule divides by CP (and TP under sequence parallelism) for its p2p shapes.
     return get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=iterator, model=[ddp], num_microbatches=num_microbatches,
-        seq_length=seq_local, micro_batch_size=args.micro_batch_size, forward_only=forward_only)
+        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=forward_only)
 
 
 class _CountingIterator:
@@ -239,6 +239,9 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     args = parse_args(argv, extra_args_provider, world_size=dist.get_world_size())
     if cpu and args.bf16:
         raise ArgumentError("--bf16 on a CPU run: drop --bf16 (CPU runs are fp32, which makes resume bitwise)")
+    if cpu and args.use_distributed_optimizer:
+        raise ArgumentError("--use-distributed-optimizer on a CPU run: megatron-core's distributed optimizer accepts "
+                            "only CUDA tensor types and the CPU runtime does not cover it yet; drop the flag on CPU")
     _ARGS = args
     hooks = hooks or {}
     _init_megatron(args)
