@@ -129,8 +129,10 @@ def _resume_after_kill(rank, world, manifest, ckpt):
     mod = _script()
     res = mod.pretrain(mod.train_valid_test_datasets_provider, mod.model_provider, mod.forward_step,
                        extra_args_provider=mod.extra_args_provider,
-                       argv=_argv(manifest, tp=1, u=2, r=1, iters=4, extra=["--save", ckpt, "--load", ckpt]))
-    return {"start": res.start_iteration, "losses": res.losses}
+                       argv=_argv(manifest, tp=1, u=2, r=1, iters=4, extra=[
+                           "--save", ckpt, "--load", ckpt, "--valid-data-path", manifest, "--eval-interval", "4",
+                           "--eval-iters", "1"]))
+    return {"start": res.start_iteration, "losses": res.losses, "valid": res.valid_losses}
 
 
 def test_killed_save_keeps_previous_checkpoint(manifest, tmp_path):
@@ -142,6 +144,7 @@ def test_killed_save_keeps_previous_checkpoint(manifest, tmp_path):
     assert not os.path.exists(os.path.join(ckpt, "iter_0000004"))
     out = run_distributed(_resume_after_kill, 2, manifest, ckpt, timeout=150)[-1]
     assert out["start"] == 2 and sorted(out["losses"]) == [3, 4]
+    assert list(out["valid"]) == [4] and 0 < out["valid"][4] < 10  # forward-only evaluation ran
     assert read_tracker(ckpt) == 4
     assert not os.path.exists(os.path.join(ckpt, ".iter_0000004.partial"))
 
