@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) examples/demo_mmsp_attention.py
+	$(PY) examples/pretrain_longvila.py --demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

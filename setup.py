@@ -19,6 +19,8 @@ setup(
         # Video decoding on CPU (H.264/HEVC) and image preprocessing.
         "av>=12",
         "pillow>=9.1",
+        # megatron-core's distributed-checkpoint writer imports psutil without declaring it.
+        "psutil",
     ],
     extras_require={
         # The GPU stack: used when importable, never required. NVIDIA apex is not on PyPI
