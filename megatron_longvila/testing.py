@@ -75,8 +75,10 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "pg_init")
+        # Not daemonic: megatron-core's checkpoint writer starts child processes, which daemons may not. The
+        # finally-block below kills every rank that is still alive, so none outlives the call.
         procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, kwargs, results, threads),
-                             daemon=True) for r in range(world_size)]
+                             daemon=False) for r in range(world_size)]
         for p in procs:
             p.start()
         outputs: dict = {}
