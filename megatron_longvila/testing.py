@@ -83,11 +83,13 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             p.start()
         outputs: dict = {}
         errors: dict = {}
+        failed = False
         deadline = time.monotonic() + timeout
         try:
             while len(outputs) + len(errors) < world_size:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    failed = True
                     raise DistributedTestError(
                         f"timed out after {timeout:.0f}s; ranks finished: {sorted(outputs)}, failed: {sorted(errors)}")
                 try:
@@ -103,6 +105,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                             (outputs if status == "ok" else errors)[rank] = payload
                         dead = [r for r in dead if r not in outputs and r not in errors]
                         if dead:
+                            failed = True
                             raise DistributedTestError(
                                 f"rank(s) {dead} died with exit codes {[procs[r].exitcode for r in dead]}")
                     continue
@@ -116,7 +119,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 raise DistributedTestError(f"rank {rank} of {world_size} raised:\n{errors[rank]}")
         finally:
             for p in procs:
-                p.join(timeout=5 if not errors else 0.1)
+                # Ranks that finished exit promptly; after a failure the others may be stuck in a collective.
+                p.join(timeout=0.1 if (errors or failed) else 5)
             for p in procs:
                 if p.is_alive():
                     p.kill()
