@@ -115,9 +115,9 @@ def bench_schedule(device, backend, T, R, heads, kv_heads, d, iters, rank):
         lse = torch.full((heads, qr.shape[0]), float("-inf"), dtype=torch.float32, device=device)
         for s, blk in enumerate(blocks):
             kk, vv = kvs[(rank - s) % R]
-            o, l = be.forward(_take(qr, blk.q_index), _take(kk, blk.k_index), _take(vv, blk.k_index), blk.seg,
+            o, l = be.forward(_take(qr, blk.q_rows), _take(kk, blk.k_rows), _take(vv, blk.k_rows), blk.seg,
                               scale)
-            _merge(out, lse, o, l, blk.q_index)
+            _merge(out, lse, o, l, blk.q_rows)
         return out
 
     full_seg = Segments([0, T], [0, T], True)

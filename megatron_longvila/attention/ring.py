@@ -14,7 +14,7 @@ one hop behind it, starting at the first non-owner and arriving home after R-1 h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -25,14 +25,19 @@ from .backends import AttentionBackend, Segments
 from .backends.base import acc_dtype
 
 
+Rows = Union[None, slice, torch.Tensor]
+"""Rows of a buffer taking part in a block: None (all, in order), a slice (one contiguous range: a view, no
+copy) or a LongTensor of row indices (several documents)."""
+
+
 @dataclass
 class Block:
     """The work of one ring step: which query rows meet which key rows, in varlen segments."""
 
-    q_index: Optional[torch.Tensor]
-    """Rows of the local ring buffer taking part (None: all rows, in order)."""
-    k_index: Optional[torch.Tensor]
-    """Rows of the held KV buffer taking part (None: all rows, in order)."""
+    q_rows: Rows
+    """Rows of the local ring buffer taking part."""
+    k_rows: Rows
+    """Rows of the held KV buffer taking part."""
     seg: Segments
     """Segment boundaries inside the gathered rows."""
     nq: int
@@ -43,23 +48,27 @@ class Block:
         return len(self.seg.cu_q) <= 1
 
 
+def _rows(ranges, total) -> Rows:
+    """The cheapest description of the rows covered by `ranges` (sorted, disjoint)."""
+    if len(ranges) == 1:
+        a, b = ranges[0]
+        return None if (a, b) == (0, total) else slice(a, b)
+    idx = torch.cat([torch.arange(a, b) for a, b in ranges]) if ranges else torch.zeros(0, dtype=torch.long)
+    if idx.numel() == total and torch.equal(idx, torch.arange(total)):
+        return None
+    return idx
+
+
 def _ranges_to_block(q_ranges, k_ranges, q_total, k_total, causal) -> Block:
-    cu_q, cu_k, qi, ki = [0], [0], [], []
+    cu_q, cu_k, qr, kr = [0], [0], [], []
     for (qa, qb), (ka, kb) in zip(q_ranges, k_ranges):
         if qb <= qa or kb <= ka:
             continue
-        qi.append(torch.arange(qa, qb))
-        ki.append(torch.arange(ka, kb))
+        qr.append((qa, qb))
+        kr.append((ka, kb))
         cu_q.append(cu_q[-1] + qb - qa)
         cu_k.append(cu_k[-1] + kb - ka)
-    q_index = torch.cat(qi) if qi else torch.zeros(0, dtype=torch.long)
-    k_index = torch.cat(ki) if ki else torch.zeros(0, dtype=torch.long)
-    # Skip the gather when the rows are the whole buffer in order (the common case).
-    if q_index.numel() == q_total and torch.equal(q_index, torch.arange(q_total)):
-        q_index = None
-    if k_index.numel() == k_total and torch.equal(k_index, torch.arange(k_total)):
-        k_index = None
-    return Block(q_index, k_index, Segments(cu_q, cu_k, causal), cu_q[-1])
+    return Block(_rows(qr, q_total), _rows(kr, k_total), Segments(cu_q, cu_k, causal), cu_q[-1])
 
 
 def ring_step_block(plan: SequencePlan, r: int, j: int, causal: bool) -> Block:
@@ -98,19 +107,49 @@ def reset_attention_stats() -> None:
     ATTENTION_STATS["bwd_flops"] = 0
 
 
-def _take(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
-    return x if index is None else x.index_select(0, index.to(x.device))
+_DEVICE_INDEX: Dict[tuple, torch.Tensor] = {}
 
 
-def _merge(out_acc, lse_acc, o, l, index):
-    """Merge a partial (o [n,H,D], l [H,n]) into fp32 accumulators at rows `index` by log-sum-exp."""
-    if index is None:
-        new = torch.logaddexp(lse_acc, l)
-        out_acc.mul_(torch.exp(lse_acc - new).transpose(0, 1).unsqueeze(-1))
-        out_acc.add_(o.to(out_acc.dtype) * torch.exp(l - new).transpose(0, 1).unsqueeze(-1))
-        lse_acc.copy_(new)
+def _on(index: torch.Tensor, device) -> torch.Tensor:
+    """A plan's index tensor on `device`, copied there once (not once per ring step)."""
+    if index.device == torch.device(device):
+        return index
+    key = (id(index), str(device))
+    hit = _DEVICE_INDEX.get(key)
+    if hit is None or hit[0] is not index:
+        if len(_DEVICE_INDEX) > 4096:
+            _DEVICE_INDEX.clear()
+        hit = _DEVICE_INDEX[key] = (index, index.to(device))
+    return hit[1]
+
+
+def _take(x: torch.Tensor, rows: Rows, dim: int = 0) -> torch.Tensor:
+    if rows is None:
+        return x
+    if isinstance(rows, slice):
+        return x.narrow(dim, rows.start, rows.stop - rows.start)
+    return x.index_select(dim, _on(rows, x.device))
+
+
+def _add_rows(acc: torch.Tensor, rows: Rows, val: torch.Tensor) -> None:
+    if rows is None:
+        acc.add_(val)
+    elif isinstance(rows, slice):
+        acc.narrow(0, rows.start, rows.stop - rows.start).add_(val)
+    else:
+        acc.index_add_(0, _on(rows, acc.device), val)
+
+
+def _merge(out_acc, lse_acc, o, l, rows: Rows):
+    """Merge a partial (o [n,H,D], l [H,n]) into the accumulators at `rows` by log-sum-exp."""
+    if rows is None or isinstance(rows, slice):
+        oa, la = _take(out_acc, rows), _take(lse_acc, rows, dim=1)  # views: merged in place
+        new = torch.logaddexp(la, l)
+        oa.mul_(torch.exp(la - new).transpose(0, 1).unsqueeze(-1))
+        oa.add_(o.to(oa.dtype) * torch.exp(l - new).transpose(0, 1).unsqueeze(-1))
+        la.copy_(new)
         return
-    index = index.to(out_acc.device)
+    index = _on(rows, out_acc.device)
     la = lse_acc.index_select(1, index)
     new = torch.logaddexp(la, l)
     oa = out_acc.index_select(0, index) * torch.exp(la - new).transpose(0, 1).unsqueeze(-1)
@@ -148,9 +187,9 @@ class RingAttention(torch.autograd.Function):
             handle, nk, nv = _post_kv(plan, r, s, cur_k, cur_v, ring_group, "kv")
             blk = ring_step_block(plan, r, j, causal)
             if not blk.empty and q.shape[1] > 0:
-                o, l = backend.forward(_take(q, blk.q_index), _take(cur_k, blk.k_index), _take(cur_v, blk.k_index),
+                o, l = backend.forward(_take(q, blk.q_rows), _take(cur_k, blk.k_rows), _take(cur_v, blk.k_rows),
                                        blk.seg, scale)
-                _merge(out_acc, lse_acc, o, l, blk.q_index)
+                _merge(out_acc, lse_acc, o, l, blk.q_rows)
                 flops += 4 * blk.seg.pairs() * q.shape[1] * q.shape[2]
             if handle is not None:
                 handle.wait()
@@ -183,21 +222,13 @@ class RingAttention(torch.autograd.Function):
             dk_part = torch.zeros((n_j,) + acc_shape, dtype=acc, device=q.device)
             dv_part = torch.zeros((n_j,) + acc_shape, dtype=acc, device=q.device)
             if not blk.empty and q.shape[1] > 0:
-                qi = blk.q_index
+                qi = blk.q_rows
                 g_q, g_k, g_v = backend.backward(
-                    _take(dout, qi), _take(q, qi), _take(cur_k, blk.k_index), _take(cur_v, blk.k_index),
-                    _take(out, qi), lse if qi is None else lse.index_select(1, qi.to(lse.device)), blk.seg, scale)
-                if qi is None:
-                    dq.add_(g_q.to(acc))
-                else:
-                    dq.index_add_(0, qi.to(dq.device), g_q.to(acc))
-                if blk.k_index is None:
-                    dk_part.add_(g_k.to(acc))
-                    dv_part.add_(g_v.to(acc))
-                else:
-                    ki = blk.k_index.to(dk_part.device)
-                    dk_part.index_add_(0, ki, g_k.to(acc))
-                    dv_part.index_add_(0, ki, g_v.to(acc))
+                    _take(dout, qi), _take(q, qi), _take(cur_k, blk.k_rows), _take(cur_v, blk.k_rows),
+                    _take(out, qi), _take(lse, qi, dim=1), blk.seg, scale)
+                _add_rows(dq, qi, g_q.to(acc))
+                _add_rows(dk_part, blk.k_rows, g_k.to(acc))
+                _add_rows(dv_part, blk.k_rows, g_v.to(acc))
                 flops += 10 * blk.seg.pairs() * q.shape[1] * q.shape[2]
             if s == 0:
                 dkv_home = (dk_part, dv_part)
