@@ -86,10 +86,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     vocab = -(-max(shape.vocab_size, tok.vocab_size) // unit) * unit
     shape = replace(shape, vocab_size=vocab, rotary_base=args.rotary_base or shape.rotary_base,
                     max_position_embeddings=max(shape.max_position_embeddings, args.seq_length))
-    key = f"{args.llm}[vocab={vocab},rope={shape.rotary_base},pos={shape.max_position_embeddings}]"
-    LLMS[key] = shape  # the registry builds by name: this run's shape gets its own entry
     model = build_longvila(
-        encoder=args.vision_encoder, projector=args.projector, llm=key,
+        encoder=args.vision_encoder, projector=args.projector, llm=shape,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,

@@ -245,6 +245,15 @@ class LanguageModelAdapter(torch.nn.Module):
     def set_input_tensor(self, input_tensor) -> None:
         self.model.set_input_tensor(input_tensor)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The wrapped LLM's own sharded state dict under `<prefix>model.`.
+
+        A plain torch module would be checkpointed by Megatron's default as replicated tensors, losing the LLM's
+        TP sharding and pipeline layer offsets; the wrapped Megatron model knows both.
+        """
+        return self.model.sharded_state_dict(prefix=f"{prefix}model.", sharded_offsets=sharded_offsets,
+                                             metadata=metadata)
+
 
 class GPTAdapter(LanguageModelAdapter):
     """A Megatron GPTModel with MM-SP attention (`models.gpt.build_gpt_model`) as LongVILA's LLM.
@@ -335,6 +344,21 @@ class LongVILAModel(MegatronModule):
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Megatron's sharded state dict (for megatron.core.dist_checkpointing): each part with its own sharding.
+
+        Keys: `vision_model.*` and `projector.*` (first pipeline stage only) and `language_model.model.*` (the
+        LLM's, with its TP sharding and global layer numbers), so a checkpoint reshards across TP and PP.
+        """
+        if sharded_offsets:
+            raise ValueError("LongVILAModel is a whole pipeline stage: its parts take no outer sharded_offsets")
+        sd = {}
+        for name in ("vision_model", "projector", "language_model"):
+            part = getattr(self, name)
+            if part is not None:
+                sd.update(part.sharded_state_dict(prefix=f"{prefix}{name}.", metadata=metadata))
+        return sd
 
     # Megatron's finalize_model_grads asks the first and last pipeline stages' model for these (to all-reduce a
     # tied embedding/output weight); without them a PP > 1 step fails after the backward.

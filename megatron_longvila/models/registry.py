@@ -1,13 +1,13 @@
 """Registry of LongVILA's parts by name: vision encoders, projectors and LLM shapes, and the model builder.
 
 Adding an encoder, projector or LLM shape is one entry in ENCODERS, PROJECTORS or LLMS.
-`build_longvila(...)` builds the whole model for this rank's TP/PP position from names.
+`build_longvila(...)` builds the whole model for this rank's TP/PP position from names (or an LLMShape).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,7 @@ def build_vision_encoder(name: str, *, tensor_model_parallel_size: int = 1, para
 
 
 def build_longvila(*, encoder: str = "siglip_so400m_patch14_384", projector: str = "mlp_downsample",
-                   llm: str = "qwen2_7b", tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                   llm: Union[str, LLMShape] = "qwen2_7b", tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                    context_parallel_size: int = 1, hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
                    params_dtype: torch.dtype = torch.float32, use_te: bool = False, layer_spec=None,
                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
@@ -141,6 +141,8 @@ def build_longvila(*, encoder: str = "siglip_so400m_patch14_384", projector: str
                    llm_overrides: Optional[dict] = None) -> LongVILAModel:
     """Build LongVILA for this rank (megatron parallel_state must be initialized with the same sizes).
 
+    llm: a name in LLMS, or an LLMShape (e.g. a registered one adjusted for this run with dataclasses.replace:
+    padded vocabulary, RoPE base, longest position).
     With pipeline parallelism the encoder and projector exist only on the first stage.
     """
     from megatron.core import parallel_state as ps
@@ -148,7 +150,12 @@ def build_longvila(*, encoder: str = "siglip_so400m_patch14_384", projector: str
     from .gpt import build_gpt_model
     from .specs import get_gpt_mmsp_layer_spec
 
-    shape = _lookup(LLMS, llm, "LLM shape")
+    if isinstance(llm, LLMShape):
+        shape = llm
+    elif isinstance(llm, str):
+        shape = _lookup(LLMS, llm, "LLM shape")
+    else:
+        raise TypeError(f"build_longvila(llm=...): give a name in LLMS or an LLMShape, got {type(llm).__name__}")
     vis_cfg = _lookup(ENCODERS, encoder, "vision encoder")
     build_proj = _lookup(PROJECTORS, projector, "projector")
     lm_cfg = llm_transformer_config(shape, tensor_model_parallel_size=tensor_model_parallel_size,

@@ -14,6 +14,8 @@ ENVIRONMENT.md). Rather than patching `torch` for the whole process, this module
 - replaces the tensor-parallel RNG tracker's CUDA state accessors with the CPU generator's;
 - makes `Tensor.cuda()` return the tensor itself only when called from megatron-core code (anything else
   still gets torch's own error);
+- makes `Tensor.type()` (no argument) name a CPU tensor's CUDA type ("torch.cuda.FloatTensor") only when called
+  from the distributed optimizer, whose parameter sorting accepts nothing else;
 - replaces fp32 gradient clipping, which asserts a CUDA tensor type, with an equivalent in-place scaling.
 
 It never activates when CUDA is available: on a GPU machine `enable_cpu_runtime()` changes nothing and
@@ -46,9 +48,13 @@ PATCHED_MODULES: List[str] = [
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
+    # The checkpoint writer synchronizes and asks for the current device.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 ]
 
 _ACTIVE = False
@@ -163,6 +169,22 @@ def _megatron_tensor_cuda(original: Callable) -> Callable:
     return cuda
 
 
+# The only megatron-core module whose `.type()` checks are not covered otherwise (clip_grads' is replaced above;
+# optimizer.py's belong to the 16-bit optimizer, which CPU runs do not use).
+_TYPE_CALLERS = ("megatron.core.optimizer.distrib_optimizer",)
+
+
+def _megatron_tensor_type(original: Callable) -> Callable:
+    def type_(self, *args, **kwargs):
+        if (not args and not kwargs and self.device.type == "cpu"
+                and sys._getframe(1).f_globals.get("__name__", "") in _TYPE_CALLERS):
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, *args, **kwargs)
+
+    type_.__wrapped__ = original
+    return type_
+
+
 def cpu_runtime_active() -> bool:
     """Whether `enable_cpu_runtime()` has patched megatron-core in this process."""
     return _ACTIVE
@@ -197,5 +219,6 @@ def enable_cpu_runtime() -> bool:
         importlib.import_module(name).clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
     torch.Tensor.cuda = _megatron_tensor_cuda(torch.Tensor.cuda)
+    torch.Tensor.type = _megatron_tensor_type(torch.Tensor.type)
     _ACTIVE = True
     return True

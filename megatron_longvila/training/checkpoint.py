@@ -6,7 +6,6 @@ Public API:
         -> LoadedCheckpoint | None
     read_tracker(ckpt_dir) -> int | None          iteration named by latest_checkpointed_iteration.txt
     checkpoint_dir(root, iteration) -> str        <root>/iter_0000010 (Megatron's naming)
-    model_sharded_state_dict(model) -> dict       LongVILA's sharded state dict (DDP wrapper stripped)
     CheckpointError
 
 What a checkpoint holds:
@@ -21,8 +20,11 @@ to a temporary file and renamed). A process killed anywhere before the rename le
 the previous checkpoint, which is untouched; the next save removes the stale partial directory.
 
 Traps avoided (see the project's ENVIRONMENT.md): the asynchronous save hangs on CPU, so saves are
-synchronous; the distributed optimizer is saved as `fully_reshardable` (the default
-`fully_sharded_model_space` fails), and Adam's `step` is un-shared after loading.
+synchronous. The distributed optimizer is saved as `fully_reshardable` (DISTRIBUTED_OPTIMIZER_SHARDING; the
+default `fully_sharded_model_space` fails); with torch's Adam (no Transformer Engine or apex FusedAdam) its state
+is created before a load, loaded in two phases (megatron-core's one-call load fails on `step`), and every
+parameter gets its own `step` afterwards (a shared one is incremented once per parameter: wrong updates, no
+error).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_tracker", "checkpoint_dir", "model_sharded_state_dict",
-           "CheckpointError", "LoadedCheckpoint", "TRACKER"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_tracker", "checkpoint_dir", "CheckpointError",
+           "LoadedCheckpoint", "TRACKER", "DISTRIBUTED_OPTIMIZER_SHARDING"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 """Megatron's tracker file name: the iteration of the last complete checkpoint."""
@@ -86,25 +88,6 @@ def _unwrap(model):
     return model
 
 
-def model_sharded_state_dict(model) -> dict:
-    """The model's sharded state dict, with each part's own (TP/PP-aware) sharding.
-
-    LongVILA's LLM sits inside a plain-torch adapter (`GPTAdapter.model`); Megatron's default traversal would
-    treat the adapter's tensors as replicated, so the GPT's own `sharded_state_dict` is called here instead.
-    """
-    m = _unwrap(model)
-    lm = getattr(m, "language_model", None)
-    if lm is None or not hasattr(lm, "model"):
-        return m.sharded_state_dict()
-    sd: Dict = {}
-    for name in ("vision_model", "projector"):
-        part = getattr(m, name, None)
-        if part is not None:
-            sd.update(part.sharded_state_dict(prefix=f"{name}."))
-    sd.update(lm.model.sharded_state_dict(prefix="language_model.model."))
-    return sd
-
-
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
@@ -138,38 +121,57 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-# megatron-core's checkpoint writer calls torch.cuda directly; runtime.cpu does not cover these modules yet.
-_CKPT_MODULES = ("megatron.core.dist_checkpointing.strategies.filesystem_async",
-                 "megatron.core.dist_checkpointing.strategies.state_dict_saver")
-
-
-def _cpu_checkpoint_io() -> None:
-    """Under the CPU runtime, give the checkpoint writer modules the same CPU view of torch.cuda."""
-    import importlib
-
-    from ..runtime.cpu import cpu_runtime_active
-
-    if not cpu_runtime_active():
-        return
-    proxy = importlib.import_module("megatron.core.utils").torch  # the CPU runtime's per-module torch
-    for name in _CKPT_MODULES:
-        mod = importlib.import_module(name)
-        if getattr(mod, "torch", None) is torch:
-            mod.torch = proxy
-
-
 def _strategy():
-    _cpu_checkpoint_io()
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     return TorchDistSaveShardedStrategy("torch_dist", 1)
 
 
+DISTRIBUTED_OPTIMIZER_SHARDING = "fully_reshardable"
+"""How the distributed optimizer's state is laid out in a checkpoint. `fully_reshardable` stores each
+parameter's Adam moments in the parameter's own shape and sharding, so optimizer state reshards across TP, PP
+and CP like the model (this module's promise); `dp_reshardable` stores the flat per-DP-rank buffers and
+reshards only across DP; megatron-core's default (`fully_sharded_model_space`) fails to save in 0.16.1. The cost:
+saving all-gathers each model-parallel rank's optimizer state over its DP group (transient memory of one
+unsharded fp32 copy of that rank's moments)."""
+
+
+def _is_distributed(opt) -> bool:
+    return bool(getattr(getattr(opt, "config", None), "use_distributed_optimizer", False))
+
+
+def _inner_optimizers(optimizer):
+    """(Megatron optimizer, wrapped torch optimizer) pairs, through a ChainedOptimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None:
+            yield opt, inner
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Create Adam's state before a load (its values are overwritten by the load).
+
+    The distributed optimizer's loading state dict is built from its current state, and with torch's Adam (no
+    Transformer Engine or apex FusedAdam) that needs a `step` in every parameter's state; a fresh optimizer has
+    none. Each parameter gets its own `step` tensor (see _unshare_adam_step).
+    """
+    for opt, inner in _inner_optimizers(optimizer):
+        if not _is_distributed(opt):
+            continue
+        opt.init_state_fn(inner, opt.config)  # exp_avg, exp_avg_sq where missing
+        if isinstance(inner, torch.optim.Adam) or isinstance(inner, torch.optim.AdamW):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    inner.state[p].setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+
+
 def _optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool) -> dict:
-    kwargs = {}
-    if getattr(getattr(optimizer, "config", None), "use_distributed_optimizer", False):
-        kwargs["sharding_type"] = "fully_reshardable"
-    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
+    if is_loading:
+        _init_optimizer_state(optimizer)
+    metadata = {}
+    if any(_is_distributed(opt) for opt, _ in _inner_optimizers(optimizer)):
+        metadata["distrib_optim_sharding_type"] = DISTRIBUTED_OPTIMIZER_SHARDING
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
 
 
 def _barrier() -> None:
@@ -201,7 +203,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
         os.makedirs(partial)
     _barrier()
 
-    model_sd = model_sharded_state_dict(model)
+    model_sd = _unwrap(model).sharded_state_dict()
     state = {"model": model_sd,
              "optimizer": _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -237,15 +239,63 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
 
 
 def _unshare_adam_step(optimizer) -> None:
-    # After a fully_reshardable load every parameter's Adam state holds the same `step` tensor, and torch's
-    # Adam increments it once per parameter: give each parameter its own copy.
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
+    # The distributed optimizer's load gives every parameter's Adam state one and the same `step` tensor, and
+    # torch's Adam increments it in place once per parameter (the next steps' bias corrections go wrong, with no
+    # error): give each parameter its own copy.
+    for _, inner in _inner_optimizers(optimizer):
         for st in inner.state.values():
             if isinstance(st, dict) and torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
+
+
+def _uses_torch_adam(opt) -> bool:
+    inner = getattr(opt, "optimizer", None)
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _load_distributed_torch_adam(opt, state: dict) -> None:
+    """The distributed optimizer's fully_reshardable load, in two phases, for torch's Adam.
+
+    megatron-core's one-call load first gives every parameter's Adam state a `step`, then copies the loaded
+    moments into exactly the keys that state holds, and the checkpoint has no per-parameter `step` (KeyError:
+    'step'). So: load the common part (param groups and the step), take `step` out, load the moments, put it back.
+    """
+    state = dict(state)
+    param_state = state.pop("param_state")
+    state.pop("param_state_sharding_type")
+    opt.load_state_dict(state)
+    inner = opt.optimizer
+    steps = {id(st["step"]): st["step"] for st in inner.state.values() if "step" in st}
+    if len(steps) != 1:
+        raise CheckpointError(f"expected one Adam step after loading the distributed optimizer's common state, "
+                              f"found {len(steps)}")
+    step = next(iter(steps.values()))
+    for st in inner.state.values():
+        st.pop("step", None)
+    opt.load_parameter_state_from_fully_reshardable(param_state)
+    for st in inner.state.values():
+        st["step"] = step  # still one tensor for all: _unshare_adam_step, run after every optimizer load, splits it
+
+
+def _load_optimizer_state(optimizer, state) -> None:
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    special = [_is_distributed(o) and _uses_torch_adam(o) for o in chained]
+    if not any(special):
+        optimizer.load_state_dict(state)
+    else:
+        if len(chained) == 1:
+            states = [state]
+        else:
+            if len(state) != len(chained):
+                raise CheckpointError(f"the checkpoint holds {len(state)} optimizers' states, this run has "
+                                      f"{len(chained)}")
+            states = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
+        for opt, st, sp in zip(chained, states, special):
+            if sp and st.get("param_state_sharding_type") == DISTRIBUTED_OPTIMIZER_SHARDING:
+                _load_distributed_torch_adam(opt, st)
+            else:
+                opt.load_state_dict(st)
+    _unshare_adam_step(optimizer)
 
 
 def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, load_rng: bool = True,
@@ -266,15 +316,14 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
     path = checkpoint_dir(load_dir, iteration)
     if not os.path.isdir(path):
         raise CheckpointError(f"{os.path.join(load_dir, TRACKER)} names iteration {iteration} but {path} is missing")
-    model_sd = model_sharded_state_dict(model)
+    model_sd = _unwrap(model).sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_adam_step(optimizer)
+        _load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
         if loaded.get("scheduler") is None:
             raise CheckpointError(f"{path} has no scheduler state; start the stage with --pretrained-checkpoint "

@@ -239,9 +239,6 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     args = parse_args(argv, extra_args_provider, world_size=dist.get_world_size())
     if cpu and args.bf16:
         raise ArgumentError("--bf16 on a CPU run: drop --bf16 (CPU runs are fp32, which makes resume bitwise)")
-    if cpu and args.use_distributed_optimizer:
-        raise ArgumentError("--use-distributed-optimizer on a CPU run: megatron-core's distributed optimizer accepts "
-                            "only CUDA tensor types and the CPU runtime does not cover it yet; drop the flag on CPU")
     _ARGS = args
     hooks = hooks or {}
     _init_megatron(args)
