@@ -13,7 +13,7 @@ on 4 CPU ranks (a 2x2 MM-SP mesh) and ends with a checkpoint and a summary:
 
 The providers below have Megatron's signatures. With a Megatron-LM checkout importable and
 --use-megatron-training, `megatron.training.pretrain` drives them instead of megatron_longvila.training.loop
-(see patches/README.md).
+(megatron_longvila.training.megatron_lm; commit and commands in docs/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
 
-from megatron_longvila.training.loop import get_args, pretrain  # noqa: E402
+from megatron_longvila.training.loop import pretrain  # noqa: E402
+from megatron_longvila.training.megatron_lm import get_args  # noqa: E402  (either trainer's arguments)
 
 _STATE = {}
 
@@ -333,12 +334,11 @@ def run_demo(user_argv: list) -> int:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     pre, _ = extra_args_provider(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
-    if pre.use_megatron_training:
-        from megatron.training import pretrain as megatron_pretrain  # needs a Megatron-LM checkout
-        from megatron.core.enums import ModelType
+    if pre.use_megatron_training:  # needs a Megatron-LM checkout on PYTHONPATH (docs/TRAINING.md)
+        from megatron_longvila.training import megatron_lm
 
-        return megatron_pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder,
-                                 forward_step, extra_args_provider=extra_args_provider)
+        return megatron_lm.pretrain(train_valid_test_datasets_provider, model_provider, forward_step,
+                                    extra_args_provider=extra_args_provider, argv=argv)
     return pretrain(train_valid_test_datasets_provider, model_provider, forward_step,
                     extra_args_provider=extra_args_provider, argv=argv)
 

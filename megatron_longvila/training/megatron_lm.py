@@ -1,0 +1,321 @@
+"""Drive LongVILA's providers with Megatron-LM's own `megatron.training.pretrain` (a Megatron-LM checkout).
+
+    pretrain(datasets_provider, model_provider, forward_step, *, extra_args_provider=None, argv=None)
+    get_args()                        the run's arguments: megatron.training's under `pretrain` here, else the
+                                      project loop's (the providers call this one and work under both)
+    longvila_args_provider(parser)    LongVILA's flags for Megatron's parser, and LongVILA's defaults for
+                                      Megatron's flags (recipe, LLM shape, CPU settings)
+    enable_megatron_training_on_cpu() the stand-ins megatron.training needs on a CPU build of torch
+
+The checkout is the one named in patches/README.md (it needs no patch). Megatron's flags keep Megatron's names
+and meanings; --recipe, --vision-encoder, --llm, --projector and --num-frames are LongVILA's. The recipe and
+the LLM fill Megatron's flags that are left unset (sequence length, batch, learning rates, layer shapes), so
+the same command line trains the same run as the project's own loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from typing import Callable, List, Optional
+
+import torch
+
+from .arguments import ArgumentError
+
+__all__ = ["pretrain", "get_args", "longvila_args_provider", "enable_megatron_training_on_cpu",
+           "TRAINING_MODULES"]
+
+_ACTIVE = False  # megatron.training is driving this process
+_FINALIZED = False
+
+# megatron.training modules that call torch.cuda directly on the way through a tiny CPU run.
+TRAINING_MODULES: List[str] = [
+    "megatron.training.training",
+    "megatron.training.initialize",
+    "megatron.training.arguments",
+    "megatron.training.utils",
+    "megatron.training.checkpointing",
+    "megatron.core.timers",
+    "megatron.core.rerun_state_machine",
+]
+
+_BATCH_INVARIANT = "megatron.core.transformer.custom_layers.batch_invariant_kernels"
+
+
+def _no_triton_stand_in() -> None:
+    # megatron.training.initialize imports Megatron's Triton batch-invariant kernels at import time; a CPU
+    # build of torch has no Triton. The stand-in only refuses the flag that would use them.
+    if importlib.util.find_spec("triton") is not None or _BATCH_INVARIANT in sys.modules:
+        return
+    mod = types.ModuleType(_BATCH_INVARIANT)
+
+    def enable_batch_invariant_mode(*_a, **_k):
+        raise ArgumentError("--batch-invariant-mode needs Triton (GPU): drop the flag on CPU")
+
+    mod.enable_batch_invariant_mode = enable_batch_invariant_mode
+    sys.modules[_BATCH_INVARIANT] = mod
+
+
+class _Stream:
+    """A CUDA stream on the CPU: everything runs in order, so waiting is a no-op."""
+
+    def wait_stream(self, _other):
+        return None
+
+    def synchronize(self):
+        return None
+
+
+def _caller_is_megatron_training(depth: int) -> bool:
+    return sys._getframe(depth).f_globals.get("__name__", "").startswith("megatron.training")
+
+
+def enable_megatron_training_on_cpu() -> bool:
+    """Let megatron.training run on a CPU build of torch (gloo); True when active. Idempotent; no-op on GPUs.
+
+    On top of the project's CPU runtime (megatron_longvila.runtime.cpu), for megatron.training's modules:
+    their own CPU view of torch.cuda (available, one device, streams that need no waiting), Module.cuda()
+    and Tensor.cuda() meaning "stay on the CPU" when Megatron-LM calls them, and two GPU-only start-up steps
+    left out: the JIT-fusion warm-up (CPU runs turn every fusion off, and the warm-up would consume the
+    random stream the model is initialised from) and the compilation of the indexed-dataset helpers and
+    fused kernels (LongVILA reads JSONL manifests, not Megatron's indexed datasets).
+    """
+    from ..runtime.cpu import enable_cpu_runtime
+
+    if not enable_cpu_runtime():
+        return False
+    _no_triton_stand_in()
+    base = importlib.import_module("megatron.core.utils").torch  # the CPU runtime's per-module torch
+    view = type(base)()  # a fresh one, so megatron-core's own view stays exactly as the runtime set it
+    cuda = view.cuda
+    cuda.is_available = lambda: True  # initialize_megatron asserts it; every CUDA call here is a stand-in
+    cuda.device_count = lambda: 1  # parallel state and model-parallel seeds are set up only with a device
+    cuda.set_device = lambda *a, **k: None
+    cuda.Stream = lambda *a, **k: _Stream()
+    cuda.current_stream = lambda *a, **k: _Stream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    # No compute capability: Megatron then applies its pre-Blackwell rules (see pretrain's environment).
+    cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(major=0, minor=0, name="cpu",
+                                                                       total_memory=0, multi_processor_count=0)
+    cuda.get_device_capability = lambda *a, **k: (0, 0)
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    for name in TRAINING_MODULES:
+        mod = importlib.import_module(name)
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = view
+
+    if not getattr(torch.nn.Module.cuda, "_longvila_megatron_lm", False):
+        module_cuda, tensor_cuda = torch.nn.Module.cuda, torch.Tensor.cuda
+
+        def module_cuda_cpu(self, *args, **kwargs):
+            return self if _caller_is_megatron_training(2) else module_cuda(self, *args, **kwargs)
+
+        def tensor_cuda_cpu(self, *args, **kwargs):
+            return self if _caller_is_megatron_training(2) else tensor_cuda(self, *args, **kwargs)
+
+        module_cuda_cpu._longvila_megatron_lm = True
+        torch.nn.Module.cuda = module_cuda_cpu
+        torch.Tensor.cuda = tensor_cuda_cpu
+
+    initialize = importlib.import_module("megatron.training.initialize")
+    training = importlib.import_module("megatron.training.training")
+    initialize._compile_dependencies = lambda: None
+    training.set_jit_fusion_options = lambda: None
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------------
+
+def _preparse(argv: List[str]) -> argparse.Namespace:
+    """The few flags LongVILA's defaults depend on, read before Megatron parses the command line."""
+    from .recipes import RECIPES
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--recipe", default="short_sft", choices=list(RECIPES))
+    p.add_argument("--llm", default="qwen2_7b")
+    p.add_argument("--train-iters", type=int, default=None)
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None)
+    return p.parse_known_args(argv)[0]
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """LongVILA's flags on Megatron's parser; LongVILA's values as the defaults of Megatron's own flags."""
+    from ..models.registry import LLMS
+    from .arguments import CONTEXT_EXTENSION_ROPE_BASES
+    from .recipes import RECIPES, get_recipe
+
+    g = parser.add_argument_group("LongVILA")
+    g.add_argument("--recipe", default="short_sft", choices=list(RECIPES),
+                   help="LongVILA stage: freezing, template, lengths and learning rates")
+    g.add_argument("--vision-encoder", default="siglip_so400m_patch14_384")
+    g.add_argument("--llm", default="qwen2_7b", help="the LLM's shape; sets --num-layers, --hidden-size, ...")
+    g.add_argument("--projector", default="mlp_downsample")
+    g.add_argument("--num-frames", type=int, default=None)
+
+    pre = _preparse(sys.argv[1:])
+    r = get_recipe(pre.recipe)
+    if pre.llm not in LLMS:
+        raise ArgumentError(f"--llm {pre.llm}: unknown; one of {sorted(LLMS)}")
+    shape = LLMS[pre.llm]
+    seq = pre.seq_length or r.seq_length
+    rope = None
+    if r.name == "context_extension":
+        rope = CONTEXT_EXTENSION_ROPE_BASES.get(seq)
+    elif r.rotary_base is not None:
+        rope = r.rotary_base
+    defaults = dict(
+        # The recipe's values (the project loop's rule: a recipe fills every flag left unset).
+        seq_length=r.seq_length, global_batch_size=r.global_batch_size, lr=r.lr, min_lr=r.min_lr,
+        weight_decay=r.weight_decay, num_frames=r.num_frames,
+        rotary_base=rope,  # None: the LLM's own base (Megatron's 10000 would silently change the model)
+        # The project loop's defaults where Megatron's differ.
+        micro_batch_size=1, adam_beta2=0.95, lr_decay_style="cosine", log_interval=1, eval_iters=10,
+        eval_interval=1000,  # Megatron sizes validation data with it; nothing is evaluated without --valid-data-path
+        # The LLM's shape, so Megatron's checks and FLOPs figures describe the model actually built.
+        num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
+        group_query_attention=shape.num_query_groups != shape.num_attention_heads,
+        max_position_embeddings=max(shape.max_position_embeddings, seq),
+        # The LongVILA tokenizer is the project's (--tokenizer-model); Megatron's own is only a placeholder.
+        tokenizer_type="NullTokenizer", vocab_size=shape.vocab_size,
+        # MM-SP shards give ranks unequal token counts: only per-token loss scaling is the exact global mean.
+        calculate_per_token_loss=True, accumulate_allreduce_grads_in_fp32=True,
+        dataloader_type="external",  # the providers return LongVILA's own packed-sequence streams
+    )
+    if pre.train_iters:
+        defaults["lr_warmup_iters"] = int(r.lr_warmup_fraction * pre.train_iters)
+    if pre.hierarchical_context_parallel_sizes:
+        defaults["cp_comm_type"] = ["a2a+p2p"]  # MM-SP is Ulysses (a2a) x ring (p2p)
+    if not _te_importable():
+        defaults["transformer_impl"] = "local"
+    if not torch.cuda.is_available():
+        defaults.update(distributed_backend="gloo", use_cpu_initialization=True, masked_softmax_fusion=False,
+                        bias_gelu_fusion=False, bias_swiglu_fusion=False, bias_dropout_fusion=False,
+                        gradient_accumulation_fusion=False, apply_rope_fusion=False)
+    known = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in known})
+    return parser
+
+
+def _finalize(args) -> None:
+    """Adapt Megatron's parsed arguments to what the providers read (once, on first use)."""
+    from ..models.registry import LLMS
+    from .recipes import get_recipe
+
+    shape = LLMS[args.llm]
+    for flag, want in (("num_layers", shape.num_layers), ("hidden_size", shape.hidden_size),
+                       ("num_attention_heads", shape.num_attention_heads)):
+        if getattr(args, flag) != want:
+            raise ArgumentError(f"--{flag.replace('_', '-')} {getattr(args, flag)} contradicts --llm {args.llm} "
+                                f"({want}): the LLM's shape comes from --llm; drop the flag")
+    for flag in ("data_path", "valid_data_path"):
+        value = getattr(args, flag)
+        if isinstance(value, list):
+            if len(value) > 1:
+                raise ArgumentError(f"--{flag.replace('_', '-')} takes one JSONL manifest under LongVILA, got "
+                                    f"{len(value)} (Megatron's weighted blends are for indexed datasets)")
+            setattr(args, flag, value[0] if value else None)
+    if args.valid_data_path is None:
+        args.eval_iters = 0  # nothing to evaluate; Megatron would otherwise step a validation stream that is None
+    if args.data_path is None:
+        raise ArgumentError("--data-path is required: a JSON Lines manifest (see tools/make_manifest.py)")
+    if args.micro_batch_size != 1:
+        raise ArgumentError(f"--micro-batch-size {args.micro_batch_size}: a micro-batch is one packed sequence; "
+                            f"set --micro-batch-size 1 and raise --seq-length to pack more")
+    r = get_recipe(args.recipe)
+    if r.name == "context_extension" and args.rotary_base is None:
+        raise ArgumentError(f"--recipe context_extension with --seq-length {args.seq_length}: LongVILA's RoPE bases "
+                            f"exist for other lengths; pick one or give --rotary-base")
+    args.freeze = r.freeze
+    args.template = r.template
+
+
+def get_args():
+    """The arguments of whichever trainer is running (the providers work under both)."""
+    global _FINALIZED
+    if not _ACTIVE:
+        from .loop import get_args as loop_args
+
+        return loop_args()
+    from megatron.training import get_args as megatron_args
+
+    args = megatron_args()
+    if not _FINALIZED:
+        _finalize(args)
+        _FINALIZED = True
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------
+# pretrain
+# ------------------------------------------------------------------------------------------------------
+
+def _streams(datasets_provider: Callable) -> Callable:
+    """The project's resumable datasets as the iterators megatron.training's "external" loaders pass on."""
+
+    def provider(train_val_test_num_samples):
+        get_args()  # adapt the arguments before the provider reads them
+        return tuple(None if d is None else iter(d) for d in datasets_provider(train_val_test_num_samples))
+
+    # Every rank reads its own stream (TP and CP ranks of a replica read the same sequences); Megatron
+    # would otherwise build datasets on tensor-parallel rank 0 only.
+    provider.is_distributed = True
+    return provider
+
+
+def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step: Callable, *,
+             extra_args_provider: Optional[Callable] = None, argv: Optional[List[str]] = None):
+    """megatron.training.pretrain on LongVILA's providers; every rank calls it (torchrun's environment)."""
+    global _ACTIVE, _FINALIZED
+    enable_megatron_training_on_cpu()
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain as megatron_pretrain
+
+    if not torch.cuda.is_available():
+        # Megatron asserts this (pre-Blackwell) setting for TP or CP; on a CPU it means nothing.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+    if argv is not None:
+        sys.argv = sys.argv[:1] + list(argv)  # Megatron's parser reads sys.argv
+
+    def args_provider(parser):
+        parser = longvila_args_provider(parser)
+        return extra_args_provider(parser) if extra_args_provider is not None else parser
+
+    def models(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+        # LongVILA builds its own TransformerConfig from --llm and uses Megatron's global parallel state.
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        get_args()
+        model = model_provider(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        if getattr(model, "pg_collection", None) is None:  # megatron.training's loop reads it off the model
+            model.pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        return model
+
+    _ACTIVE, _FINALIZED = True, False
+    try:
+        return megatron_pretrain(_streams(datasets_provider), models, ModelType.encoder_or_decoder, forward_step,
+                                 extra_args_provider=args_provider)
+    finally:
+        _ACTIVE = False
