@@ -28,6 +28,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda130"],
         # imageio-ffmpeg carries an ffmpeg binary (libx264, libvpx-vp9) to make real test videos; DALI's CPU
         # decoder is checked against PyAV in the tests (the wheel installs and imports without a GPU).
+        # megatron.training (a Megatron-LM checkout on PYTHONPATH, see docs/TRAINING.md) imports these.
+        "megatron-lm": ["regex", "pydantic"],
         "test": ["pytest", "pytest-timeout", "imageio-ffmpeg", "nvidia-dali-cuda130"],
     },
 )
