@@ -158,7 +158,8 @@ def _init_optimizer_state(optimizer) -> None:
     for opt, inner in _inner_optimizers(optimizer):
         if not _is_distributed(opt):
             continue
-        opt.init_state_fn(inner, opt.config)  # exp_avg, exp_avg_sq where missing
+        if opt.init_state_fn is not None:
+            opt.init_state_fn(inner, opt.config)  # exp_avg, exp_avg_sq where missing
         if isinstance(inner, torch.optim.Adam) or isinstance(inner, torch.optim.AdamW):
             for group in inner.param_groups:
                 for p in group["params"]:

@@ -4,14 +4,17 @@ One 4-rank world (TP 1, CP 2x1, so DP 2: each DP rank owns half of the Adam stat
 - exact resume: 4 steps straight equal 2 steps + save + load + 2 steps, bitwise (fp32);
 - the loaded Adam state gives every parameter its own `step`: with that repair disabled the same resume goes
   wrong from the first step after loading (the trap this guards against, shown to be real);
-- a killed save keeps the previous checkpoint (ranks killed after writing their shards of the iteration-4 save).
+- a killed save keeps the previous checkpoint (a rank killed after writing its shards of the iteration-4 save,
+  the optimizer's gathered state included), and the run resumes from it.
 """
 
 import os
+import signal
 
 import pytest
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.testing import DistributedTestError, run_distributed
+from megatron_longvila.training.checkpoint import read_tracker
 
 from .test_training import _argv, _script, manifest  # noqa: F401  (the fixture)
 
@@ -64,3 +67,42 @@ def test_distributed_optimizer_exact_resume(manifest, tmp_path):
     # Without the repair the loaded weights are right (iteration 3's loss) but the first step after loading is not.
     bad = out["shared_step"]
     assert bad[3] == straight[3] and abs(bad[4] - straight[4]) > 1e-4, (bad, straight)
+
+
+def _killed_save(rank, world, manifest, ckpt):
+    mod = _script()
+    calls = {"n": 0}
+
+    def after_write():
+        calls["n"] += 1
+        if calls["n"] == 2 and rank == 1:  # the iteration-4 save: die with its shards written, uncommitted
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    mod.pretrain(mod.train_valid_test_datasets_provider, mod.model_provider, mod.forward_step,
+                 extra_args_provider=mod.extra_args_provider,
+                 argv=_argv(manifest, tp=1, u=2, r=1, iters=4, extra=DISTOPT + ["--save", ckpt, "--save-interval", "2"]),
+                 hooks={"after_write": after_write})
+
+
+def _resume_after_kill(rank, world, manifest, ckpt):
+    mod = _script()
+    res = mod.pretrain(mod.train_valid_test_datasets_provider, mod.model_provider, mod.forward_step,
+                       extra_args_provider=mod.extra_args_provider,
+                       argv=_argv(manifest, tp=1, u=2, r=1, iters=4, extra=DISTOPT + ["--save", ckpt, "--load", ckpt]))
+    return {"start": res.start_iteration, "losses": res.losses}
+
+
+def test_distributed_optimizer_killed_save(manifest, tmp_path):
+    import math
+
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(DistributedTestError):  # the killed rank, or its peers losing it, fail the world
+        run_distributed(_killed_save, 4, manifest, ckpt, timeout=150)
+    assert read_tracker(ckpt) == 2
+    assert os.path.isdir(os.path.join(ckpt, ".iter_0000004.partial"))
+    assert not os.path.exists(os.path.join(ckpt, "iter_0000004"))
+    out = run_distributed(_resume_after_kill, 4, manifest, ckpt, timeout=150)[-1]
+    assert out["start"] == 2 and sorted(out["losses"]) == [3, 4]
+    assert all(math.isfinite(v) for v in out["losses"].values())
+    assert read_tracker(ckpt) == 4
+    assert not os.path.exists(os.path.join(ckpt, ".iter_0000004.partial"))
