@@ -3,7 +3,8 @@
 
 1. Exactness: the `torch_cuda` backend (and `te`, `te_fp8` when Transformer Engine imports) against the
    `math` backend in float32 on random varlen segments (causal and full, GQA), forward and backward.
-2. `mmsp_attention` on a 1x1 mesh with the CUDA kernel against PyTorch's attention, per document.
+2. `mmsp_attention` on a 1x1 mesh with the CUDA kernel against PyTorch's attention, per document, and on
+   2x2, 1x4 and 4x1 meshes of ranks sharing the GPU (gloo, host-staged collectives).
 3. Speed: one ring rank's zigzag block schedule (R steps of per-document blocks merged by log-sum-exp, no
    communication) against a single fused causal call over the whole sequence, normalized per
    query-key pair: efficiency = (pairs/s of the schedule) / (pairs/s of the fused call).
@@ -73,6 +74,17 @@ def check_mmsp_single(device, backend):
     ref.backward(do.double())
     return {"backend": backend, "out": _rel(out, ref), "dq": _rel(qb.grad, qr.grad),
             "dk": _rel(kb.grad, kr.grad), "dv": _rel(vb.grad, vr.grad)}
+
+
+def check_mmsp_mesh(backend, U, R):
+    """U x R ranks sharing GPU 0 (gloo, host-staged collectives), bf16, against float64 attention."""
+    from megatron_longvila.attention.check import AttentionCheckConfig, run_attention_check
+
+    cfg = AttentionCheckConfig(ulysses=U, ring=R, seq_lens=[1, 1000, 37, 4], heads=8, kv_heads=2, head_dim=128,
+                               dtype="bfloat16", backend=backend, device="cuda", iters=1)
+    res = run_attention_check(cfg)
+    return {"backend": backend, "mesh": f"{U}x{R}", "rel_err": res["rel_err"], "comm_ratio": res["comm_ratio"],
+            "flops_imbalance": res["flops_imbalance"]}
 
 
 def _time(fn, iters):
@@ -154,6 +166,7 @@ def main(argv=None):
     names = ["torch_cuda"] + (["te", "te_fp8"] if res["te_available"] else [])
     res["kernels"] = check_kernels(names, dev)
     res["mmsp_1x1"] = [check_mmsp_single(dev, n) for n in names if n != "te_fp8"]
+    res["mmsp_mesh"] = [check_mmsp_mesh(n, U, R) for n in names if n != "te_fp8" for U, R in ((2, 2), (1, 4), (4, 1))]
     res["schedule"] = []
     for n in names[:2]:
         for T in a.seq:

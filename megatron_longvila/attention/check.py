@@ -46,6 +46,9 @@ class AttentionCheckConfig:
     """Seed for the inputs."""
     ring_first: bool = False
     """Ring ranks consecutive instead of Ulysses ranks."""
+    device: str = "cpu"
+    """Where the tensors live: "cpu", or "cuda" (every rank on GPU 0, collectives staged through host memory
+    by gloo: a correctness check of the CUDA kernels inside the mesh, not a speed measurement)."""
 
 
 def attention_check_worker(rank: int, world: int, cfg_dict: dict) -> dict:
@@ -62,7 +65,7 @@ def attention_check_worker(rank: int, world: int, cfg_dict: dict) -> dict:
     plan = plan_sequence(mesh, cfg.seq_lens)
     g = torch.Generator().manual_seed(cfg.seed)
     T = plan.total_len
-    full = [torch.randn(T, cfg.batch, h, cfg.head_dim, generator=g, dtype=torch.float32).to(dtype)
+    full = [torch.randn(T, cfg.batch, h, cfg.head_dim, generator=g, dtype=torch.float32).to(cfg.device, dtype)
             for h in (cfg.heads, cfg.kv_heads, cfg.kv_heads, cfg.heads)]
     q, k, v, dout = full
     local = [plan.shard(t) for t in full]

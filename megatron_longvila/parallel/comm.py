@@ -69,17 +69,33 @@ def _nbytes(numel: int, t: torch.Tensor) -> int:
 # Collectives
 # ----------------------------------------------------------------------------------------------------
 
+def _host_staged(group, t: torch.Tensor) -> bool:
+    """gloo moves only host memory: CUDA tensors on a gloo group (several ranks sharing one GPU in tests,
+    since NCCL cannot put two ranks on one device) travel through host copies."""
+    return t.is_cuda and dist.get_backend(group) == "gloo"
+
+
 def all_to_all_single(output: torch.Tensor, input: torch.Tensor, output_split_sizes: Sequence[int],
                       input_split_sizes: Sequence[int], group, kind: str = "all_to_all") -> None:
     """`dist.all_to_all_single` on flat buffers with split sizes in elements (dim 0), counted."""
     me = dist.get_rank(group)
     _count(group, kind, _nbytes(sum(input_split_sizes) - input_split_sizes[me], input))
+    if _host_staged(group, input):
+        out = output.new_empty(output.shape, device="cpu")
+        dist.all_to_all_single(out, input.cpu(), list(output_split_sizes), list(input_split_sizes), group=group)
+        output.copy_(out)
+        return
     dist.all_to_all_single(output, input, list(output_split_sizes), list(input_split_sizes), group=group)
 
 
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group, kind: str = "all_gather") -> None:
     world = dist.get_world_size(group)
     _count(group, kind, _nbytes(input.numel() * (world - 1), input))
+    if _host_staged(group, input):
+        out = output.new_empty(output.shape, device="cpu")
+        _all_gather_single(out, input.cpu(), group=group)
+        output.copy_(out)
+        return
     _all_gather_single(output, input, group=group)
 
 
@@ -87,19 +103,29 @@ def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM, kind: str = "a
     world = dist.get_world_size(group)
     # Ring all-reduce sends 2 (n-1)/n of the buffer per rank.
     _count(group, kind, _nbytes(tensor.numel() * 2 * (world - 1) // max(world, 1), tensor))
+    if _host_staged(group, tensor):
+        t = tensor.cpu()
+        dist.all_reduce(t, op=op, group=group)
+        tensor.copy_(t)
+        return
     dist.all_reduce(tensor, op=op, group=group)
 
 
 class P2PHandle:
-    """Outstanding point-to-point requests; `wait()` completes them all."""
+    """Outstanding point-to-point requests; `wait()` completes them all (and lands host-staged receives)."""
 
-    def __init__(self, reqs: List):
+    def __init__(self, reqs: List, landings: Sequence = (), keep: Sequence = ()):
         self._reqs = reqs
+        self._landings = list(landings)
+        self._keep = list(keep)  # host copies of sends must outlive the requests
 
     def wait(self) -> None:
         for r in self._reqs:
             r.wait()
         self._reqs = []
+        for dst, src in self._landings:
+            dst.copy_(src)
+        self._landings, self._keep = [], []
 
 
 def ring_exchange(sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], group, kind: str) -> P2PHandle:
@@ -109,16 +135,23 @@ def ring_exchange(sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], 
     me = dist.get_rank(group)
     nxt = dist.get_global_rank(group, (me + 1) % n)
     prv = dist.get_global_rank(group, (me - 1) % n)
-    ops = []
+    ops, landings, keep = [], [], []
     # Receives first: gloo pairs operations in posting order per peer.
     for t in recvs:
+        if _host_staged(group, t):
+            host = t.new_empty(t.shape, device="cpu")
+            landings.append((t, host))
+            t = host
         ops.append(dist.P2POp(dist.irecv, t, prv, group))
     for t in sends:
         _count(group, kind, _nbytes(t.numel(), t))
+        if _host_staged(group, t):
+            t = t.cpu()
+            keep.append(t)
         ops.append(dist.P2POp(dist.isend, t, nxt, group))
     if not ops:
         return P2PHandle([])
-    return P2PHandle(dist.batch_isend_irecv(ops))
+    return P2PHandle(dist.batch_isend_irecv(ops), landings, keep)
 
 
 # ----------------------------------------------------------------------------------------------------
