@@ -178,17 +178,50 @@ def forward_step(data_iterator, model):
     if m.pre_process and mb.frames:
         plan = plan_sequence(mesh, mb.seq_lens, uniform=uniform, pad_to_multiple=mmsp.pad_to_multiple)
         mine = m.assign(mb, plan).frames_of(mesh.cp_rank)
+        failed = torch.zeros(len(packed.media))
         if mine:
             proc = _STATE.setdefault("processor", SiglipImageProcessor(size, mode="pad"))
-            pixels = decode_media(packed, mine, processor=proc, on_error="blank").pixels
-            for g, px in zip(mine, pixels):
+            decoded = decode_media(packed, mine, processor=proc, on_error="blank")
+            for g, px in zip(mine, decoded.pixels):
                 mb.frames[g].pixels = px
+            for media, _ in decoded.failed:
+                failed[media] = 1
+        _drop_documents_with_failed_media(mb, packed, failed, mesh, args)
     weight = float(shift_targets(mb.labels, mb.loss_weights, mb.seq_lens)[1].sum())
     if weight != round(weight):
         raise ValueError("per-token loss needs integral token weights: use loss_weight 1 in the manifest and "
                          "DataConfig loss weights of 1")
     output = model(mb, mesh, uniform=uniform, pad_to_multiple=mmsp.pad_to_multiple)
     return output, partial(loss_func, weight)
+
+
+def _drop_documents_with_failed_media(mb, packed, failed, mesh, args) -> None:
+    """A file that passed the dataset's checks can still fail to decode here, on one rank, after every rank
+    has committed to this micro-batch. Its frames were blanked so the ranks stay in step; the documents that
+    use them must not be learned from. The CP ranks of this stage agree on the failures (a CP all-reduce,
+    safe here: all of them run this step for the same micro-batch) and drop those documents from the loss.
+    Under pipeline parallelism the loss lives on the last stage, which does not decode: there the failures
+    are only counted and logged."""
+    from megatron_longvila.models.longvila import IGNORE_INDEX
+    from megatron_longvila.parallel import comm
+
+    if mesh.cp_size > 1:
+        comm.all_reduce(failed, mesh.cp_group, op=torch.distributed.ReduceOp.MAX, kind="decode_failures")
+    if not failed.any():
+        return
+    _STATE["blanked_media"] = _STATE.get("blanked_media", 0) + int(failed.sum())
+    if args.pipeline_model_parallel_size > 1:
+        print(f"[data] {int(failed.sum())} media item(s) failed to decode and were blanked (not dropped from the "
+              f"loss under pipeline parallelism)", flush=True)
+        return
+    ends = torch.cumsum(torch.tensor(mb.seq_lens), 0)
+    for media in failed.nonzero().flatten().tolist():
+        doc = int(torch.searchsorted(ends, packed.media[media].frame_offsets[0], right=True))
+        start = int(ends[doc - 1]) if doc else 0
+        mb.labels[start:int(ends[doc])] = IGNORE_INDEX
+        mb.loss_weights[start:int(ends[doc])] = 0
+    print(f"[data] dropped the documents of {int(failed.sum())} media item(s) that failed to decode from this "
+          f"micro-batch's loss", flush=True)
 
 
 def _fill_to(mb, length: int, pad_id: int):

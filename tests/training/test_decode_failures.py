@@ -1,0 +1,41 @@
+"""A media file that fails to decode at training time: its frames are blanked (ranks stay in step) and the
+documents that use it are dropped from the loss; other documents are untouched."""
+
+import importlib.util
+import os
+import types
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("pretrain_longvila_example",
+                                                  os.path.join(ROOT, "examples", "pretrain_longvila.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_failed_media_drops_its_document_only():
+    from megatron_longvila.models.longvila import IGNORE_INDEX
+    from megatron_longvila.parallel.mesh import single_rank_mesh
+
+    ex = _example()
+    seq_lens = [5, 7, 4]
+    labels = torch.arange(16)
+    mb = types.SimpleNamespace(seq_lens=seq_lens, labels=labels.clone(), loss_weights=torch.ones(16))
+    media = [types.SimpleNamespace(frame_offsets=[1]), types.SimpleNamespace(frame_offsets=[6, 8]),
+             types.SimpleNamespace(frame_offsets=[12])]
+    packed = types.SimpleNamespace(media=media)
+    args = types.SimpleNamespace(pipeline_model_parallel_size=1)
+    failed = torch.tensor([0.0, 1.0, 0.0])  # the second media item (document 1, positions 5..11) failed
+    ex._drop_documents_with_failed_media(mb, packed, failed, single_rank_mesh(), args)
+    assert torch.equal(mb.labels[:5], labels[:5]) and torch.equal(mb.labels[12:], labels[12:])
+    assert torch.all(mb.labels[5:12] == IGNORE_INDEX) and torch.all(mb.loss_weights[5:12] == 0)
+    assert mb.loss_weights[:5].sum() == 5 and mb.loss_weights[12:].sum() == 4
+
+    untouched = types.SimpleNamespace(seq_lens=seq_lens, labels=labels.clone(), loss_weights=torch.ones(16))
+    ex._drop_documents_with_failed_media(untouched, packed, torch.zeros(3), single_rank_mesh(), args)
+    assert torch.equal(untouched.labels, labels)
