@@ -8,12 +8,16 @@ Next to each video `NAME.<ext>` put either
 Videos without a caption or QA file are listed and left out.
 
     python tools/make_manifest.py videos/ --output train.jsonl --num-frames 32
-    python tools/make_manifest.py videos/ --output shards/ --format shards --samples-per-shard 1000
+    python tools/make_manifest.py videos/ --output shards/ --format shards --samples-per-shard 1000 --energon
+
+--energon (needs megatron-energon) also indexes the shards with Energon's prepare, making the folder a
+dataset Energon's loaders read (megatron_longvila/data/energon_loader.py cooks its samples).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=None, help="per-sample num_frames to record")
     p.add_argument("--fps", type=float, default=None, help="per-sample sampling fps to record")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--energon", action="store_true",
+                   help="with --format shards: index them for Megatron-Energon (writes OUTPUT/.nv-meta)")
     p.add_argument("--check", action="store_true", help="probe every video and leave out unreadable ones")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     return p
@@ -69,6 +75,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_frames is not None and args.fps is not None:
         print("give --num-frames or --fps, not both", file=sys.stderr)
+        return 2
+    if args.energon and args.format != "shards":
+        print("--energon indexes shards: add --format shards", file=sys.stderr)
         return 2
     videos = sorted(
         os.path.join(root, name)
@@ -103,6 +112,11 @@ def main(argv=None) -> int:
         from megatron_longvila.data.energon import write_shards
 
         outputs = write_shards(records, args.output, samples_per_shard=args.samples_per_shard)
+        if args.energon:
+            from megatron_longvila.data.energon import prepare_energon
+
+            with contextlib.redirect_stdout(sys.stderr):  # Energon reports progress on stdout; --json owns it
+                outputs.append(prepare_energon(args.output))
     summary = {"samples": len(records), "left_out": dict(sorted(left_out.items())), "outputs": outputs}
     print(json.dumps(summary) if args.json else f"{len(records)} samples -> {', '.join(outputs)}")
     return 0

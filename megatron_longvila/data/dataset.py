@@ -115,8 +115,11 @@ class VideoTextDataset:
 
     def prepare(self, index: int) -> Sample:
         """Sample `index` tokenized, frames selected. Raises DataError for a bad sample."""
+        return self.prepare_record(self.source.record(index), index)
+
+    def prepare_record(self, record: ManifestRecord, index: int = -1) -> Sample:
+        """A record from any reader (this dataset's source, or Energon's loader) prepared as `prepare` does."""
         cfg = self.config
-        record: ManifestRecord = self.source.record(index)
         media: list[MediaFrames] = []
         allowed = cfg.allowed_codecs
         if allowed is None:

@@ -2,8 +2,10 @@
 
 Each sample is a group of tar members sharing a key: `<key>.json` (the manifest record, media fields
 naming members of the same shard) and its media, `<key>.mp4` / `<key>.webm` for a video and
-`<key>.img<k>.<ext>` for images. These are plain tar files: `energon prepare <folder>` (from the optional
-megatron-energon package) indexes them for Energon's loaders, and `ShardSource` reads them here without it.
+`<key>.img<k>.<ext>` for images. `ShardSource` reads them here without Energon. `prepare_energon(folder)`
+(needs the optional megatron-energon package) makes the folder an Energon dataset: it runs Energon's own
+indexing (`.nv-meta/` split file and sample index) and declares the samples crude, to be cooked by
+`energon_loader.LongVILATaskEncoder` into the records `ShardSource` gives.
 
 `ShardSource` is a sample source for `VideoTextDataset` (`len()` and `record(i)`): it indexes member
 offsets once, and extracts a sample's media to a cache folder when the sample is read, since the video
@@ -31,6 +33,42 @@ def energon_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+ENERGON_SUBFLAVORS = {"longvila": "manifest_record"}
+"""Subflavors declared in the prepared dataset.yaml: the LongVILA cooker takes only samples carrying them,
+so these shards can be mixed with other datasets in an Energon metadataset."""
+
+
+def prepare_energon(folder: str | os.PathLike, *, split: Sequence[tuple[str, float]] = (("train", 1.0),),
+                    workers: int = 1) -> str:
+    """Index the shards of `folder` with Energon and declare them a crude dataset; returns `.nv-meta`'s path.
+
+    What `energon prepare FOLDER` writes when asked for a crude sample type, done non-interactively through
+    Energon's own API: `split.yaml` (shards per split part, in name order: no shard shuffle, so the order
+    Energon reads matches `ShardSource`), the sample index (`index.sqlite`, `index.uuid`, `.info.json`) and
+    `dataset.yaml`. Run it again after adding shards.
+    """
+    try:
+        from megatron.energon.flavors.webdataset import BaseWebdatasetFactory
+        from megatron.energon.flavors.webdataset.config import MAIN_FOLDER_NAME
+    except ImportError:
+        raise ImportError("prepare_energon needs megatron-energon: pip install megatron-energon") from None
+    import yaml
+
+    folder = os.path.abspath(os.fspath(folder))
+    tars = sorted(os.path.relpath(p, folder) for p in glob.glob(os.path.join(folder, "*.tar")))
+    if not tars:
+        raise FileNotFoundError(f"prepare_energon: no .tar shards in {folder}")
+    BaseWebdatasetFactory.prepare_dataset(folder, tars, split_parts_ratio=[tuple(x) for x in split],
+                                          shuffle_seed=None, workers=workers)
+    meta = os.path.join(folder, MAIN_FOLDER_NAME)
+    with open(os.path.join(meta, "dataset.yaml"), "w", encoding="utf-8") as f:
+        # Crude samples (raw member bytes): a manifest record is not one of Energon's fixed sample types,
+        # and media must reach the decoders as files, not as Energon-decoded tensors.
+        yaml.safe_dump({"__module__": "megatron.energon", "__class__": "CrudeWebdataset",
+                        "subflavors": dict(ENERGON_SUBFLAVORS)}, f, sort_keys=False)
+    return meta
 
 
 def write_shards(records: Sequence[ManifestRecord], out_dir: str | os.PathLike, *, samples_per_shard: int = 1000,

@@ -60,6 +60,19 @@ def test_make_manifest_jsonl_and_shards(tmp_path, videos):
     assert json.loads(run_tool("check_data.py", str(shards), "--json")) == {"ok": 2, "skipped": {}}
 
 
+def test_make_manifest_energon_shards(tmp_path, videos):
+    pytest.importorskip("megatron.energon", reason="megatron-energon is not installed (pip install megatron-energon)")
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    shutil.copy(videos["h264"], folder / "a.mp4")
+    (folder / "a.txt").write_text("A grey square moves.\n")
+    out = tmp_path / "shards"
+    summary = json.loads(run_tool("make_manifest.py", str(folder), "--output", str(out), "--format", "shards",
+                                  "--energon", "--json"))
+    assert summary["outputs"][-1] == str(out / ".nv-meta")
+    assert {"dataset.yaml", "split.yaml", "index.sqlite"} <= set(os.listdir(out / ".nv-meta"))
+
+
 def test_bench_video_json():
     result = json.loads(run_tool("bench_video.py", "--json", "--resolutions", "64x48", "--codecs", "h264",
                                  "--seconds", "1", "--frames", "4", "--repeats", "1", "--backends", "pyav"))
