@@ -170,7 +170,8 @@ class HFTokenizerFile(_SpecialTokenMixin):
         except ImportError:
             raise ImportError("HFTokenizerFile needs the 'tokenizers' package: pip install tokenizers") from None
         self.tok = Tokenizer.from_file(os.fspath(tokenizer_json))
-        self._init_special(special_tokens, self.tok.get_vocab_size(with_added_tokens=True), self.tok.token_to_id)
+        self._base_vocab = self.tok.get_vocab_size(with_added_tokens=True)
+        self._init_special(special_tokens, self._base_vocab, self.tok.token_to_id)
         self.bos_id = self.tok.token_to_id(bos_token) if bos_token else None
         self.eos_id = self.tok.token_to_id(eos_token) if eos_token else None
         self.pad_id = self.eos_id if self.eos_id is not None else 0
@@ -179,7 +180,18 @@ class HFTokenizerFile(_SpecialTokenMixin):
         return list(self.tok.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        # Ids appended after the vocabulary are unknown to `tokenizers` (it would drop them): spell those here.
+        out, run = [], []
+        for i in [int(i) for i in ids] + [None]:
+            if i is None or i >= self._base_vocab:
+                if run:
+                    out.append(self.tok.decode(run, skip_special_tokens=False))
+                    run = []
+                if i is not None:
+                    out.append(self._id_to_special.get(i, ""))
+            else:
+                run.append(i)
+        return "".join(out)
 
 
 class ByteTokenizer(_SpecialTokenMixin):
