@@ -271,12 +271,95 @@ def get_args():
 # pretrain
 # ------------------------------------------------------------------------------------------------------
 
+DATA_STATE_DIR = "longvila_data"
+"""Folder inside Megatron's `iter_N` checkpoint folder holding the training stream's position per DP rank."""
+
+_TRAIN_STREAM = None  # the training dataset object the provider returned (its state_dict is saved)
+
+
+def data_state_path(root: str, iteration: int, dp_rank: int) -> str:
+    from megatron.training.checkpointing import get_checkpoint_name
+
+    return os.path.join(get_checkpoint_name(root, iteration, return_base_dir=True), DATA_STATE_DIR,
+                        f"dp_rank_{dp_rank:04d}.pt")
+
+
+def _save_data_state(iteration: int) -> None:
+    """Write the training stream's position into the checkpoint Megatron is about to save.
+
+    Megatron's checkpoint records consumed samples, not where LongVILA's streams stand (samples skipped as bad
+    and packing make the two differ). Every rank has written its file before it enters Megatron's save,
+    whose collectives come before rank 0 names the checkpoint in the tracker: a named checkpoint has them.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.training import get_args as megatron_args
+
+    args = megatron_args()
+    state = getattr(_TRAIN_STREAM, "state_dict", None)
+    if not args.save or state is None:
+        return
+    # The ranks of one data-parallel replica read identical streams: one of them writes.
+    if ps.get_tensor_model_parallel_rank() or ps.get_context_parallel_rank() or ps.get_pipeline_model_parallel_rank():
+        return
+    path = data_state_path(args.save, iteration, ps.get_data_parallel_rank())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state(), path + ".tmp")
+    os.replace(path + ".tmp", path)  # never a half-written state under the final name
+
+
+def _hook_checkpoint_saves() -> None:
+    import megatron.training.training as mt
+
+    if getattr(mt.save_checkpoint, "_longvila_data_state", False):
+        return
+    save = mt.save_checkpoint
+
+    def save_checkpoint(iteration, *args, **kwargs):
+        if not kwargs.get("non_persistent_ckpt", False) and not kwargs.get("release", False):
+            _save_data_state(iteration)
+        return save(iteration, *args, **kwargs)
+
+    save_checkpoint._longvila_data_state = True
+    mt.save_checkpoint = save_checkpoint
+
+
+def _resume_stream(stream, args) -> None:
+    """Put a resumed run's training stream where the loaded checkpoint's run left it.
+
+    From the state saved with the checkpoint when there is one; otherwise (a checkpoint saved without this
+    hook) by replaying the sequences Megatron counts as consumed: exact too (the streams are deterministic),
+    only slower, since every replayed sample is read and tokenized again.
+    """
+    from megatron.core import parallel_state as ps
+
+    path = data_state_path(args.load, args.iteration, ps.get_data_parallel_rank())
+    if os.path.isfile(path) and hasattr(stream, "load_state_dict"):
+        stream.load_state_dict(torch.load(path, weights_only=False))
+        return None
+    # micro-batch = one packed sequence; each DP replica consumed its 1/DP share of the global samples
+    skip = args.consumed_train_samples // ps.get_data_parallel_world_size()
+    if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
+        print(f"LongVILA: no data state at {path}; replaying {skip} sequences per data-parallel rank", flush=True)
+    it = iter(stream)
+    for _ in range(skip):
+        next(it)
+    return it
+
+
 def _streams(datasets_provider: Callable) -> Callable:
     """The project's resumable datasets as the iterators megatron.training's "external" loaders pass on."""
 
     def provider(train_val_test_num_samples):
-        get_args()  # adapt the arguments before the provider reads them
-        return tuple(None if d is None else iter(d) for d in datasets_provider(train_val_test_num_samples))
+        global _TRAIN_STREAM
+        args = get_args()  # adapt the arguments before the provider reads them
+        train, valid, test = datasets_provider(train_val_test_num_samples)
+        _TRAIN_STREAM = train
+        train_iter = None
+        if train is not None and args.load and args.iteration > 0 and not args.finetune:
+            train_iter = _resume_stream(train, args)
+        if train is not None and train_iter is None:
+            train_iter = iter(train)
+        return (train_iter,) + tuple(None if d is None else iter(d) for d in (valid, test))
 
     # Every rank reads its own stream (TP and CP ranks of a replica read the same sequences); Megatron
     # would otherwise build datasets on tensor-parallel rank 0 only.
@@ -313,6 +396,7 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
             model.pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         return model
 
+    _hook_checkpoint_saves()
     _ACTIVE, _FINALIZED = True, False
     try:
         return megatron_pretrain(_streams(datasets_provider), models, ModelType.encoder_or_decoder, forward_step,

@@ -8,11 +8,13 @@ through megatron.training, and its losses equal the project loop's for the same 
 import importlib.util
 import math
 import os
+import shutil
 import sys
 
 import pytest
 
 from megatron_longvila.testing import run_distributed
+from megatron_longvila.training import megatron_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "pretrain_longvila.py")
@@ -51,7 +53,7 @@ def _argv(manifest):
             "--seed", "7"]
 
 
-def _megatron_rank(rank, world, manifest):
+def _megatron_rank(rank, world, manifest, extra=()):
     sys.path.insert(0, MEGATRON_LM)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     mod = _script()
@@ -69,7 +71,11 @@ def _megatron_rank(rank, world, manifest):
         return log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
 
     mt.training_log = record  # Megatron prints the loss; the test wants the numbers
-    mod.main(_argv(manifest) + ["--use-megatron-training"])
+    try:
+        mod.main(_argv(manifest) + ["--use-megatron-training"] + list(extra))
+    except SystemExit as e:  # --exit-interval ends the run through sys.exit
+        if e.code not in (0, None):
+            raise
     return losses
 
 
@@ -85,3 +91,24 @@ def test_megatron_training_matches_project_loop(manifest):
     assert all(math.isfinite(v) for v in theirs.values())
     for it in ours:
         assert abs(theirs[it] - ours[it]) <= RTOL * abs(ours[it]), (it, theirs[it], ours[it])
+
+
+def _resume_run(manifest, ckpt, drop_data_state=False):
+    """2 iterations + save, then --load and the remaining ITERS - 2 (same flags, so the same schedule)."""
+    first = run_distributed(_megatron_rank, 4, manifest, ["--save", ckpt, "--save-interval", "2", "--exit-interval", "2"], timeout=280)[-1]
+    if drop_data_state:
+        shutil.rmtree(os.path.join(ckpt, "iter_0000002", megatron_lm.DATA_STATE_DIR))
+    second = run_distributed(_megatron_rank, 4, manifest, ["--load", ckpt, "--save", ckpt, "--save-interval", "100"], timeout=280)[-1]
+    return first, second
+
+
+@pytest.mark.parametrize("drop_data_state", [False, True], ids=["saved_data_state", "replayed_from_consumed_samples"])
+def test_megatron_training_resume_is_exact(manifest, tmp_path, drop_data_state):
+    straight = run_distributed(_megatron_rank, 4, manifest, timeout=280)[-1]
+    ckpt = str(tmp_path / "ckpt")
+    first, second = _resume_run(manifest, ckpt, drop_data_state)
+    print(f"\nstraight: {straight}\nfirst: {first}\nresumed: {second}")
+    assert sorted(first) == [1, 2] and sorted(second) == list(range(3, ITERS + 1))
+    assert os.path.isdir(os.path.join(ckpt, "iter_0000002"))
+    for it, loss in {**first, **second}.items():
+        assert abs(loss - straight[it]) <= RTOL * abs(straight[it]), (it, loss, straight[it])
