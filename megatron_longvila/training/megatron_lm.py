@@ -338,7 +338,7 @@ def _resume_stream(stream, args) -> None:
         return None
     # micro-batch = one packed sequence; each DP replica consumed its 1/DP share of the global samples
     skip = args.consumed_train_samples // ps.get_data_parallel_world_size()
-    if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
+    if not (ps.get_data_parallel_rank() or ps.get_tensor_model_parallel_rank() or ps.get_context_parallel_rank()):
         print(f"LongVILA: no data state at {path}; replaying {skip} sequences per data-parallel rank", flush=True)
     it = iter(stream)
     for _ in range(skip):

@@ -102,9 +102,13 @@ def _resume_run(manifest, ckpt, drop_data_state=False):
     return first, second
 
 
+@pytest.fixture(scope="module")
+def straight(manifest):
+    return run_distributed(_megatron_rank, 4, manifest, timeout=280)[-1]
+
+
 @pytest.mark.parametrize("drop_data_state", [False, True], ids=["saved_data_state", "replayed_from_consumed_samples"])
-def test_megatron_training_resume_is_exact(manifest, tmp_path, drop_data_state):
-    straight = run_distributed(_megatron_rank, 4, manifest, timeout=280)[-1]
+def test_megatron_training_resume_is_exact(manifest, straight, tmp_path, drop_data_state):
     ckpt = str(tmp_path / "ckpt")
     first, second = _resume_run(manifest, ckpt, drop_data_state)
     print(f"\nstraight: {straight}\nfirst: {first}\nresumed: {second}")
