@@ -30,6 +30,9 @@ setup(
         # decoder is checked against PyAV in the tests (the wheel installs and imports without a GPU).
         # megatron.training (a Megatron-LM checkout on PYTHONPATH, see docs/TRAINING.md) imports these.
         "megatron-lm": ["regex", "pydantic"],
-        "test": ["pytest", "pytest-timeout", "imageio-ffmpeg", "nvidia-dali-cuda130"],
+        # Megatron-Energon reads our webdataset shards (tools/make_manifest.py --energon); ~50 packages, so optional.
+        "energon": ["megatron-energon==7.4.1"],
+        # tokenizers loads Hugging Face tokenizer.json files (Qwen2-style); tested when installed.
+        "test": ["pytest", "pytest-timeout", "imageio-ffmpeg", "nvidia-dali-cuda130", "tokenizers"],
     },
 )
