@@ -1,15 +1,15 @@
 """Two compositions of MM-SP with Megatron-Core that test_equivalence.py does not cover:
 
 1. bf16 as Megatron runs it with --bf16: bf16 parameters and activations (Float16Module), gradients
-   accumulated and all-reduced in fp32 (DDP grad_reduce_in_fp32), fp32 master weights in the optimizer.
+   accumulated and all-reduced in fp32 (DDP grad_reduce_in_fp32); loss and gradients (no optimizer step).
    MM-SP meshes 2x2 and 1x2 at TP 1 and 2 against the same bf16 model at CP=1.
-   Tolerance: bf16 has an 8-bit mantissa, so two correct bf16 runs that sum in different orders differ by
+   Tolerance: bf16 has an 8-bit significand, so two correct bf16 runs that sum in different orders differ by
    O(1e-2) in a gradient; a fixed tolerance would be either loose or flaky. Both bf16 runs are therefore
    measured against an fp32 run of the same (bf16-representable) weights, and MM-SP may be at most
    BF16_FACTOR times as far from it as CP=1 bf16 is (plus BF16_FLOOR, one bf16 rounding step, for
    parameters where CP=1 happens to land very close). The loss must agree with CP=1 bf16 within 2e-2.
 2. Interleaved pipeline: PP=2 x VP=2 (4 layers, 2 chunks per rank) with MM-SP CP 2x1 and DP 2 in fp32,
-   batch_p2p_comm=False (True is silently wrong on gloo with PP=2, see the project's ENVIRONMENT notes):
+   batch_p2p_comm=False (True is silently wrong on gloo with PP=2, and this test then fails):
    loss, every gradient and every parameter after one Adam step within 1e-5 of the CP=1 model.
 """
 
@@ -22,7 +22,10 @@ from megatron_longvila.testing import run_distributed
 from tests.megatron import harness as H
 
 WORLD = 8
-MICRO = 2
+MICRO = 2  # bf16: micro-batches per DP rank
+# Interleaved: with 2 micro-batches per rank all 4 chunk-forwards fit in the warm-up and no steady-state step ever
+# sends forward and backward at once; 4 reach the steady state (where batch_p2p_comm=True goes wrong on gloo).
+VP_MICRO = 4
 LR = 1e-2
 EPS = 1e-4  # see test_equivalence.py: keeps the Adam step well conditioned at fp32 noise level
 RTOL = 1e-5
@@ -69,10 +72,10 @@ def _round_to_bf16(model):
             p.copy_(p.bfloat16().float())
 
 
-def _per_micro(model, dp, batches_of):
+def _per_micro(model, dp, batches_of, micro=MICRO):
     out = {}
     for d in range(dp):
-        for m in range(MICRO):
+        for m in range(micro):
             b = batches_of(d, m)
             model.zero_grad()
             loss = model(b.tokens, b.position_ids, None, labels=b.labels, packed_seq_params=b.packed_seq_params)
@@ -111,7 +114,7 @@ def _reference(rank, world_size):
     shapes = H.full_shapes_reference_names(model)
     H.load_weights(model, 0, 1, shapes)
     ref["vpp"] = (shapes, {n: p.detach().clone().numpy() for n, p in model.named_parameters()},
-                  _per_micro(model, VPP_DP, batches_of))
+                  _per_micro(model, VPP_DP, batches_of, VP_MICRO))
     # fp32 with bf16-representable weights, 2 layers: the "truth" both bf16 runs are measured against.
     cfg, _ = _setup(1, 1, 1, 1)
     model = build_gpt_model(cfg, vocab_size=H.VOCAB, max_sequence_length=H.SEQ_LENGTH)
@@ -128,8 +131,8 @@ def _reference(rank, world_size):
     return ref
 
 
-def _mean(per_micro, dp):
-    keys = [(d, m) for d in range(dp) for m in range(MICRO)]
+def _mean(per_micro, dp, micro=MICRO):
+    keys = [(d, m) for d in range(dp) for m in range(micro)]
     total = sum(per_micro[k][1] for k in keys)
     loss = sum(per_micro[k][0] for k in keys) / total
     names = per_micro[keys[0]][2].keys()
@@ -147,7 +150,7 @@ def _adam_step(params, grads):
     return {n: p.detach() for n, p in new.items()}
 
 
-def _train_step(cfg, chunks, seq_length, *, bf16):
+def _train_step(cfg, chunks, seq_length, *, bf16, micro=MICRO):
     """Megatron's DDP + schedule + optimizer on this rank's model chunks; returns (global loss or None, opt)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -171,7 +174,7 @@ def _train_step(cfg, chunks, seq_length, *, bf16):
                                                                    params_dtype=torch.float32), ddps)
     dp_rank = ps.get_data_parallel_rank()
     batches = []
-    for m in range(MICRO):
+    for m in range(micro):
         tokens, docs = H.batch_tokens(dp_rank, m)
         batches.append(shard_batch(tokens, seq_lens=docs, seq_length=seq_length))
 
@@ -185,7 +188,7 @@ def _train_step(cfg, chunks, seq_length, *, bf16):
     # Every chunk draws from its own iterator over the same micro-batches (the interleaved schedule's contract).
     its = [iter(batches) for _ in ddps]
     res = get_forward_backward_func()(forward_step_func=step, data_iterator=its if len(ddps) > 1 else its[0],
-                                      model=ddps, num_microbatches=MICRO, seq_length=seq_length or H.SEQ_LENGTH,
+                                      model=ddps, num_microbatches=micro, seq_length=seq_length or H.SEQ_LENGTH,
                                       micro_batch_size=1)
     loss = None
     if res:
@@ -222,9 +225,9 @@ def _distributed(rank, world_size, ref):
     tp_rank = ps.get_tensor_model_parallel_rank()
     for c in chunks:
         H.load_weights(c, tp_rank, tp, shapes)
-    loss, opt = _train_step(cfg, chunks, seq_length, bf16=False)
+    loss, opt = _train_step(cfg, chunks, seq_length, bf16=False, micro=VP_MICRO)
     dp = ps.get_data_parallel_world_size()
-    exp_loss, exp_grads = _mean(per_micro, dp)
+    exp_loss, exp_grads = _mean(per_micro, dp, VP_MICRO)
     exp_params = _adam_step(params, exp_grads)
     errs = {"loss": None if loss is None else abs(loss - exp_loss) / abs(exp_loss), "grad": 0.0, "param": 0.0}
     grads = _grads(chunks, tp_rank, tp)
