@@ -26,6 +26,14 @@ def _mesh_worker(rank, world):
     cp = cps[rank // 2]
     m = build_mmsp_mesh(2, 1, cp_group=cp)
     out["dp2"] = dist.get_process_group_ranks(m.ulysses_group)
+    # cp_group=None inside Megatron: the mesh splits Megatron's CP group (here CP 2 x DP 2).
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(context_parallel_size=2, hierarchical_context_parallel_sizes=[2, 1])
+    m = build_mmsp_mesh(2, 1)
+    out["megatron_cp"] = (dist.get_process_group_ranks(m.ulysses_group),
+                          dist.get_process_group_ranks(ps.get_context_parallel_group()))
+    ps.destroy_model_parallel()
     # shard/gather round trip with autograd, on a uniform (padded) plan
     mesh = build_mmsp_mesh(2, 2)
     plan = plan_sequence(mesh, [13, 1, 6], uniform=True, pad_to_multiple=2)
@@ -49,6 +57,7 @@ def test_mesh_groups_and_gather():
         assert o[(4, 1, False)][:2] == ([0, 1, 2, 3], None)
         assert o[(1, 4, False)][:2] == (None, [0, 1, 2, 3])
         assert o["dp2"] == ([0, 1] if rank < 2 else [2, 3])
+        assert o["megatron_cp"][0] == o["megatron_cp"][1] and len(o["megatron_cp"][0]) == 2
         assert o["roundtrip"] and o["grad"] and o["roundtrip_dim1"]
 
 
