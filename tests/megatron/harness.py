@@ -40,6 +40,28 @@ def batch_tokens(dp_rank: int, micro: int) -> Tuple[torch.Tensor, List[int]]:
     return torch.randint(1, VOCAB, (1, sum(docs)), generator=g), list(docs)
 
 
+def sharded_batches(dp_rank: int, micro: int, seq_length: int):
+    """This DP rank's micro-batches, sharded by the MM-SP plan (training.batch.shard_batch)."""
+    from megatron_longvila.training.batch import shard_batch
+
+    out = []
+    for m in range(micro):
+        tokens, docs = batch_tokens(dp_rank, m)
+        out.append(shard_batch(tokens, seq_lens=docs, seq_length=seq_length))
+    return out
+
+
+def forward_step(it, model):
+    """Megatron schedule forward step over an iterator of sharded batches, with the project's loss."""
+    from functools import partial
+
+    from megatron_longvila.training.loss import loss_func
+
+    b = next(it)
+    out = model(b.tokens, b.position_ids, None, labels=b.labels, packed_seq_params=b.packed_seq_params)
+    return out, partial(loss_func, b.loss_mask)
+
+
 def full_value(name: str, shape) -> torch.Tensor:
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     if "norm" in name and name.endswith("weight"):

@@ -13,7 +13,6 @@
    loss, every gradient and every parameter after one Adam step within 1e-5 of the CP=1 model.
 """
 
-from functools import partial
 
 import pytest
 import torch
@@ -158,8 +157,6 @@ def _train_step(cfg, chunks, seq_length, *, bf16, micro=MICRO):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_longvila.training.batch import shard_batch
-    from megatron_longvila.training.loss import loss_func
 
     # With --bf16 Megatron accumulates and all-reduces gradients in fp32 (accumulate_allreduce_grads_in_fp32);
     # chunks after the first get one bucket each, as Megatron's trainer builds them.
@@ -173,15 +170,8 @@ def _train_step(cfg, chunks, seq_length, *, bf16, micro=MICRO):
                                                                    clip_grad=0.0, adam_eps=EPS,
                                                                    params_dtype=torch.float32), ddps)
     dp_rank = ps.get_data_parallel_rank()
-    batches = []
-    for m in range(micro):
-        tokens, docs = H.batch_tokens(dp_rank, m)
-        batches.append(shard_batch(tokens, seq_lens=docs, seq_length=seq_length))
-
-    def step(it, model):
-        b = next(it)
-        out = model(b.tokens, b.position_ids, None, labels=b.labels, packed_seq_params=b.packed_seq_params)
-        return out, partial(loss_func, b.loss_mask)
+    batches = H.sharded_batches(dp_rank, micro, seq_length)
+    step = H.forward_step
 
     for d in ddps:
         d.zero_grad_buffer()

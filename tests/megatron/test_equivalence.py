@@ -4,7 +4,6 @@ loss, every parameter gradient and the parameters after one Adam step of the sin
 Tolerance: fp32, 1e-5 relative (max abs difference / max abs reference value, per parameter).
 """
 
-from functools import partial
 
 import pytest
 import torch
@@ -104,8 +103,6 @@ def _distributed(rank, world_size, ref, configs):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_longvila.models.gpt import build_gpt_model
-    from megatron_longvila.training.batch import shard_batch
-    from megatron_longvila.training.loss import loss_func
 
     shapes = ref[0]
     results = []
@@ -121,15 +118,8 @@ def _distributed(rank, world_size, ref, configs):
                                                      params_dtype=torch.float32), [ddp])
         dp = ps.get_data_parallel_world_size()
         dp_rank = ps.get_data_parallel_rank()
-        batches = []
-        for m in range(MICRO):
-            tokens, docs = H.batch_tokens(dp_rank, m)
-            batches.append(shard_batch(tokens, seq_lens=docs, seq_length=seq_length))
-
-        def step(it, model):
-            b = next(it)
-            out = model(b.tokens, b.position_ids, None, labels=b.labels, packed_seq_params=b.packed_seq_params)
-            return out, partial(loss_func, b.loss_mask)
+        batches = H.sharded_batches(dp_rank, MICRO, seq_length)
+        step = H.forward_step
 
         opt.zero_grad()
         ddp.zero_grad_buffer()

@@ -1,28 +1,17 @@
 """A media file that fails to decode at training time: its frames are blanked (ranks stay in step) and the
 documents that use it are dropped from the loss; other documents are untouched."""
 
-import importlib.util
-import os
 import types
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("pretrain_longvila_example",
-                                                  os.path.join(ROOT, "examples", "pretrain_longvila.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from .example_script import load_example_script
 
 def test_failed_media_drops_its_document_only():
     from megatron_longvila.models.longvila import IGNORE_INDEX
     from megatron_longvila.parallel.mesh import single_rank_mesh
 
-    ex = _example()
+    ex = load_example_script()
     seq_lens = [5, 7, 4]
     labels = torch.arange(16)
     mb = types.SimpleNamespace(seq_lens=seq_lens, labels=labels.clone(), loss_weights=torch.ones(16))

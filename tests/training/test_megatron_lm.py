@@ -5,7 +5,6 @@ so these tests skip there). On 4 CPU gloo ranks (a 2x2 MM-SP mesh) the tiny Long
 through megatron.training, and its losses equal the project loop's for the same flags, seed and data.
 """
 
-import importlib.util
 import math
 import os
 import shutil
@@ -16,8 +15,8 @@ import pytest
 from megatron_longvila.testing import run_distributed
 from megatron_longvila.training import megatron_lm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "examples", "pretrain_longvila.py")
+from .example_script import load_example_script
+
 MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
 
 pytestmark = pytest.mark.skipif(
@@ -33,10 +32,7 @@ RTOL = 1e-9
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("pretrain_longvila_example", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example_script()
 
 
 @pytest.fixture(scope="module")

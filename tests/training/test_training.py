@@ -8,7 +8,6 @@
 - The README demo command trains and its loss falls.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -20,26 +19,14 @@ import pytest
 from megatron_longvila.testing import DistributedTestError, run_distributed
 from megatron_longvila.training.checkpoint import TRACKER, read_tracker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "examples", "pretrain_longvila.py")
+from .example_script import SCRIPT, load_example_script
+
 
 pytest.importorskip("av")
 
 
-def _allow_children():
-    # megatron-core's torch_dist writer starts a multiprocessing Manager and forks writers, which daemonic
-    # processes (run_distributed's ranks) may not do; the ranks are still joined and killed by the harness.
-    import multiprocessing
-
-    multiprocessing.current_process()._config.pop("daemon", None)
-
-
 def _script():
-    _allow_children()
-    spec = importlib.util.spec_from_file_location("pretrain_longvila_example", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example_script()
 
 
 @pytest.fixture(scope="module")
