@@ -23,8 +23,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
-from functools import partial
 
 import torch
 
@@ -58,182 +56,37 @@ def _tokenizer():
     return _STATE["tokenizer"]
 
 
-def _frame_size() -> int:
-    from megatron_longvila.models.registry import ENCODERS
-
-    return ENCODERS[get_args().vision_encoder].image_size
-
-
 # ------------------------------------------------------------------------------------------------------
-# Model provider
+# Providers (Megatron's signatures); the work is in megatron_longvila.training.providers and .step
 # ------------------------------------------------------------------------------------------------------
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None):
-    """LongVILA for this rank (encoder and projector on the first pipeline stage), frozen per the recipe."""
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
-    from megatron_longvila.models.freezing import apply_freezing
-    from megatron_longvila.models.registry import LLMS, build_longvila
+    """LongVILA for this rank (encoder and projector on the first pipeline stage), frozen per the recipe; its
+    shape from --llm / --vision-encoder, or from the checkpoint the run loads."""
+    from megatron_longvila.training.providers import build_model, build_step
 
-    args = get_args()
     if vp_stage is not None:
         raise ValueError("--num-layers-per-virtual-pipeline-stage: LongVILA's model provider builds one chunk per "
                          "pipeline stage; drop the flag")
-    tok = _tokenizer()
-    shape = LLMS[args.llm]
-    unit = args.make_vocab_size_divisible_by
-    if unit % args.tensor_model_parallel_size:
-        raise ValueError(f"--make-vocab-size-divisible-by {unit} must be a multiple of --tensor-model-parallel-size")
-    # The padded vocabulary must not depend on TP, or checkpoints would not reshard across TP sizes.
-    vocab = -(-max(shape.vocab_size, tok.vocab_size) // unit) * unit
-    shape = replace(shape, vocab_size=vocab, rotary_base=args.rotary_base or shape.rotary_base,
-                    max_position_embeddings=max(shape.max_position_embeddings, args.seq_length))
-    model = build_longvila(
-        encoder=args.vision_encoder, projector=args.projector, llm=shape,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, pre_process=pre_process,
-        post_process=post_process, media_token_id=tok.image_token_id,
-        llm_overrides={"calculate_per_token_loss": True, "sequence_parallel": args.sequence_parallel,
-                       "bf16": args.bf16})
-    _STATE["mesh"] = initialize_mmsp(model.config, seq_length=args.seq_length, packed=True)
-    apply_freezing(model, args.freeze)
+    model = build_model(get_args(), _tokenizer(), pre_process, post_process)
+    _STATE["step"] = build_step(get_args(), model, _tokenizer())
     return model
 
-
-# ------------------------------------------------------------------------------------------------------
-# Dataset provider
-# ------------------------------------------------------------------------------------------------------
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):
-    """Packed micro-batches from JSONL manifests, one stream per data-parallel replica (resumable)."""
+    """Packed micro-batches from JSONL manifests, one stream per data-parallel replica (resumable), read by the
+    step as planned micro-batches."""
     from megatron.core import parallel_state as ps
 
-    from megatron_longvila.data.dataset import DataConfig, PackedIterator, VideoTextDataset
-    from megatron_longvila.models.projector import tokens_per_frame
-    from megatron_longvila.models.registry import ENCODERS
+    from megatron_longvila.training.providers import build_streams
 
-    args = get_args()
-    enc = ENCODERS[args.vision_encoder]
-    cfg = DataConfig(template=args.template, tokens_per_frame=tokens_per_frame(enc.image_size, enc.image_size,
-                                                                                enc.patch_size),
-                     num_frames=args.num_frames or 8, max_seq_len=args.seq_length, seed=args.seed)
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-
-    def stream(path):
-        ds = VideoTextDataset(path, _tokenizer(), cfg, dp_rank=dp_rank, dp_size=dp_size)
-        return PackedIterator(ds, args.seq_length)
-
-    valid = stream(args.valid_data_path) if args.valid_data_path else None
-    return stream(args.data_path), valid, None
-
-
-# ------------------------------------------------------------------------------------------------------
-# Forward step
-# ------------------------------------------------------------------------------------------------------
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def loss_func(total_weight: float, output_tensor: torch.Tensor):
-    """This rank's share of the micro-batch's weighted mean -> Megatron's (sum, tokens, report) triple.
-
-    The model returns sum(local weighted CE) / W (W: the micro-batch's total loss weight), so the CP shares
-    add up to the micro-batch mean. Multiplied back by W it is a sum; W is counted once per CP group, and
-    Megatron divides by the tokens counted over DP x CP and all micro-batches: the global token mean.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    loss_sum = output_tensor.float() * total_weight
-    count = int(round(total_weight)) if ps.get_context_parallel_rank() == 0 else 0
-    report = torch.tensor([float(loss_sum.detach()), float(count)], dtype=torch.float64)
-    dist.all_reduce(report, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return loss_sum, torch.tensor(count, dtype=torch.int), {"lm loss": report}
+    return build_streams(get_args(), _tokenizer(), _STATE["step"], ps.get_data_parallel_rank(),
+                         ps.get_data_parallel_world_size())
 
 
 def forward_step(data_iterator, model):
-    """One packed micro-batch: stage-1 frame assignment, decode only this rank's frames, MM-SP forward."""
-    from megatron_longvila.data.dataset import decode_media
-    from megatron_longvila.data.image_processor import SiglipImageProcessor
-    from megatron_longvila.models.longvila import MicroBatch, shift_targets
-    from megatron_longvila.parallel.sharding import plan_sequence
-
-    args = get_args()
-    mesh = _STATE["mesh"]
-    packed = next(data_iterator)
-    m = _unwrap(model)
-    size = _frame_size()
-    mb = MicroBatch.from_packed(packed, [None] * len(packed.media), [(size, size)] * len(packed.media))
-    from megatron_longvila.attention.megatron_core import get_mmsp_config
-
-    mmsp = get_mmsp_config()
-    uniform = bool(mmsp.uniform_shards)
-    if uniform and mb.total_len < args.seq_length:
-        mb = _fill_to(mb, args.seq_length, _tokenizer().pad_id)
-    if m.pre_process and mb.frames:
-        plan = plan_sequence(mesh, mb.seq_lens, uniform=uniform, pad_to_multiple=mmsp.pad_to_multiple)
-        mine = m.assign(mb, plan).frames_of(mesh.cp_rank)
-        failed = torch.zeros(len(packed.media))
-        if mine:
-            proc = _STATE.setdefault("processor", SiglipImageProcessor(size, mode="pad"))
-            decoded = decode_media(packed, mine, processor=proc, on_error="blank")
-            for g, px in zip(mine, decoded.pixels):
-                mb.frames[g].pixels = px
-            for media, _ in decoded.failed:
-                failed[media] = 1
-        _drop_documents_with_failed_media(mb, packed, failed, mesh, args)
-    weight = float(shift_targets(mb.labels, mb.loss_weights, mb.seq_lens)[1].sum())
-    if weight != round(weight):
-        raise ValueError("per-token loss needs integral token weights: use loss_weight 1 in the manifest and "
-                         "DataConfig loss weights of 1")
-    output = model(mb, mesh, uniform=uniform, pad_to_multiple=mmsp.pad_to_multiple)
-    return output, partial(loss_func, weight)
-
-
-def _drop_documents_with_failed_media(mb, packed, failed, mesh, args) -> None:
-    """A file that passed the dataset's checks can still fail to decode here, on one rank, after every rank
-    has committed to this micro-batch. Its frames were blanked so the ranks stay in step; the documents that
-    use them must not be learned from. The CP ranks of this stage agree on the failures (a CP all-reduce,
-    safe here: all of them run this step for the same micro-batch) and drop those documents from the loss.
-    Under pipeline parallelism the loss lives on the last stage, which does not decode: there the failures
-    are only counted and logged."""
-    from megatron_longvila.models.longvila import IGNORE_INDEX
-    from megatron_longvila.parallel import comm
-
-    if mesh.cp_size > 1:
-        comm.all_reduce(failed, mesh.cp_group, op=torch.distributed.ReduceOp.MAX, kind="decode_failures")
-    if not failed.any():
-        return
-    _STATE["blanked_media"] = _STATE.get("blanked_media", 0) + int(failed.sum())
-    if args.pipeline_model_parallel_size > 1:
-        print(f"[data] {int(failed.sum())} media item(s) failed to decode and were blanked (not dropped from the "
-              f"loss under pipeline parallelism)", flush=True)
-        return
-    ends = torch.cumsum(torch.tensor(mb.seq_lens), 0)
-    for media in failed.nonzero().flatten().tolist():
-        doc = int(torch.searchsorted(ends, packed.media[media].frame_offsets[0], right=True))
-        start = int(ends[doc - 1]) if doc else 0
-        mb.labels[start:int(ends[doc])] = IGNORE_INDEX
-        mb.loss_weights[start:int(ends[doc])] = 0
-    print(f"[data] dropped the documents of {int(failed.sum())} media item(s) that failed to decode from this "
-          f"micro-batch's loss", flush=True)
-
-
-def _fill_to(mb, length: int, pad_id: int):
-    """Append a filler document (no loss) so the sequence has exactly --seq-length tokens (pipeline shapes)."""
-    from megatron_longvila.models.longvila import IGNORE_INDEX, MicroBatch
-
-    n = length - mb.total_len
-    return MicroBatch(input_ids=torch.cat([mb.input_ids, torch.full((n,), pad_id, dtype=torch.long)]),
-                      labels=torch.cat([mb.labels, torch.full((n,), IGNORE_INDEX, dtype=torch.long)]),
-                      loss_weights=torch.cat([mb.loss_weights, torch.zeros(n)]),
-                      position_ids=torch.cat([mb.position_ids, torch.arange(n)]), seq_lens=mb.seq_lens + [n],
-                      frames=mb.frames)
+    """One planned micro-batch: this rank's frames decoded and encoded, MM-SP forward (training.step)."""
+    return _STATE["step"].forward_step(data_iterator, model)
 
 
 # ------------------------------------------------------------------------------------------------------

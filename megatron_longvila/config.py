@@ -21,7 +21,7 @@ fallback to plain ring CP.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 __all__ = ["MMSPConfig", "MMSPConfigError", "mmsp_config_from_megatron", "validate_mmsp", "CP_ATTENTION_CHOICES"]
 

@@ -81,7 +81,6 @@ def _micro_batch(args, patch: int):
 
 def _rank(rank, world, args):
     import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -104,16 +103,18 @@ def _rank(rank, world, args):
     mb, media_id = _micro_batch(args, ENCODERS[args.encoder].patch_size)
     model.media_token_id = media_id
 
+    from megatron_longvila.training.microbatch import model_device, plan_microbatch
+
+    step = plan_microbatch(model, mb, mesh).to(model_device(model))
     comm.reset_counters()
-    loss = model(mb, mesh)
+    loss = model(step)
     fwd = comm.counters()["bytes"].get("cp/mmsp_route", 0)
     loss.backward()
     bwd = comm.counters()["bytes"].get("cp/mmsp_route_bwd", 0)
-    step = model.last_step
     # Time this rank's stage-1 work alone (encoder + projector on its frames), outside the collectives.
     t0 = time.perf_counter()
     with torch.no_grad():
-        model.encode_local(mb, step.frames_encoded)
+        model.encode_local(step)
     enc_s = time.perf_counter() - t0
     rp = step.routing
     hidden = model.language_model.hidden_size

@@ -2,12 +2,14 @@
 
 Public API:
     initialize_mmsp(config, mmsp=None, *, seq_length=None, micro_batch_size=None, packed=False) -> MMSPMesh
-        validate (config.validate_mmsp) and build the U x R mesh inside Megatron's CP group. Collective:
-        every rank calls it once, after parallel_state.initialize_model_parallel.
-    get_mmsp_mesh() -> MMSPMesh, get_mmsp_config() -> MMSPConfig       what initialize_mmsp built
-    reset_mmsp()                                                        forget them (tests)
+        validate (config.validate_mmsp) and build the U x R mesh inside Megatron's CP group (the Ulysses and ring
+        groups are Megatron's own hierarchical CP groups). Collective: every rank calls it, after
+        parallel_state.initialize_model_parallel. The mesh and settings are attached to `config` (the model's
+        TransformerConfig), not kept in module globals: two models with their own configs never share them, and
+        a model built before initialize_mmsp sees them at its first forward.
+    mmsp_state(config) -> MMSPState | None, get_mmsp_mesh(config), get_mmsp_config(config)
     MMSPPackedSeqParams(PackedSeqParams)   Megatron's packed-sequence parameters plus the sharding `plan`
-    plan_for(packed_seq_params, local_len) -> SequencePlan              the plan a forward pass uses
+    plan_for(packed_seq_params, local_len, config=None) -> SequencePlan   the plan a forward pass uses
     MMSPCoreAttention                      Megatron core_attention (sbhd and thd) on top of mmsp_attention
     MMSPSelfAttention(SelfAttention)       applies RoPE at the plan's per-document positions
     mark_plan_rope_table(t) -> t           flag a rotary table as un-sliced (see models.gpt.PlanRotaryEmbedding)
@@ -17,12 +19,15 @@ layout (or, for thd, splitting each document in 2*CP chunks). The MM-SP plan use
 MMSPSelfAttention takes the full rotary table, picks the rows of this rank's tokens (plan.position_ids),
 and hands Megatron's attention the result as an ordinary sbhd sequence. thd and sbhd then differ only in
 the core-attention tensor shapes, which MMSPCoreAttention handles.
+
+No host synchronization happens in these modules when the plan was put on the device first (`plan.to`, which
+the training step's planned micro-batch does): positions, the longest document and every index are known on
+the host or already on the device.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,24 +39,41 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from ..config import MMSPConfig, MMSPConfigError, validate_mmsp
-from ..parallel.mesh import MMSPMesh, build_mmsp_mesh, single_rank_mesh
+from ..parallel.mesh import MMSPMesh, build_mmsp_mesh, host_group_of, single_rank_mesh
 from ..parallel.sharding import SequencePlan, plan_sequence
 from .mmsp import mmsp_attention
 
-__all__ = ["initialize_mmsp", "get_mmsp_mesh", "get_mmsp_config", "reset_mmsp", "MMSPPackedSeqParams", "plan_for",
-           "MMSPCoreAttention", "MMSPSelfAttention", "mark_plan_rope_table", "MMSPRuntimeError"]
+__all__ = ["initialize_mmsp", "mmsp_state", "get_mmsp_mesh", "get_mmsp_config", "reset_mmsp", "MMSPState",
+           "MMSPPackedSeqParams", "plan_for", "MMSPCoreAttention", "MMSPSelfAttention", "mark_plan_rope_table",
+           "MMSPRuntimeError"]
 
 
 class MMSPRuntimeError(RuntimeError):
     """A forward pass that does not match the MM-SP setup (wrong batch sharding, missing plan, ...)."""
 
 
-_STATE = {"mesh": None, "config": None}
+@dataclass(frozen=True)
+class MMSPState:
+    """What `initialize_mmsp` set up for one model (attached to its TransformerConfig)."""
+
+    mesh: MMSPMesh
+    """The U x R mesh of this rank."""
+    config: MMSPConfig
+    """The validated MM-SP settings (kernel, shard padding, ...)."""
+    host_cp_group: Optional[object] = None
+    """A gloo group over the CP group, for host-side agreement while planning (None when CP is 1)."""
+
+    def __deepcopy__(self, memo):  # process groups cannot be copied; a copied config shares its mesh
+        return self
+
+
+_STATE_ATTR = "_mmsp_state"
 
 
 def initialize_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Optional[int] = None,
                     micro_batch_size: Optional[int] = None, packed: bool = False) -> MMSPMesh:
-    """Validate the configuration and build the MM-SP mesh in Megatron's CP group (collective, all ranks)."""
+    """Validate the configuration, build the MM-SP mesh in Megatron's CP group (collective, all ranks) and
+    attach both to `config`."""
     mmsp = validate_mmsp(config, mmsp, seq_length=seq_length, micro_batch_size=micro_batch_size, packed=packed)
     from megatron.core import parallel_state as ps
 
@@ -61,29 +83,39 @@ def initialize_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Op
     if ps.get_context_parallel_world_size() != mmsp.cp_size:
         raise MMSPConfigError(f"parallel_state has context-parallel size {ps.get_context_parallel_world_size()} but "
                               f"the config says {mmsp.cp_size}: pass the same --context-parallel-size to both")
+    host = None
     if mmsp.cp_size == 1:
         mesh = single_rank_mesh()
     else:
         mesh = build_mmsp_mesh(mmsp.ulysses_size, mmsp.ring_size, ps.get_context_parallel_group(),
                                ring_first=mmsp.ring_first)
-    _STATE["mesh"], _STATE["config"] = mesh, mmsp
+        host = host_group_of(mesh.cp_group)
+    setattr(config, _STATE_ATTR, MMSPState(mesh=mesh, config=mmsp, host_cp_group=host))
     return mesh
 
 
-def get_mmsp_mesh() -> MMSPMesh:
-    if _STATE["mesh"] is None:
-        raise MMSPRuntimeError("MM-SP is not initialized: call megatron_longvila.attention.megatron_core."
-                               "initialize_mmsp(config) after initialize_model_parallel")
-    return _STATE["mesh"]
+def mmsp_state(config) -> Optional[MMSPState]:
+    """What initialize_mmsp attached to `config`, or None."""
+    return getattr(config, _STATE_ATTR, None) if config is not None else None
 
 
-def get_mmsp_config() -> MMSPConfig:
-    get_mmsp_mesh()
-    return _STATE["config"]
+def get_mmsp_mesh(config) -> MMSPMesh:
+    state = mmsp_state(config)
+    if state is None:
+        raise MMSPRuntimeError("MM-SP is not initialized for this model: call megatron_longvila.attention."
+                               "megatron_core.initialize_mmsp(model.config) after initialize_model_parallel")
+    return state.mesh
 
 
-def reset_mmsp() -> None:
-    _STATE["mesh"], _STATE["config"] = None, None
+def get_mmsp_config(config) -> MMSPConfig:
+    get_mmsp_mesh(config)
+    return mmsp_state(config).config
+
+
+def reset_mmsp(config=None) -> None:
+    """Detach the MM-SP state from `config` (tests that reuse a config)."""
+    if config is not None and hasattr(config, _STATE_ATTR):
+        delattr(config, _STATE_ATTR)
 
 
 @dataclass
@@ -98,21 +130,23 @@ class MMSPPackedSeqParams(PackedSeqParams):
     plan: Optional[SequencePlan] = None
 
 
-_PLAN_CACHE: dict = {}
-_POS_CACHE: "weakref.WeakKeyDictionary[SequencePlan, torch.Tensor]" = weakref.WeakKeyDictionary()
+_PLAN_ATTR = "_mmsp_plan"
 
 
-def plan_for(packed_seq_params: Optional[PackedSeqParams], local_len: int) -> SequencePlan:
+def plan_for(packed_seq_params: Optional[PackedSeqParams], local_len: int, config=None) -> SequencePlan:
     """The sharding plan of the current micro-batch.
 
-    An MMSPPackedSeqParams carries it. A plain thd PackedSeqParams gets a plan from its (global, unpadded)
-    cu_seqlens_q with the shard settings of `initialize_mmsp`; with no params at all the sequence is one
-    document, which is only unambiguous without context parallelism.
+    An MMSPPackedSeqParams carries it. A plain thd PackedSeqParams (Megatron's own data path) gets a plan from
+    its global, unpadded cu_seqlens_q with the shard settings `initialize_mmsp` attached to `config`; the plan is
+    kept on the params object, so the first layer builds it and the others reuse it (reading cu_seqlens from a
+    GPU tensor is then one host synchronization per micro-batch, in that first layer). With no params at all the
+    sequence is one document, which is only unambiguous without context parallelism.
     """
-    plan = getattr(packed_seq_params, "plan", None)
+    plan = getattr(packed_seq_params, "plan", None) or getattr(packed_seq_params, _PLAN_ATTR, None)
     if plan is None:
-        mesh = _STATE["mesh"] or single_rank_mesh()
-        cfg = _STATE["config"]
+        state = mmsp_state(config)
+        mesh = state.mesh if state is not None else single_rank_mesh()
+        cfg = state.config if state is not None else None
         uniform = bool(cfg.uniform_shards) if cfg else False
         multiple = cfg.pad_to_multiple if cfg else 1
         if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
@@ -124,27 +158,15 @@ def plan_for(packed_seq_params: Optional[PackedSeqParams], local_len: int) -> Se
             raise MMSPRuntimeError(
                 "MM-SP attention with context parallelism needs the micro-batch's sharding plan: build the batch "
                 "with megatron_longvila.training.batch.shard_batch and pass its packed_seq_params to the model")
-        key = (id(mesh), seq_lens, uniform, multiple)
-        plan = _PLAN_CACHE.get(key)
-        if plan is None:
-            if len(_PLAN_CACHE) > 64:
-                _PLAN_CACHE.clear()
-            plan = _PLAN_CACHE[key] = plan_sequence(mesh, seq_lens, uniform=uniform,
-                                                    pad_to_multiple=multiple if uniform else 1)
+        plan = plan_sequence(mesh, seq_lens, uniform=uniform, pad_to_multiple=multiple if uniform else 1)
+        if packed_seq_params is not None:
+            setattr(packed_seq_params, _PLAN_ATTR, plan)
     if plan.local_len != local_len:
         raise MMSPRuntimeError(
             f"this rank holds {local_len} tokens but the sharding plan gives it {plan.local_len} (documents "
             f"{plan.seq_lens}): shard tokens, labels and position ids with training.batch.shard_batch (not "
             f"Megatron's get_batch_on_this_cp_rank)")
     return plan
-
-
-def _plan_positions(plan: SequencePlan, device) -> torch.Tensor:
-    pos = _POS_CACHE.get(plan)
-    if pos is None or pos.device != torch.device(device):
-        pos = plan.position_ids().to(device)
-        _POS_CACHE[plan] = pos
-    return pos
 
 
 _PLAN_ROPE_FLAG = "_mmsp_full_rope_table"
@@ -169,14 +191,13 @@ class MMSPSelfAttention(SelfAttention):
         local_len = hidden_states.shape[0]
         if self.config.sequence_parallel:
             local_len *= self.config.tensor_model_parallel_size
-        plan = plan_for(packed_seq_params, local_len)
+        plan = plan_for(packed_seq_params, local_len, self.config)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and hidden_states.shape[1] != 1:
             raise MMSPRuntimeError(f"thd format needs batch 1, got hidden states {tuple(hidden_states.shape)}")
         # From here on every layout is sbhd to Megatron (thd is sbhd with b == 1); the plan knows the documents.
         params = MMSPPackedSeqParams(qkv_format="sbhd", plan=plan)
         if rotary_pos_emb is not None:
             tables = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
-            pos = None
             local = []
             for table in tables:
                 if table is None:
@@ -187,13 +208,12 @@ class MMSPSelfAttention(SelfAttention):
                         "the model's RotaryEmbedding slices positions in Megatron's CP layout, which is not the MM-SP "
                         "layout: build the model with megatron_longvila.models.gpt.build_gpt_model, or call "
                         "megatron_longvila.models.gpt.use_plan_rope(model) after building it")
-                if pos is None:
-                    pos = _plan_positions(plan, table.device)
-                if pos.numel() and int(pos.max()) >= table.shape[0]:
+                # The longest document is known on the host: no look at the position tensor itself.
+                if plan.max_doc_len > table.shape[0]:
                     raise MMSPRuntimeError(
-                        f"a document of {int(pos.max()) + 1} tokens exceeds the rotary table ({table.shape[0]} "
+                        f"a document of {plan.max_doc_len} tokens exceeds the rotary table ({table.shape[0]} "
                         f"positions): raise --max-position-embeddings / --seq-length")
-                local.append(table.index_select(0, pos))
+                local.append(table.index_select(0, plan.local_position_ids(table.device)))
             rotary_pos_emb = tuple(local)
         return super().forward(hidden_states, attention_mask, key_value_states=key_value_states,
                                rotary_pos_emb=rotary_pos_emb, attention_bias=attention_bias,
@@ -233,10 +253,19 @@ class MMSPCoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-        cfg = _STATE["config"]
-        self.backend = backend or (cfg.attention_backend if cfg is not None else "auto")
-        if getattr(config, "fp8", None) and getattr(config, "fp8_dot_product_attention", False):
-            self.backend = "te_fp8"  # validated at start-up: TE imports and no other kernel was asked for
+        self._backend = backend  # from the layer spec; None: the MM-SP settings' kernel, read at forward time
+
+    @property
+    def backend(self) -> str:
+        """The local kernel: FP8 when configured, else the spec's choice, else what initialize_mmsp validated.
+
+        Read at forward time, so a model built before initialize_mmsp still runs the kernel it configures."""
+        if getattr(self.config, "fp8", None) and getattr(self.config, "fp8_dot_product_attention", False):
+            return "te_fp8"  # validated at start-up: TE imports and no other kernel was asked for
+        if self._backend is not None:
+            return self._backend
+        state = mmsp_state(self.config)
+        return state.config.attention_backend if state is not None else "auto"
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -252,7 +281,7 @@ class MMSPCoreAttention(MegatronModule):
         thd = query.dim() == 3
         if thd:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        plan = plan_for(packed_seq_params, query.shape[0])
+        plan = plan_for(packed_seq_params, query.shape[0], self.config)
         out = mmsp_attention(query, key, value, plan, causal=mask_type == AttnMaskType.causal,
                              softmax_scale=self.softmax_scale, backend=self.backend)
         s, b = out.shape[0], out.shape[1]

@@ -13,14 +13,13 @@ one hop behind it, starting at the first non-owner and arriving home after R-1 h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, Tuple, Union
 
 import torch
-import torch.distributed as dist
 
 from ..parallel import comm
-from ..parallel.sharding import SequencePlan
+from ..parallel.sharding import SequencePlan, host_to_device
 from .backends import AttentionBackend, Segments
 from .backends.base import acc_dtype
 
@@ -42,10 +41,23 @@ class Block:
     """Segment boundaries inside the gathered rows."""
     nq: int
     """Number of query rows taking part."""
+    _device_rows: Dict[tuple, Tuple[Rows, Rows]] = field(default_factory=dict, repr=False)
 
     @property
     def empty(self) -> bool:
         return len(self.seg.cu_q) <= 1
+
+    def rows_on(self, device) -> Tuple[Rows, Rows]:
+        """(q_rows, k_rows) with index tensors on `device` (copied once; the block lives in its plan's cache)."""
+        device = torch.device(device)
+        key = (device.type, device.index)
+        hit = self._device_rows.get(key)
+        if hit is None:
+            def move(rows):
+                return host_to_device(rows, device) if isinstance(rows, torch.Tensor) else rows
+
+            hit = self._device_rows[key] = (move(self.q_rows), move(self.k_rows))
+        return hit
 
 
 def _rows(ranges, total) -> Rows:
@@ -107,28 +119,24 @@ def reset_attention_stats() -> None:
     ATTENTION_STATS["bwd_flops"] = 0
 
 
-_DEVICE_INDEX: Dict[tuple, torch.Tensor] = {}
-
-
-def _on(index: torch.Tensor, device) -> torch.Tensor:
-    """A plan's index tensor on `device`, copied there once (not once per ring step)."""
-    if index.device == torch.device(device):
-        return index
-    key = (id(index), str(device))
-    hit = _DEVICE_INDEX.get(key)
-    if hit is None or hit[0] is not index:
-        if len(_DEVICE_INDEX) > 4096:
-            _DEVICE_INDEX.clear()
-        hit = _DEVICE_INDEX[key] = (index, index.to(device))
-    return hit[1]
+def prepare_ring_blocks(plan: SequencePlan, device) -> None:
+    """Build this rank's ring blocks (both masks) and put their index tensors on `device` (plan.to does this)."""
+    r = plan.mesh.ring_rank
+    for j in range(plan.ring_size):
+        for causal in (True, False):
+            blk = ring_step_block(plan, r, j, causal)
+            blk.rows_on(device)
+            if not blk.empty and torch.device(device).type != "cpu":
+                blk.seg.device_tensors(device)
 
 
 def _take(x: torch.Tensor, rows: Rows, dim: int = 0) -> torch.Tensor:
+    """Rows of x; index tensors must already be on x's device (Block.rows_on)."""
     if rows is None:
         return x
     if isinstance(rows, slice):
         return x.narrow(dim, rows.start, rows.stop - rows.start)
-    return x.index_select(dim, _on(rows, x.device))
+    return x.index_select(dim, rows)
 
 
 def _add_rows(acc: torch.Tensor, rows: Rows, val: torch.Tensor) -> None:
@@ -137,7 +145,7 @@ def _add_rows(acc: torch.Tensor, rows: Rows, val: torch.Tensor) -> None:
     elif isinstance(rows, slice):
         acc.narrow(0, rows.start, rows.stop - rows.start).add_(val)
     else:
-        acc.index_add_(0, _on(rows, acc.device), val)
+        acc.index_add_(0, rows, val)
 
 
 def _merge(out_acc, lse_acc, o, l, rows: Rows):
@@ -149,7 +157,7 @@ def _merge(out_acc, lse_acc, o, l, rows: Rows):
         oa.add_(o.to(oa.dtype) * torch.exp(l - new).transpose(0, 1).unsqueeze(-1))
         la.copy_(new)
         return
-    index = _on(rows, out_acc.device)
+    index = rows
     la = lse_acc.index_select(1, index)
     new = torch.logaddexp(la, l)
     oa = out_acc.index_select(0, index) * torch.exp(la - new).transpose(0, 1).unsqueeze(-1)
@@ -187,9 +195,9 @@ class RingAttention(torch.autograd.Function):
             handle, nk, nv = _post_kv(plan, r, s, cur_k, cur_v, ring_group, "kv")
             blk = ring_step_block(plan, r, j, causal)
             if not blk.empty and q.shape[1] > 0:
-                o, l = backend.forward(_take(q, blk.q_rows), _take(cur_k, blk.k_rows), _take(cur_v, blk.k_rows),
-                                       blk.seg, scale)
-                _merge(out_acc, lse_acc, o, l, blk.q_rows)
+                q_rows, k_rows = blk.rows_on(q.device)
+                o, l = backend.forward(_take(q, q_rows), _take(cur_k, k_rows), _take(cur_v, k_rows), blk.seg, scale)
+                _merge(out_acc, lse_acc, o, l, q_rows)
                 flops += 4 * blk.seg.pairs() * q.shape[1] * q.shape[2]
             if handle is not None:
                 handle.wait()
@@ -222,13 +230,13 @@ class RingAttention(torch.autograd.Function):
             dk_part = torch.zeros((n_j,) + acc_shape, dtype=acc, device=q.device)
             dv_part = torch.zeros((n_j,) + acc_shape, dtype=acc, device=q.device)
             if not blk.empty and q.shape[1] > 0:
-                qi = blk.q_rows
+                qi, ki = blk.rows_on(q.device)
                 g_q, g_k, g_v = backend.backward(
-                    _take(dout, qi), _take(q, qi), _take(cur_k, blk.k_rows), _take(cur_v, blk.k_rows),
+                    _take(dout, qi), _take(q, qi), _take(cur_k, ki), _take(cur_v, ki),
                     _take(out, qi), _take(lse, qi, dim=1), blk.seg, scale)
                 _add_rows(dq, qi, g_q.to(acc))
-                _add_rows(dk_part, blk.k_rows, g_k.to(acc))
-                _add_rows(dv_part, blk.k_rows, g_v.to(acc))
+                _add_rows(dk_part, ki, g_k.to(acc))
+                _add_rows(dv_part, ki, g_v.to(acc))
                 flops += 10 * blk.seg.pairs() * q.shape[1] * q.shape[2]
             if s == 0:
                 dkv_home = (dk_part, dv_part)

@@ -8,7 +8,7 @@ to each of them, and the backward sums its gradients (autograd does, through the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -48,25 +48,34 @@ def head_layout(num_q: int, num_kv: int, ulysses_size: int) -> HeadLayout:
 
 
 def _select_heads(x: torch.Tensor, heads) -> torch.Tensor:
+    """x[:, :, heads] from runs of consecutive heads as views: no index tensor to build on the device (which
+    would be a host-to-device copy, hence a synchronization, in every layer)."""
     heads = list(heads)
-    if heads and heads == list(range(heads[0], heads[0] + len(heads))):
-        return x[:, :, heads[0]:heads[0] + len(heads)]
-    return x.index_select(2, torch.tensor(heads, dtype=torch.long, device=x.device))
+    runs, start = [], 0
+    for i in range(1, len(heads) + 1):
+        if i == len(heads) or heads[i] != heads[i - 1] + 1:
+            runs.append(x[:, :, heads[start]:heads[i - 1] + 1])
+            start = i
+    if len(runs) == 1:
+        return runs[0]
+    return torch.cat(runs, dim=2) if runs else x[:, :, :0]
 
 
-def _compact_index(plan: SequencePlan, ring_rank: int, device) -> Optional[torch.Tensor]:
+def compact_index(plan: SequencePlan, ring_rank: int, device) -> Optional[torch.Tensor]:
     """Rows of the received (pad-interleaved) ring buffer that hold real tokens; None when nothing is padded."""
     if not plan.padded:
         return None
-    key = ("compact", ring_rank, str(device))
-    if key not in plan._block_cache:
+
+    def build():
         real, local = plan.ring_pad_layout(ring_rank)
         idx, base = [], 0
         for n, m in zip(real, local):
             idx.append(torch.arange(base, base + n))
             base += m
-        plan._block_cache[key] = torch.cat(idx).to(device)
-    return plan._block_cache[key]
+        return torch.cat(idx)
+
+    return plan.on_device(f"compact_{ring_rank}", device, build)
+
 
 
 def seq_to_heads(x: torch.Tensor, heads_per_rank, plan: SequencePlan, group, kind: str) -> torch.Tensor:
@@ -84,7 +93,7 @@ def seq_to_heads(x: torch.Tensor, heads_per_rank, plan: SequencePlan, group, kin
         out_splits = [local[t] * b * h_me * d for t in range(U)]
         flat = comm.all_to_all_autograd(torch.cat(parts), out_splits, in_splits, group, kind)
         y = flat.view(sum(local), b, h_me, d)
-    idx = _compact_index(plan, r, x.device)
+    idx = compact_index(plan, r, x.device)
     return y if idx is None else y.index_select(0, idx)
 
 
@@ -93,7 +102,7 @@ def heads_to_seq(y: torch.Tensor, q_ranges, plan: SequencePlan, group, kind: str
     mesh = plan.mesh
     U, u, r = mesh.ulysses_size, mesh.ulysses_rank, mesh.ring_rank
     _, b, h_me, d = y.shape
-    idx = _compact_index(plan, r, y.device)
+    idx = compact_index(plan, r, y.device)
     if idx is not None:
         real, local = plan.ring_pad_layout(r)
         full = y.new_zeros((sum(local), b, h_me, d))

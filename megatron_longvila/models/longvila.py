@@ -23,20 +23,18 @@ data pipeline's `PackedSequence` with `MicroBatch.from_packed`.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from ..parallel.frame_assignment import FrameAssignment, assign_frames, encoder_cost
 from ..parallel.mesh import MMSPMesh
-from ..parallel.routing import RoutingPlan, build_routing_plan, merge_visual, route
-from ..parallel.sharding import SequencePlan, plan_sequence
-from .projector import MlpDownsampleProjector, tokens_per_frame
+from ..parallel.routing import merge_visual, route
+from ..parallel.sharding import SequencePlan
+from .projector import MlpDownsampleProjector
 from .vision import SiglipVisionModel, patch_grid
 
 IGNORE_INDEX = -100
@@ -110,6 +108,8 @@ class MicroBatch:
     """Lengths of the packed documents (the argument of `plan_sequence`)."""
     frames: List[FrameSlot]
     """Every frame and image of the micro-batch, in sequence order."""
+    sample_ids: List[str] = field(default_factory=list)
+    """Ids of the packed samples (for messages that name the data), when known."""
 
     @classmethod
     def from_samples(cls, samples: Sequence[LongVILASample]) -> "MicroBatch":
@@ -156,7 +156,7 @@ class MicroBatch:
                                        len(packed), f"media {j}"))
         return cls(input_ids=packed.input_ids.long(), labels=packed.labels.long(),
                    loss_weights=packed.loss_weights.float(), position_ids=packed.position_ids.long(),
-                   seq_lens=list(packed.seq_lens), frames=slots)
+                   seq_lens=list(packed.seq_lens), frames=slots, sample_ids=list(getattr(packed, "sample_ids", [])))
 
     @property
     def total_len(self) -> int:
@@ -183,20 +183,6 @@ def _media_frames(m: Media, offset: int, sample_len: int, where: str) -> List[Fr
         raise LongVILAInputError(f"{where}: token positions outside the sample's {sample_len} tokens")
     return [FrameSlot(positions=pos[k] + offset, height=h, width=w,
                       pixels=None if m.frames is None else m.frames[k]) for k in range(n)]
-
-
-def _fill_to(batch: MicroBatch, seq_length: int, pad_id: int) -> MicroBatch:
-    """`batch` plus a filler document (token pad_id, weight 0) up to seq_length tokens."""
-    fill = seq_length - batch.total_len
-    if fill < 0:
-        raise LongVILAInputError(f"micro-batch of {batch.total_len} tokens is longer than seq_length {seq_length}")
-    if fill == 0:
-        return batch
-    return MicroBatch(input_ids=torch.cat([batch.input_ids, batch.input_ids.new_full((fill,), pad_id)]),
-                      labels=torch.cat([batch.labels, batch.labels.new_full((fill,), IGNORE_INDEX)]),
-                      loss_weights=torch.cat([batch.loss_weights, batch.loss_weights.new_zeros(fill)]),
-                      position_ids=torch.cat([batch.position_ids, torch.arange(fill)]),
-                      seq_lens=list(batch.seq_lens) + [fill], frames=batch.frames)
 
 
 def shift_targets(labels: torch.Tensor, weights: torch.Tensor, seq_lens: Sequence[int]
@@ -302,16 +288,6 @@ class GPTAdapter(LanguageModelAdapter):
 # The model
 # ----------------------------------------------------------------------------------------------------
 
-@dataclass
-class StepInfo:
-    """What one forward did, for tests and benchmarks."""
-
-    plan: SequencePlan
-    assignment: FrameAssignment
-    routing: Optional[RoutingPlan]
-    frames_encoded: List[int]
-
-
 class LongVILAModel(MegatronModule):
     """Vision encoder + mlp_downsample projector + LLM, with MM-SP frame and token sharding.
 
@@ -340,7 +316,7 @@ class LongVILAModel(MegatronModule):
         # Megatron's schedules read model_type; the encoder lives inside the first stage (one pipeline of
         # decoder-like stages, as LLaVA in megatron-core), not on stages of its own.
         self.model_type = ModelType.encoder_or_decoder
-        self.last_step: Optional[StepInfo] = None
+        self.record = None  # the models.record.ModelRecord it was built from, when built from one (checkpoints)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -369,125 +345,76 @@ class LongVILAModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.language_model.model.shared_embedding_or_output_weight()
 
-    # -- stage 1 ---------------------------------------------------------------------------------------
-    def frame_costs(self, frames: Sequence[FrameSlot]) -> List[float]:
-        cfg = self.vision_model.cfg
-        return [encoder_cost(f.height, f.width, cfg.patch_size, hidden=cfg.hidden_size) for f in frames]
-
-    def assign(self, batch: MicroBatch, plan: SequencePlan) -> FrameAssignment:
-        """Stage 1 for this micro-batch (the same on every CP rank)."""
-        preferred = None
-        if self.locality_aware and plan.cp_size > 1 and batch.frames:
-            owner_of = torch.empty(plan.total_len, dtype=torch.long)
-            for r in range(plan.cp_size):
-                owner_of[plan.token_index(r)] = r
-            preferred = [int(torch.bincount(owner_of[f.positions], minlength=plan.cp_size).argmax())
-                         for f in batch.frames]
-        return assign_frames(self.frame_costs(batch.frames), plan.cp_size, preferred=preferred)
-
-    def _check_frames(self, batch: MicroBatch) -> None:
-        p = self.vision_model.cfg.patch_size
-        for i, f in enumerate(batch.frames):
-            expected = tokens_per_frame(f.height, f.width, p)
-            if f.positions.numel() != expected:
-                raise LongVILAInputError(f"frame {i} ({f.height}x{f.width} px) has {f.positions.numel()} token "
-                                         f"positions, the encoder and projector produce {expected}")
-            if self.media_token_id is not None:
-                bad = batch.input_ids[f.positions] != self.media_token_id
-                if bool(bad.any()):
-                    raise LongVILAInputError(f"frame {i}: input_ids at its token positions are not the media token "
-                                             f"{self.media_token_id} (e.g. position {int(f.positions[bad][0])})")
-
     def _visual_trains(self) -> Tuple[bool, bool]:
         enc = any(p.requires_grad for p in self.vision_model.parameters())
         proj = any(p.requires_grad for p in self.projector.parameters())
         return enc, proj
 
-    def encode_local(self, batch: MicroBatch, frame_ids: Sequence[int]) -> torch.Tensor:
-        """Encode and project this rank's frames; rows in frame order: [sum of their tokens, llm hidden]."""
+    def encode_local(self, mb) -> torch.Tensor:
+        """Encode and project this rank's frames of a PlannedMicroBatch: [sum of their tokens, llm hidden], rows in
+        frame order (the order of the routing buffer)."""
         enc_trains, proj_trains = self._visual_trains()
         needs_grad = torch.is_grad_enabled() and (enc_trains or proj_trains)
         hidden = self.language_model.hidden_size
         dtype = self.projector.layernorm.weight.dtype if hasattr(self.projector.layernorm, "weight") else None
-        if not frame_ids:
+        if not mb.groups:
             # Zero rows, but part of the graph: this rank must still run the backward all-to-all.
-            return torch.zeros(0, hidden, dtype=dtype, requires_grad=needs_grad)
-        groups: Dict[Tuple[int, int], List[int]] = {}
-        for f in frame_ids:
-            slot = batch.frames[f]
-            if slot.pixels is None:
-                raise LongVILAInputError(f"frame {f} is assigned to this rank (stage 1) but its pixels are missing: "
-                                         f"decode the frames `LongVILAModel.assign` gives this rank")
-            groups.setdefault((slot.height, slot.width), []).append(f)
-        rows: Dict[int, torch.Tensor] = {}
+            return torch.zeros(0, hidden, dtype=dtype, device=mb.device, requires_grad=needs_grad)
         p = self.vision_model.cfg.patch_size
-        for (h, w), fs in groups.items():
-            pixels = torch.stack([batch.frames[f].pixels for f in fs])
+        outs = []
+        for g in mb.groups:
             with torch.set_grad_enabled(needs_grad and enc_trains):
-                feats = self.vision_model(pixels)
+                feats = self.vision_model(g.pixels)
             with torch.set_grad_enabled(needs_grad):
-                out = self.projector(feats, *patch_grid(h, w, p))
-            for k, f in enumerate(fs):
-                rows[f] = out[k]
-        return torch.cat([rows[f] for f in frame_ids])
+                out = self.projector(feats, *patch_grid(g.size[0], g.size[1], p))
+            outs.append(out.reshape(-1, out.shape[-1]))
+        rows = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return rows if mb.row_order is None else rows.index_select(0, mb.row_order)
 
     # -- forward ---------------------------------------------------------------------------------------
-    def forward(self, batch: MicroBatch, mesh: MMSPMesh, *, uniform: bool = False, pad_to_multiple: int = 1,
+    def forward(self, batch, mesh: Optional[MMSPMesh] = None, *, uniform: bool = False, pad_to_multiple: int = 1,
                 reduction: str = "global_mean", seq_length: Optional[int] = None, pad_id: int = 0):
         """One micro-batch on one CP rank.
 
-        seq_length: fixed shapes for Megatron's pipeline schedules (PP > 1) and TP sequence parallelism: the
-        micro-batch gets a filler document (token `pad_id`, no loss) up to seq_length and a uniform plan, so every
-        rank holds exactly seq_length / CP tokens, the shape Megatron's schedules allocate (seq_length must divide
-        by CP, and by CP x TP under sequence parallelism). Losses and gradients are those of the unfilled batch.
+        batch: a `training.microbatch.PlannedMicroBatch` (the training step plans and moves it before the
+            schedule runs; nothing is planned or copied to the device here), or a `MicroBatch`, which is planned
+            for `mesh` with the other arguments and moved to the model's device first (convenience for tests,
+            tools and inference; its frames must carry the pixels of this rank's frames).
+        seq_length: fixed shapes for Megatron's pipeline schedules (PP > 1) and TP sequence parallelism (see
+            `plan_microbatch`). Losses and gradients are those of the unfilled batch.
 
         Returns (last pipeline stage), with reduction="global_mean", this rank's share of the loss: sum over its
         tokens of weight * CE, divided by the micro-batch's total weight; the CP ranks' shares add up to the full
         loss. With reduction="none": (per-token CE [1, s_local], loss weights [1, s_local]), e.g. for
-        `training.loss.loss_func` under Megatron's schedules with calculate_per_token_loss. Other pipeline
-        stages return the LLM's hidden states.
+        `training.step` under Megatron's schedules with calculate_per_token_loss. Other pipeline stages return the
+        LLM's hidden states.
         """
+        from ..training.microbatch import PlannedMicroBatch, model_device, plan_microbatch
+
         if reduction not in ("global_mean", "none"):
             raise LongVILAInputError(f"reduction must be 'global_mean' or 'none', got {reduction!r}")
-        if sum(batch.seq_lens) != batch.total_len:
-            raise LongVILAInputError(f"seq_lens add up to {sum(batch.seq_lens)}, the micro-batch has "
-                                     f"{batch.total_len} tokens")
-        if seq_length is not None:
-            batch = _fill_to(batch, int(seq_length), pad_id)
-            uniform = True
-        plan = plan_sequence(mesh, batch.seq_lens, uniform=uniform, pad_to_multiple=pad_to_multiple)
-        if seq_length is not None and plan.local_len * plan.cp_size != seq_length:
-            raise LongVILAInputError(
-                f"seq_length {seq_length} over {plan.cp_size} CP ranks gives {plan.local_len} tokens per rank, not "
-                f"seq_length / CP: make seq_length a multiple of CP (x TP under sequence parallelism)")
-        targets, weights = shift_targets(batch.labels, batch.loss_weights, batch.seq_lens)
-        local_ids = plan.shard(batch.input_ids)
-        local_pos = plan.shard(batch.position_ids)
-        local_targets = plan.shard(targets)
-        if plan.padded:  # pads learn nothing
-            local_targets[plan.token_index().numel():] = IGNORE_INDEX
-        local_w = plan.shard(weights)
-
+        if isinstance(batch, PlannedMicroBatch):
+            mb = batch
+        else:
+            if mesh is None:
+                raise LongVILAInputError("LongVILAModel.forward(MicroBatch, mesh): give the MM-SP mesh to plan with")
+            dtype = self.vision_model.conv1.weight.dtype if self.vision_model is not None else None
+            mb = plan_microbatch(self, batch, mesh, uniform=uniform, pad_to_multiple=pad_to_multiple,
+                                 seq_length=seq_length, pad_id=pad_id).to(model_device(self), dtype)
+        plan = mb.plan
         decoder_input = None
-        assignment, rplan, mine = None, None, []
         if self.pre_process:
-            self._check_frames(batch)
-            decoder_input = self.language_model.embed(local_ids, local_pos)
-            assignment = self.assign(batch, plan)
-            if batch.frames:
-                mine = assignment.frames_of(mesh.cp_rank)
-                local_rows = self.encode_local(batch, mine)
-                rplan = build_routing_plan(assignment.owner, [f.positions for f in batch.frames], plan)
-                received = route(local_rows, rplan, mesh.cp_group)
-                decoder_input = merge_visual(decoder_input, received, rplan)
-        self.last_step = StepInfo(plan=plan, assignment=assignment, routing=rplan, frames_encoded=mine)
+            decoder_input = self.language_model.embed(mb.input_ids, mb.position_ids)
+            if mb.routing is not None:
+                local_rows = self.encode_local(mb)
+                received = route(local_rows, mb.routing, plan.mesh.cp_group)
+                decoder_input = merge_visual(decoder_input, received, mb.routing)
 
-        out = self.language_model(decoder_input, local_pos, local_targets, plan)
+        out = self.language_model(decoder_input, mb.position_ids, mb.targets, plan)
         if not self.post_process:
             return out
         if reduction == "none":
-            return out.unsqueeze(0), local_w.to(out.dtype).unsqueeze(0)
-        total_w = weights.sum()
-        if float(total_w) == 0:
+            return out.unsqueeze(0), mb.loss_weights.to(out.dtype).unsqueeze(0)
+        if mb.total_weight == 0:
             return (out * 0).sum()  # nothing to learn; keep the graph (and its collectives) intact
-        return (out * local_w.to(out.dtype)).sum() / total_w.to(out.dtype)
+        return (out * mb.loss_weights.to(out.dtype)).sum() / mb.total_weight

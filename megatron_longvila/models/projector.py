@@ -11,7 +11,6 @@ the hidden activation is split over TP ranks and the output is replicated on eve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

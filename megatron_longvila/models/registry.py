@@ -122,17 +122,26 @@ def _lookup(table: dict, name: str, what: str):
     return table[name]
 
 
-def build_vision_encoder(name: str, *, tensor_model_parallel_size: int = 1, params_dtype=torch.float32,
-                         use_te: bool = False, pg_collection=None, **config_overrides) -> SiglipVisionModel:
-    """Build a registered encoder (config_overrides change VisionConfig fields, e.g. num_layers=26)."""
-    cfg = replace(_lookup(ENCODERS, name, "vision encoder"), **config_overrides)
+def _vision_config(encoder: Union[str, VisionConfig]) -> VisionConfig:
+    if isinstance(encoder, VisionConfig):
+        return encoder
+    if isinstance(encoder, str):
+        return _lookup(ENCODERS, encoder, "vision encoder")
+    raise TypeError(f"vision encoder: give a name in ENCODERS or a VisionConfig, got {type(encoder).__name__}")
+
+
+def build_vision_encoder(name: Union[str, VisionConfig], *, tensor_model_parallel_size: int = 1,
+                         params_dtype=torch.float32, use_te: bool = False, pg_collection=None,
+                         **config_overrides) -> SiglipVisionModel:
+    """Build an encoder by registry name or VisionConfig (config_overrides change fields, e.g. num_layers=26)."""
+    cfg = replace(_vision_config(name), **config_overrides)
     tc = vision_transformer_config(cfg, tensor_model_parallel_size=tensor_model_parallel_size,
                                    params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available())
     return SiglipVisionModel(cfg, tc, vit_layer_spec(use_te),
                              pg_collection if pg_collection is not None else vision_process_groups(), use_te=use_te)
 
 
-def build_longvila(*, encoder: str = "siglip_so400m_patch14_384", projector: str = "mlp_downsample",
+def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14_384", projector: str = "mlp_downsample",
                    llm: Union[str, LLMShape] = "qwen2_7b", tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                    context_parallel_size: int = 1, hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
                    params_dtype: torch.dtype = torch.float32, use_te: bool = False, layer_spec=None,
@@ -141,6 +150,7 @@ def build_longvila(*, encoder: str = "siglip_so400m_patch14_384", projector: str
                    llm_overrides: Optional[dict] = None) -> LongVILAModel:
     """Build LongVILA for this rank (megatron parallel_state must be initialized with the same sizes).
 
+    encoder: a name in ENCODERS, or a VisionConfig (e.g. from a checkpoint's model record).
     llm: a name in LLMS, or an LLMShape (e.g. a registered one adjusted for this run with dataclasses.replace:
     padded vocabulary, RoPE base, longest position).
     With pipeline parallelism the encoder and projector exist only on the first stage.
@@ -156,7 +166,7 @@ def build_longvila(*, encoder: str = "siglip_so400m_patch14_384", projector: str
         shape = _lookup(LLMS, llm, "LLM shape")
     else:
         raise TypeError(f"build_longvila(llm=...): give a name in LLMS or an LLMShape, got {type(llm).__name__}")
-    vis_cfg = _lookup(ENCODERS, encoder, "vision encoder")
+    vis_cfg = _vision_config(encoder)
     build_proj = _lookup(PROJECTORS, projector, "projector")
     lm_cfg = llm_transformer_config(shape, tensor_model_parallel_size=tensor_model_parallel_size,
                                     pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -174,7 +184,7 @@ def build_longvila(*, encoder: str = "siglip_so400m_patch14_384", projector: str
                           share_embeddings_and_output_weights=shape.tie_embeddings, rotary_base=shape.rotary_base)
     vision = proj = None
     if pre_process:
-        vision = build_vision_encoder(encoder, tensor_model_parallel_size=tensor_model_parallel_size,
+        vision = build_vision_encoder(vis_cfg, tensor_model_parallel_size=tensor_model_parallel_size,
                                       params_dtype=params_dtype, use_te=use_te)
         proj = build_proj(vis_cfg, shape.hidden_size, tensor_model_parallel_size=tensor_model_parallel_size,
                           params_dtype=params_dtype, use_te=use_te)

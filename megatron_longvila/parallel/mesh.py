@@ -88,13 +88,35 @@ def _default_cp_group():
     return None
 
 
-# Sub-groups already built, keyed by (all CP groups' ranks, U, R, ring_first): new_group is collective over
-# the world, so it must be called once per layout in the same order everywhere.
+# Sub-groups built for the standalone API and the ring-first layout, keyed by (all CP groups' ranks, U, R,
+# ring_first): new_group is collective over the world, so each layout's groups are created once, in the same
+# order on every rank, and shared by every mesh of that layout (a process-wide resource, like Megatron's groups).
 _CACHE: Dict[tuple, Dict[Tuple[int, ...], dist.ProcessGroup]] = {}
 
 
+def _megatron_hierarchical_groups(cp_group, ulysses_size: int, ring_size: int, ring_first: bool):
+    """Megatron's hierarchical CP groups as (Ulysses, ring) when they are exactly this mesh's, else None.
+
+    `initialize_model_parallel(hierarchical_context_parallel_sizes=[U, R])` splits each CP group into groups of
+    U consecutive CP ranks (level 0) and groups of R ranks with stride U (level 1): this mesh's Ulysses and ring
+    groups in the default (Ulysses-first) layout. Reusing them costs no new communicators (each NCCL
+    communicator holds GPU memory).
+    """
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if ring_first or parallel_state is None or not parallel_state.model_parallel_is_initialized():
+        return None
+    if cp_group is not parallel_state.get_context_parallel_group(check_initialized=False):
+        return None
+    groups = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+    if not groups or len(groups) != 2:
+        return None
+    if dist.get_world_size(groups[0]) != ulysses_size or dist.get_world_size(groups[1]) != ring_size:
+        return None
+    return groups[0], groups[1]
+
+
 def build_mmsp_mesh(ulysses_size: int, ring_size: int, cp_group=None, *, ring_first: bool = False) -> MMSPMesh:
-    """Build the Ulysses and ring sub-groups of a CP group.
+    """The U x R mesh of a CP group: Megatron's own hierarchical CP groups when they are this mesh, else new ones.
 
     Args:
         ulysses_size: U, ranks per Ulysses (all-to-all) group.
@@ -102,7 +124,8 @@ def build_mmsp_mesh(ulysses_size: int, ring_size: int, cp_group=None, *, ring_fi
         cp_group: the CP group to split. None: Megatron's parallel_state CP group if initialized, else the
             default (world) group. Every rank of the world must call this (sub-group creation is collective
             over the world); ranks in different CP groups (TP, PP, DP replicas) each get their own sub-groups.
-        ring_first: put the ring on consecutive CP ranks instead of Ulysses.
+        ring_first: put the ring on consecutive CP ranks instead of Ulysses (always new groups: Megatron's
+            hierarchical groups are Ulysses-first).
     """
     if not dist.is_initialized():
         raise MeshError("torch.distributed is not initialized: call init_process_group (or Megatron's "
@@ -116,6 +139,11 @@ def build_mmsp_mesh(ulysses_size: int, ring_size: int, cp_group=None, *, ring_fi
     validate_mesh_sizes(ulysses_size, ring_size, cp_size)
     cp_rank = cp_ranks.index(dist.get_rank())
     r, u = coords_of(cp_rank, ulysses_size, ring_size, ring_first)
+    megatron = _megatron_hierarchical_groups(cp_group, ulysses_size, ring_size, ring_first)
+    if megatron is not None:
+        ulysses_group = megatron[0] if ulysses_size > 1 else None
+        ring_group = megatron[1] if ring_size > 1 else None
+        return _mesh(ulysses_group, ring_group, cp_group, ulysses_size, ring_size, cp_rank, u, r, ring_first)
 
     # Learn every CP group of the world so all ranks create the same sub-groups in the same order.
     gathered: List[Optional[Tuple[int, ...]]] = [None] * dist.get_world_size()
@@ -144,6 +172,10 @@ def build_mmsp_mesh(ulysses_size: int, ring_size: int, cp_group=None, *, ring_fi
     me_r = tuple(cp_ranks[cp_rank_of(rr, u, ulysses_size, ring_size, ring_first)] for rr in range(ring_size))
     ulysses_group = groups[me_u] if ulysses_size > 1 else None
     ring_group = groups[me_r] if ring_size > 1 else None
+    return _mesh(ulysses_group, ring_group, cp_group, ulysses_size, ring_size, cp_rank, u, r, ring_first)
+
+
+def _mesh(ulysses_group, ring_group, cp_group, ulysses_size, ring_size, cp_rank, u, r, ring_first) -> MMSPMesh:
     if ulysses_group is not None:
         comm.register_group(ulysses_group, "ulysses")
     if ring_group is not None:
@@ -158,3 +190,24 @@ def single_rank_mesh() -> MMSPMesh:
     """A 1x1 mesh that needs no process group (single-process reference and CP=1 runs)."""
     return MMSPMesh(ulysses_group=None, ring_group=None, cp_group=None, ulysses_size=1, ring_size=1,
                     cp_rank=0, ulysses_rank=0, ring_rank=0)
+
+
+_HOST_GROUPS: Dict[Tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def host_group_of(group) -> Optional[dist.ProcessGroup]:
+    """A gloo group with the same ranks as `group`, for host-side metadata (planning, decode failures, step
+    totals): the group itself when it is gloo already (CPU runs), else one built once for every peer group of the
+    world (collective over the world, like new_group). None for a missing (single-rank) group."""
+    if group is None:
+        return None
+    if dist.get_backend(group) == "gloo":
+        return group
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if ranks not in _HOST_GROUPS:
+        gathered: List[Optional[Tuple[int, ...]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, ranks)
+        for peer in sorted(set(gathered)):
+            if peer not in _HOST_GROUPS:
+                _HOST_GROUPS[peer] = dist.new_group(list(peer), backend="gloo")
+    return _HOST_GROUPS[ranks]

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import comm
-from .sharding import SequencePlan
+from .sharding import SequencePlan, host_to_device
 
 
 class RoutingError(ValueError):
@@ -50,6 +50,12 @@ class RoutingPlan:
     """Rows whose encoding rank is not their token owner, over the whole group: the minimum traffic."""
     cross_rows_sent: List[int]
     """Per rank: rows it sends to other ranks."""
+
+    def to(self, device) -> "RoutingPlan":
+        """Put the two index tensors the exchange uses on `device` (once, before the step); returns self."""
+        self.send_rows = host_to_device(self.send_rows, device)
+        self.recv_local_index = host_to_device(self.recv_local_index, device)
+        return self
 
     def bytes_sent(self, hidden: int, element_size: int) -> int:
         """Bytes this rank sends to other ranks in the forward (the backward sends what it receives)."""
@@ -132,6 +138,12 @@ def build_routing_plan(frame_owner: Sequence[int], frame_positions: Sequence[tor
                        total_rows=int(pos.numel()), cross_rows=int(cross.sum()), cross_rows_sent=cross_rows_sent)
 
 
+def _on(index: torch.Tensor, device) -> torch.Tensor:
+    # RoutingPlan.to(device) put the index there before the step; a host index meeting device activations is
+    # the standalone API (tests, tools), which pays one copy here.
+    return index if index.device == torch.device(device) else index.to(device)
+
+
 def route(local_embeds: torch.Tensor, rplan: RoutingPlan, group) -> torch.Tensor:
     """Send this rank's visual embeddings to their token owners; return the rows this rank receives.
 
@@ -149,7 +161,7 @@ def route(local_embeds: torch.Tensor, rplan: RoutingPlan, group) -> torch.Tensor
         raise RoutingError(f"route: expected [{rplan.local_rows}, hidden] embeddings for this rank's frames, got "
                            f"{tuple(local_embeds.shape)}")
     hidden = local_embeds.shape[1]
-    send = local_embeds.index_select(0, rplan.send_rows.to(local_embeds.device))
+    send = local_embeds.index_select(0, _on(rplan.send_rows, local_embeds.device))
     if rplan.cp_size == 1:
         return send
     out = comm.all_to_all_autograd(send, [c * hidden for c in rplan.recv_counts],
@@ -164,7 +176,7 @@ def merge_visual(text_embeds: torch.Tensor, received: torch.Tensor, rplan: Routi
         text_embeds: [s_local, b=1, hidden] (Megatron's layout) or [s_local, hidden].
         received: `route`'s output.
     """
-    idx = rplan.recv_local_index.to(text_embeds.device)
+    idx = _on(rplan.recv_local_index, text_embeds.device)
     if text_embeds.dim() == 3:
         if text_embeds.shape[1] != 1:
             raise RoutingError(f"merge_visual: MM-SP packs a micro-batch into one sequence (b=1), got b="

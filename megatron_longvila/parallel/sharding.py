@@ -16,11 +16,10 @@ nothing, produce zeros and receive no gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from . import comm
 from .mesh import MMSPMesh, cp_rank_of
@@ -141,6 +140,9 @@ class SequencePlan:
         else:
             self.local_lens = list(self.real_lens)
         self.padded = any(l != n for l, n in zip(self.local_lens, self.real_lens))
+        self.max_doc_len = max(seq_lens)
+        # Derived blocks and index tensors, per device. They belong to this plan: freed with it, after the last
+        # autograd node that holds the plan (the micro-batch's backward, recompute included) is gone.
         self._block_cache: Dict[tuple, object] = {}
 
     # ------------------------------------------------------------------------------------------------
@@ -163,6 +165,49 @@ class SequencePlan:
         pad = self.local_lens[cr] - pos.numel()
         return torch.cat([pos, pos.new_zeros(pad)]) if pad else pos
 
+    # ------------------------------------------------------------------------------------------------
+    # Index tensors on the compute device
+    # ------------------------------------------------------------------------------------------------
+    def on_device(self, name: str, device, build) -> torch.Tensor:
+        """The plan-owned copy on `device` of the host index tensor `build()` (built and copied once).
+
+        `to(device)` fills these before a step, so the step's forward and backward only look them up; an entry
+        missing there is built and copied on first use (the standalone API, which pays a host copy then).
+        """
+        device = torch.device(device)
+        key = ("dev", name, device.type, device.index)
+        hit = self._block_cache.get(key)
+        if hit is None:
+            host = build()
+            hit = host if device.type == "cpu" else host_to_device(host, device)
+            self._block_cache[key] = hit
+        return hit
+
+    def local_token_index(self, device) -> torch.Tensor:
+        """`token_index()` of this rank on `device`."""
+        return self.on_device("token_index", device, self.token_index)
+
+    def local_position_ids(self, device) -> torch.Tensor:
+        """`position_ids()` of this rank on `device` (what RoPE indexes its table with)."""
+        return self.on_device("position_ids", device, self.position_ids)
+
+    def to(self, device) -> "SequencePlan":
+        """Put every index tensor this rank's forward and backward use on `device`, once; returns self.
+
+        Host-to-device copies are asynchronous from pinned memory where the build has it (CUDA); after this,
+        attention, RoPE, gather and routing read device tensors only: no host synchronization inside the model.
+        """
+        from ..attention.ring import prepare_ring_blocks
+        from ..attention.ulysses import compact_index
+
+        self.local_token_index(device)
+        self.local_position_ids(device)
+        if self.cp_size > 1:
+            self._gather_index(device)
+        compact_index(self, self.mesh.ring_rank, device)
+        prepare_ring_blocks(self, device)
+        return self
+
     def ring_pad_layout(self, ring_rank: int) -> Tuple[List[int], List[int]]:
         """Per Ulysses rank of a ring: (real tokens, local length incl. pads) as they arrive in the all-to-all."""
         U, R = self.ulysses_size, self.ring_size
@@ -177,7 +222,7 @@ class SequencePlan:
         if x.shape[seq_dim] != self.total_len:
             raise PlanError(f"plan.shard: dimension {seq_dim} has {x.shape[seq_dim]} tokens, the plan covers "
                             f"{self.total_len} (documents {self.seq_lens})")
-        idx = self.token_index().to(x.device)
+        idx = self.local_token_index(x.device)
         return _pad_tail(x.index_select(seq_dim, idx), seq_dim, self.local_len - idx.numel())
 
     def gather(self, x_local: torch.Tensor, seq_dim: int = 0) -> torch.Tensor:
@@ -195,15 +240,27 @@ class SequencePlan:
 
     def _gather_index(self, device) -> torch.Tensor:
         """Rows of the rank-major all-gather buffer (each rank padded to max local length) in global order."""
-        key = ("gather_index", str(device))
-        if key not in self._block_cache:
+        def build():
             m = max(self.local_lens)
             inv = torch.empty(self.total_len, dtype=torch.long)
             for cr in range(self.cp_size):
                 idx = self._real_index[cr]
                 inv[idx] = torch.arange(idx.numel()) + cr * m
-            self._block_cache[key] = inv.to(device)
-        return self._block_cache[key]
+            return inv
+
+        return self.on_device("gather_index", device, build)
+
+
+def host_to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`: from pinned memory, asynchronously, where the build supports pinning (a CUDA
+    build; the CPU build has no pinned memory). The caching host allocator keeps the pinned copy alive until the
+    transfer is done."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda" and torch.cuda.is_available():
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _pad_tail(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
@@ -232,7 +289,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         plan, seq_dim = ctx.plan, ctx.seq_dim
-        idx = plan.token_index().to(grad.device)
+        idx = plan.local_token_index(grad.device)
         return _pad_tail(grad.index_select(seq_dim, idx), seq_dim, plan.local_len - idx.numel()), None, None
 
 

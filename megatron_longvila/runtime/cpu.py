@@ -203,6 +203,10 @@ def enable_cpu_runtime() -> bool:
     if torch.cuda.is_available():
         return False
 
+    from .versions import applying
+
+    applying("cpu_runtime")
+    applying("cpu_runtime_torch", torch.__version__)
     cpu_torch = _CpuTorch()
     for name in PATCHED_MODULES:
         mod = importlib.import_module(name)

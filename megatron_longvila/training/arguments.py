@@ -71,10 +71,15 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"])
 
     g = p.add_argument_group("model")
-    g.add_argument("--vision-encoder", default="siglip_so400m_patch14_384")
-    g.add_argument("--llm", default="qwen2_7b")
+    g.add_argument("--vision-encoder", default=None,
+                   help="encoder shape (models.registry.ENCODERS); default: the loaded checkpoint's, else "
+                        "siglip_so400m_patch14_384")
+    g.add_argument("--llm", default=None,
+                   help="LLM shape (models.registry.LLMS); default: the loaded checkpoint's, else qwen2_7b")
     g.add_argument("--projector", default="mlp_downsample")
-    g.add_argument("--rotary-base", type=int, default=None)
+    g.add_argument("--rotary-base", type=int, default=None,
+                   help="RoPE theta; default: the recipe's when it extends the context, else the checkpoint's, "
+                        "else the recipe's or the LLM's")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
     g = p.add_argument_group("data")
@@ -83,6 +88,9 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model or tokenizer.json; none: bytes")
     g.add_argument("--num-frames", type=int, default=None)
     g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--loss-weighting", default="token", choices=["token", "sample"],
+                   help="token: every learned token weighs its sample's loss_weight; sample: loss_weight / (learned "
+                        "tokens of the sample), so each sample counts the same")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
@@ -102,13 +110,16 @@ def _apply_recipe(a: argparse.Namespace) -> None:
                         ("min_lr", r.min_lr), ("weight_decay", r.weight_decay), ("num_frames", r.num_frames)):
         if getattr(a, flag) is None:
             setattr(a, flag, value)
-    if a.rotary_base is None and r.name == "context_extension":
-        if a.seq_length not in CONTEXT_EXTENSION_ROPE_BASES:
+    # --rotary-base stays what the user gave (None if not): providers.resolve_model_record ranks the sources.
+    a.rotary_base_explicit = a.rotary_base
+    a.recipe_changes_rope = r.name == "context_extension"
+    if a.recipe_changes_rope:
+        if a.rotary_base is None and a.seq_length not in CONTEXT_EXTENSION_ROPE_BASES:
             raise ArgumentError(f"--recipe context_extension with --seq-length {a.seq_length}: LongVILA's RoPE bases "
                                 f"exist for {sorted(CONTEXT_EXTENSION_ROPE_BASES)}; pick one or give --rotary-base")
-        a.rotary_base = CONTEXT_EXTENSION_ROPE_BASES[a.seq_length]
-    elif a.rotary_base is None:
-        a.rotary_base = r.rotary_base  # later stages keep stage 4's base; None keeps the LLM's own
+        a.recipe_rotary_base = CONTEXT_EXTENSION_ROPE_BASES.get(a.seq_length)
+    else:
+        a.recipe_rotary_base = r.rotary_base  # later stages keep stage 4's base; None keeps the LLM's own
     a.freeze = r.freeze
     a.template = r.template
 

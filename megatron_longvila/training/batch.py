@@ -3,8 +3,8 @@
 Public API:
     shift_labels(tokens, seq_lens) -> (labels, loss_mask)
         next-token targets inside each document; a document's last token has no target (mask 0)
-    shard_batch(tokens, *, seq_lens=None, labels=None, loss_mask=None, position_ids=None, mesh=None, mmsp=None,
-                seq_length=None, pad_id=0) -> ShardedBatch
+    shard_batch(tokens, *, seq_lens=None, labels=None, loss_mask=None, position_ids=None, config=None, mesh=None,
+                mmsp=None, seq_length=None, pad_id=0) -> ShardedBatch
         shard a full micro-batch (every CP rank holds it, as Megatron's data loader gives it) by one plan
     ShardedBatch          tokens, labels, loss_mask, position_ids ([b, s_local]), packed_seq_params, plan
     shard_batch_te_cp(tokens, *, labels=None, loss_mask=None, position_ids=None) -> dict
@@ -79,7 +79,7 @@ def _ends(seq_lens):
 
 def shard_batch(tokens: torch.Tensor, *, seq_lens: Optional[Sequence[int]] = None,
                 labels: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, mesh: Optional[MMSPMesh] = None,
+                position_ids: Optional[torch.Tensor] = None, config=None, mesh: Optional[MMSPMesh] = None,
                 mmsp: Optional[MMSPConfig] = None, seq_length: Optional[int] = None,
                 pad_id: int = 0) -> ShardedBatch:
     """Shard one full micro-batch for this CP rank.
@@ -91,12 +91,18 @@ def shard_batch(tokens: torch.Tensor, *, seq_lens: Optional[Sequence[int]] = Non
         labels, loss_mask: Megatron-style already-shifted targets and mask over the full sequence; None derives
             them with `shift_labels` (targets never cross documents).
         position_ids: [b, s] positions to shard along; None takes each token's position in its document.
-        mesh, mmsp: the MM-SP mesh and config; None takes what `initialize_mmsp` built.
+        config: the model's TransformerConfig, whose MM-SP mesh and settings (`initialize_mmsp`) are used where
+            `mesh` / `mmsp` are not given.
+        mesh, mmsp: the MM-SP mesh and config.
         seq_length: fixed sequence length to fill up to (required with PP > 1 or sequence parallelism).
         pad_id: token id for filler and pad tokens.
     """
-    mesh = get_mmsp_mesh() if mesh is None else mesh
-    mmsp = get_mmsp_config() if mmsp is None else mmsp
+    if mesh is None or mmsp is None:
+        if config is None:
+            raise BatchError("shard_batch needs the MM-SP mesh and settings: pass config=model.config (after "
+                             "initialize_mmsp(model.config)) or mesh= and mmsp=")
+        mesh = get_mmsp_mesh(config) if mesh is None else mesh
+        mmsp = get_mmsp_config(config) if mmsp is None else mmsp
     if tokens.dim() != 2:
         raise BatchError(f"tokens must be [b, s], got {tuple(tokens.shape)}")
     b, s = tokens.shape

@@ -1,30 +1,38 @@
 """Distributed checkpoints (megatron.core.dist_checkpointing, torch_dist) with exact resume and safe commits.
 
 Public API:
-    save_checkpoint(save_dir, iteration, model, optimizer, scheduler, *, data_state, train_state, hooks=None)
-    load_checkpoint(load_dir, model, optimizer=None, scheduler=None, *, load_rng=True, strict_layout=False)
+    save_checkpoint(save_dir, iteration, model, optimizer, scheduler, *, data_state, train_state, model_record=None,
+                    hooks=None) -> str
+    load_checkpoint(load_dir, model, optimizer=None, scheduler=None, *, load_rng=True, iteration=None)
         -> LoadedCheckpoint | None
     read_tracker(ckpt_dir) -> int | None          iteration named by latest_checkpointed_iteration.txt
     checkpoint_dir(root, iteration) -> str        <root>/iter_0000010 (Megatron's naming)
+    safe_load(path) -> object                     torch.load(weights_only=True), refusals as CheckpointError
     CheckpointError
 
 What a checkpoint holds:
     model and optimizer: sharded tensors (resharded on load: TP, PP and CP layouts may differ);
     scheduler, iteration, consumed samples, layout: the common state (rank 0 writes it once);
+    model_record.json: the model it holds (models.record), compared before a load reads any tensor;
     RNG states and data position: one small file per rank under `extra/` (per-rank state does not reshard:
     the data position is read back by data-parallel rank, the RNG only at the saving layout).
+
+Trust: the project's own files (`extra/`, the data position, the record) hold only tensors, numbers, strings and
+containers and are read with `weights_only=True` or as JSON, so a crafted pickle there is refused. The torch_dist
+part is read by torch's distributed-checkpoint reader, which unpickles its `.metadata` file: a torch_dist
+checkpoint is trusted input, like any pickle. Untrusted weights come in through the safetensors layouts of the
+conversion tools.
 
 Why commits are safe: every rank writes into `<root>/.iter_0000010.partial`; after a barrier rank 0 renames
 it to `iter_0000010` (atomic on POSIX) and only then replaces `latest_checkpointed_iteration.txt` (written
 to a temporary file and renamed). A process killed anywhere before the rename leaves the tracker naming
-the previous checkpoint, which is untouched; the next save removes the stale partial directory.
+the previous checkpoint, which is untouched; the next save removes the stale partial directory. Saving an
+iteration that exists already (a re-run of the same step) first moves the committed copy to `iter_N.old`: a
+crash before the new copy is renamed into place leaves `iter_N.old` as the only copy, which loading uses and the
+next save moves back (never deletes); the `.old` copy is removed only once `iter_N` is the new, complete one.
 
-Traps avoided (see the project's ENVIRONMENT.md): the asynchronous save hangs on CPU, so saves are
-synchronous. The distributed optimizer is saved as `fully_reshardable` (DISTRIBUTED_OPTIMIZER_SHARDING; the
-default `fully_sharded_model_space` fails); with torch's Adam (no Transformer Engine or apex FusedAdam) its state
-is created before a load, loaded in two phases (megatron-core's one-call load fails on `step`), and every
-parameter gets its own `step` afterwards (a shared one is incremented once per parameter: wrong updates, no
-error).
+Workarounds of megatron-core 0.16.1 (runtime/megatron_optimizer.py): the asynchronous save hangs on CPU, so saves
+are synchronous; the distributed optimizer is saved as `fully_reshardable` with a repaired torch-Adam load.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_tracker", "checkpoint_dir", "CheckpointError",
-           "LoadedCheckpoint", "TRACKER", "DISTRIBUTED_OPTIMIZER_SHARDING"]
+           "LoadedCheckpoint", "TRACKER", "DISTRIBUTED_OPTIMIZER_SHARDING", "safe_load"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 """Megatron's tracker file name: the iteration of the last complete checkpoint."""
@@ -97,14 +105,20 @@ def _layout() -> dict:
 
 
 def _rng_state() -> dict:
+    """This rank's RNG states as tensors, numbers and strings only (loadable with weights_only=True)."""
     import random
 
     import numpy as np
     from megatron.core import tensor_parallel
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                      float(cached)],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+            "tracker": dict(tensor_parallel.get_cuda_rng_tracker().get_states())}
 
 
 def _set_rng_state(state: dict) -> None:
@@ -113,12 +127,42 @@ def _set_rng_state(state: dict) -> None:
     import numpy as np
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def safe_load(path: str):
+    """A file the project wrote with torch.save, read with weights_only=True (no arbitrary unpickling)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # pickle.UnpicklingError for forbidden globals, RuntimeError for corrupt zip files
+        raise CheckpointError(f"{path} is not a checkpoint file this project wrote (refused to unpickle it: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _recover_interrupted_resave(save_dir: str) -> None:
+    """Undo a re-save of an existing iteration that stopped between moving the old copy aside and renaming the new
+    one into place: `iter_N.old` without `iter_N` is the committed checkpoint; move it back. With `iter_N`
+    present, `.old` is a superseded copy and is removed."""
+    if not os.path.isdir(save_dir):
+        return
+    for name in os.listdir(save_dir):
+        if not name.endswith(".old"):
+            continue
+        old = os.path.join(save_dir, name)
+        final = old[: -len(".old")]
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
 
 
 def _strategy():
@@ -127,52 +171,8 @@ def _strategy():
     return TorchDistSaveShardedStrategy("torch_dist", 1)
 
 
-DISTRIBUTED_OPTIMIZER_SHARDING = "fully_reshardable"
-"""How the distributed optimizer's state is laid out in a checkpoint. `fully_reshardable` stores each
-parameter's Adam moments in the parameter's own shape and sharding, so optimizer state reshards across TP, PP
-and CP like the model (this module's promise); `dp_reshardable` stores the flat per-DP-rank buffers and
-reshards only across DP; megatron-core's default (`fully_sharded_model_space`) fails to save in 0.16.1. The cost:
-saving all-gathers each model-parallel rank's optimizer state over its DP group (transient memory of one
-unsharded fp32 copy of that rank's moments)."""
-
-
-def _is_distributed(opt) -> bool:
-    return bool(getattr(getattr(opt, "config", None), "use_distributed_optimizer", False))
-
-
-def _inner_optimizers(optimizer):
-    """(Megatron optimizer, wrapped torch optimizer) pairs, through a ChainedOptimizer."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is not None:
-            yield opt, inner
-
-
-def _init_optimizer_state(optimizer) -> None:
-    """Create Adam's state before a load (its values are overwritten by the load).
-
-    The distributed optimizer's loading state dict is built from its current state, and with torch's Adam (no
-    Transformer Engine or apex FusedAdam) that needs a `step` in every parameter's state; a fresh optimizer has
-    none. Each parameter gets its own `step` tensor (see _unshare_adam_step).
-    """
-    for opt, inner in _inner_optimizers(optimizer):
-        if not _is_distributed(opt):
-            continue
-        if opt.init_state_fn is not None:
-            opt.init_state_fn(inner, opt.config)  # exp_avg, exp_avg_sq where missing
-        if isinstance(inner, torch.optim.Adam) or isinstance(inner, torch.optim.AdamW):
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    inner.state[p].setdefault("step", torch.tensor(0.0, dtype=torch.float32))
-
-
-def _optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool) -> dict:
-    if is_loading:
-        _init_optimizer_state(optimizer)
-    metadata = {}
-    if any(_is_distributed(opt) for opt, _ in _inner_optimizers(optimizer)):
-        metadata["distrib_optim_sharding_type"] = DISTRIBUTED_OPTIMIZER_SHARDING
-    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+from ..runtime.megatron_optimizer import (DISTRIBUTED_OPTIMIZER_SHARDING, load_optimizer_state,  # noqa: E402
+                                          optimizer_sharded_state_dict)
 
 
 def _barrier() -> None:
@@ -181,13 +181,17 @@ def _barrier() -> None:
 
 
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, *, data_state: Optional[dict],
-                    train_state: dict, hooks: Optional[Dict[str, Callable[[], None]]] = None) -> str:
+                    train_state: dict, model_record=None,
+                    hooks: Optional[Dict[str, Callable[[], None]]] = None) -> str:
     """Save a complete checkpoint after `iteration`; every rank calls it. Returns the committed directory.
 
     Args:
         data_state: this rank's data position (e.g. PackedIterator.state_dict()), or None.
         train_state: small JSON-able dict stored in the common state (consumed samples, args snapshot).
-        hooks: test hooks by name ("after_write": after this rank wrote everything, before the commit).
+        model_record: the model's `models.record.ModelRecord` (default: the model's `.record`), written as
+            model_record.json.
+        hooks: test hooks by name ("after_write": after this rank wrote everything, before the commit;
+            "after_move_old": on rank 0, after an existing iter_N was moved aside for a re-save).
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -198,15 +202,16 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     t0 = time.perf_counter()
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
-        for name in os.listdir(save_dir):  # leftovers of killed saves
-            if name.endswith(".partial") or name.endswith(".old"):
+        _recover_interrupted_resave(save_dir)
+        for name in os.listdir(save_dir):  # leftovers of killed saves (never a committed copy)
+            if name.endswith(".partial"):
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
         os.makedirs(partial)
     _barrier()
 
     model_sd = _unwrap(model).sharded_state_dict()
     state = {"model": model_sd,
-             "optimizer": _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False),
+             "optimizer": optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "iteration": iteration, "format_version": FORMAT_VERSION, "layout": _layout(),
              "train_state": dict(train_state)}
@@ -223,8 +228,15 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     if rank == 0:
         with open(os.path.join(partial, "train_state.json"), "w") as f:
             json.dump({"iteration": iteration, "layout": _layout(), **train_state}, f, indent=1, default=str)
-        if os.path.exists(final):  # re-saving an iteration: move the old copy out of the way first
+        record = model_record if model_record is not None else getattr(_unwrap(model), "record", None)
+        if record is not None:
+            from ..models.record import write_model_record
+
+            write_model_record(partial, record)
+        if os.path.exists(final):  # re-saving an iteration: move the committed copy aside (see module docstring)
             os.rename(final, final + ".old")
+            if hooks and "after_move_old" in hooks:
+                hooks["after_move_old"]()
         os.rename(partial, final)
         tmp = os.path.join(save_dir, TRACKER + ".tmp")
         with open(tmp, "w") as f:
@@ -237,66 +249,6 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     if rank == 0:
         print(f"[checkpoint] saved iteration {iteration} to {final} in {time.perf_counter() - t0:.2f}s", flush=True)
     return final
-
-
-def _unshare_adam_step(optimizer) -> None:
-    # The distributed optimizer's load gives every parameter's Adam state one and the same `step` tensor, and
-    # torch's Adam increments it in place once per parameter (the next steps' bias corrections go wrong, with no
-    # error): give each parameter its own copy.
-    for _, inner in _inner_optimizers(optimizer):
-        for st in inner.state.values():
-            if isinstance(st, dict) and torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
-
-
-def _uses_torch_adam(opt) -> bool:
-    inner = getattr(opt, "optimizer", None)
-    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
-
-
-def _load_distributed_torch_adam(opt, state: dict) -> None:
-    """The distributed optimizer's fully_reshardable load, in two phases, for torch's Adam.
-
-    megatron-core's one-call load first gives every parameter's Adam state a `step`, then copies the loaded
-    moments into exactly the keys that state holds, and the checkpoint has no per-parameter `step` (KeyError:
-    'step'). So: load the common part (param groups and the step), take `step` out, load the moments, put it back.
-    """
-    state = dict(state)
-    param_state = state.pop("param_state")
-    state.pop("param_state_sharding_type")
-    opt.load_state_dict(state)
-    inner = opt.optimizer
-    steps = {id(st["step"]): st["step"] for st in inner.state.values() if "step" in st}
-    if len(steps) != 1:
-        raise CheckpointError(f"expected one Adam step after loading the distributed optimizer's common state, "
-                              f"found {len(steps)}")
-    step = next(iter(steps.values()))
-    for st in inner.state.values():
-        st.pop("step", None)
-    opt.load_parameter_state_from_fully_reshardable(param_state)
-    for st in inner.state.values():
-        st["step"] = step  # still one tensor for all: _unshare_adam_step, run after every optimizer load, splits it
-
-
-def _load_optimizer_state(optimizer, state) -> None:
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    special = [_is_distributed(o) and _uses_torch_adam(o) for o in chained]
-    if not any(special):
-        optimizer.load_state_dict(state)
-    else:
-        if len(chained) == 1:
-            states = [state]
-        else:
-            if len(state) != len(chained):
-                raise CheckpointError(f"the checkpoint holds {len(state)} optimizers' states, this run has "
-                                      f"{len(chained)}")
-            states = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
-        for opt, st, sp in zip(chained, states, special):
-            if sp and st.get("param_state_sharding_type") == DISTRIBUTED_OPTIMIZER_SHARDING:
-                _load_distributed_torch_adam(opt, st)
-            else:
-                opt.load_state_dict(st)
-    _unshare_adam_step(optimizer)
 
 
 def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, load_rng: bool = True,
@@ -315,16 +267,18 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
         if iteration is None:
             return None
     path = checkpoint_dir(load_dir, iteration)
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        path = path + ".old"  # a re-save of this iteration was interrupted: this is the committed copy
     if not os.path.isdir(path):
         raise CheckpointError(f"{os.path.join(load_dir, TRACKER)} names iteration {iteration} but {path} is missing")
     model_sd = _unwrap(model).sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
+        state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        _load_optimizer_state(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
         if loaded.get("scheduler") is None:
             raise CheckpointError(f"{path} has no scheduler state; start the stage with --pretrained-checkpoint "
@@ -339,7 +293,7 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
     extra_dir = os.path.join(path, "extra")
     if optimizer is not None:  # resuming: RNG and data position matter
         if same:
-            extra = torch.load(os.path.join(extra_dir, f"rank_{rank:05d}.pt"), weights_only=False)
+            extra = safe_load(os.path.join(extra_dir, f"rank_{rank:05d}.pt"))
             data_state = extra["data"]
             if load_rng:
                 _set_rng_state(extra["rng"])
@@ -357,7 +311,7 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
                     f"with --pretrained-checkpoint")
             dp_rank = ps.get_data_parallel_rank()
             for name in sorted(os.listdir(extra_dir)):
-                extra = torch.load(os.path.join(extra_dir, name), weights_only=False)
+                extra = safe_load(os.path.join(extra_dir, name))
                 if extra["dp_rank"] == dp_rank:
                     data_state = extra["data"]
                     break

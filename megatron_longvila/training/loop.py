@@ -118,7 +118,7 @@ def _build_model(model_provider, args):
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     # Interleaved pipelines with batched p2p give wrong results on gloo when both neighbours are one rank
-    # (ENVIRONMENT.md); separate sends/receives are exact and cost little.
+    # (measured with megatron-core 0.16.1); separate sends/receives are exact and cost little.
     config.batch_p2p_comm = False
     return model, ddp, config
 
@@ -164,21 +164,25 @@ def _flops_per_token(model, args) -> float:
                                  visual_token_fraction=0.5 if counts[1] else 0.0)
 
 
-def _reduce_losses(store: list, group) -> tuple:
-    """Sum the per-micro-batch [loss_sum, tokens] reports of this rank (already reduced over DP x CP)."""
-    s = torch.zeros(2, dtype=torch.float64)
-    for item in store:
-        s += item["lm loss"].detach().double()
-    return float(s[0]), float(s[1])
+def _step_figures(store: list, tokens: int) -> tuple:
+    """(loss sum, loss count, tokens) of a step over the whole world, in one all-reduce.
 
+    The loss reports live on the last pipeline stage, each rank holding its local [sum, count]; tensor-parallel
+    ranks hold copies, so tensor-parallel rank 0 contributes them. Tokens are counted once per DP replica (its
+    CP/TP ranks read the same sequences): by CP rank 0, TP rank 0 of the first stage.
+    """
+    from megatron.core import parallel_state as ps
 
-def _broadcast_from_last(values: List[float]) -> List[float]:
-    """Loss figures live on the last pipeline stage; every rank gets them (for results and logging)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.cuda.is_available():
-        t = t.cuda()
-    dist.broadcast(t, src=dist.get_world_size() - 1)
-    return t.cpu().tolist()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    figures = torch.zeros(3, dtype=torch.float64, device=device)
+    if store and ps.get_tensor_model_parallel_rank() == 0:
+        figures[:2] = torch.stack([item["lm loss"].detach().double().to(device) for item in store]).sum(0)
+    if ps.get_context_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
+            and ps.is_pipeline_first_stage():
+        figures[2] = float(tokens)
+    dist.all_reduce(figures)
+    s, c, t = figures.cpu().tolist()
+    return s, c, int(t)
 
 
 def _run_schedule(forward_step_func, iterator, ddp, args, num_microbatches, forward_only=False):
@@ -191,18 +195,29 @@ def _run_schedule(forward_step_func, iterator, ddp, args, num_microbatches, forw
 
 
 class _CountingIterator:
-    """Wraps the micro-batch iterator to count the real (non-pad) tokens the step consumed."""
+    """Counts the real (non-filler) tokens a step consumed: a StepBatches iterator counts them itself; a plain one
+    is wrapped (its items have a length)."""
 
     def __init__(self, it):
         self.it = it
-        self.tokens = 0
+        self._counts_itself = hasattr(it, "tokens")
+        self._start = it.tokens() if self._counts_itself else 0
+        self._tokens = 0
+
+    @property
+    def iterator(self):
+        return self.it if self._counts_itself else self
+
+    @property
+    def tokens(self) -> int:
+        return self.it.tokens() - self._start if self._counts_itself else self._tokens
 
     def __iter__(self):
         return self
 
     def __next__(self):
         item = next(self.it)
-        self.tokens += len(item)
+        self._tokens += len(item)
         return item
 
 
@@ -213,12 +228,11 @@ def _evaluate(forward_step_func, valid_ds, ddp, args, num_microbatches) -> float
     with torch.no_grad():
         for _ in range(args.eval_iters):
             store = _run_schedule(forward_step_func, it, ddp, args, num_microbatches, forward_only=True)
-            s, c = _reduce_losses(store, None) if store else (0.0, 0.0)
+            s, c, _ = _step_figures(store, 0)
             total[0] += s
             total[1] += c
     ddp.train()
-    s, c = _broadcast_from_last(total)
-    return s / max(c, 1.0)
+    return total[0] / max(total[1], 1.0)
 
 
 def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callable, forward_step_func: Callable,
@@ -291,22 +305,16 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         counting = _CountingIterator(train_iter)
         optimizer.zero_grad()
         ddp.zero_grad_buffer()
-        store = _run_schedule(forward_step_func, counting, ddp, args, num_microbatches)
+        store = _run_schedule(forward_step_func, counting.iterator, ddp, args, num_microbatches)
         ok, grad_norm, _ = optimizer.step()
         if not ok:
             raise RuntimeError(f"iteration {iteration + 1}: the optimizer skipped its step (non-finite gradients)")
         scheduler.step(increment=args.global_batch_size)
         iteration += 1
-        s, c = _reduce_losses(store, None) if store else (0.0, 0.0)
-        # Tokens: each DP replica's CP/TP ranks read the same sequences; count once per replica.
-        tok = torch.tensor([counting.tokens if (ps.get_context_parallel_rank() == 0
-                                                and ps.get_tensor_model_parallel_rank() == 0
-                                                and ps.is_pipeline_first_stage()) else 0], dtype=torch.float64)
-        dist.all_reduce(tok)
-        s, c = _broadcast_from_last([s, c])
+        s, c, tokens = _step_figures(store, counting.tokens)
         loss = s / max(c, 1.0)
         step_time = time.perf_counter() - t0
-        rec = logger.log(iteration, loss=loss, tokens=int(tok.item()), step_time=step_time,
+        rec = logger.log(iteration, loss=loss, tokens=tokens, step_time=step_time,
                          lr=optimizer.param_groups[0]["lr"],
                          grad_norm=float(grad_norm) if grad_norm is not None else None)
         result.losses[iteration] = loss
@@ -322,7 +330,7 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
             result.saved.append(ckpt.save_checkpoint(
                 args.save, iteration, ddp, optimizer, scheduler, data_state=train_ds.state_dict(),
                 train_state={"consumed_samples": iteration * args.global_batch_size, "recipe": args.recipe},
-                hooks=hooks))
+                model_record=getattr(model, "record", None), hooks=hooks))
         if hooks.get("stop_after") == iteration:
             break
     logger.close()

@@ -16,7 +16,7 @@ mean of per-rank means weighs tokens unequally; summing first and dividing by th
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.distributed as dist

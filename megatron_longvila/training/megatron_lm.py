@@ -90,6 +90,9 @@ def enable_megatron_training_on_cpu() -> bool:
 
     if not enable_cpu_runtime():
         return False
+    from ..runtime.versions import applying
+
+    applying("megatron_lm_cpu")
     _no_triton_stand_in()
     base = importlib.import_module("megatron.core.utils").torch  # the CPU runtime's per-module torch
     view = type(base)()  # a fresh one, so megatron-core's own view stays exactly as the runtime set it
@@ -172,6 +175,7 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--llm", default="qwen2_7b", help="the LLM's shape; sets --num-layers, --hidden-size, ...")
     g.add_argument("--projector", default="mlp_downsample")
     g.add_argument("--num-frames", type=int, default=None)
+    g.add_argument("--loss-weighting", default="token", choices=["token", "sample"])
 
     pre = _preparse(sys.argv[1:])
     r = get_recipe(pre.recipe)
@@ -221,7 +225,7 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
 def _finalize(args) -> None:
     """Adapt Megatron's parsed arguments to what the providers read (once, on first use)."""
     from ..models.registry import LLMS
-    from .recipes import get_recipe
+    from .recipes import CONTEXT_EXTENSION_ROPE_BASES, get_recipe
 
     shape = LLMS[args.llm]
     for flag, want in (("num_layers", shape.num_layers), ("hidden_size", shape.hidden_size),
@@ -249,6 +253,12 @@ def _finalize(args) -> None:
                             f"exist for other lengths; pick one or give --rotary-base")
     args.freeze = r.freeze
     args.template = r.template
+    # Megatron's --rotary-base defaults to the recipe's base here (see longvila_args_provider): only a different
+    # value was given on purpose.
+    args.recipe_changes_rope = r.name == "context_extension"
+    args.recipe_rotary_base = (CONTEXT_EXTENSION_ROPE_BASES.get(args.seq_length) if args.recipe_changes_rope
+                               else r.rotary_base)
+    args.rotary_base_explicit = args.rotary_base if args.rotary_base != args.recipe_rotary_base else None
 
 
 def get_args():
@@ -295,6 +305,17 @@ def _save_data_state(iteration: int) -> None:
     from megatron.training import get_args as megatron_args
 
     args = megatron_args()
+    if args.save and torch.distributed.get_rank() == 0:
+        # The model record (models.record) beside Megatron's files: a later --load compares it before loading.
+        record = getattr(getattr(getattr(_TRAIN_STREAM, "step", None), "model", None), "record", None)
+        if record is not None:
+            from megatron.training.checkpointing import get_checkpoint_name
+
+            from ..models.record import write_model_record
+
+            base = get_checkpoint_name(args.save, iteration, return_base_dir=True)
+            os.makedirs(base, exist_ok=True)
+            write_model_record(base, record)
     state = getattr(_TRAIN_STREAM, "state_dict", None)
     if not args.save or state is None:
         return
@@ -334,15 +355,20 @@ def _resume_stream(stream, args) -> None:
 
     path = data_state_path(args.load, args.iteration, ps.get_data_parallel_rank())
     if os.path.isfile(path) and hasattr(stream, "load_state_dict"):
-        stream.load_state_dict(torch.load(path, weights_only=False))
+        from .checkpoint import safe_load
+
+        stream.load_state_dict(safe_load(path))
         return None
     # micro-batch = one packed sequence; each DP replica consumed its 1/DP share of the global samples
     skip = args.consumed_train_samples // ps.get_data_parallel_world_size()
     if not (ps.get_data_parallel_rank() or ps.get_tensor_model_parallel_rank() or ps.get_context_parallel_rank()):
         print(f"LongVILA: no data state at {path}; replaying {skip} sequences per data-parallel rank", flush=True)
-    it = iter(stream)
+    packed = getattr(stream, "packed", stream)  # a PlannedStream replays its packed sequences
+    it = iter(packed)
     for _ in range(skip):
         next(it)
+    if packed is not stream:
+        return stream.step.batches(it, stream.num_microbatches)
     return it
 
 

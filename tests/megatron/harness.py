@@ -40,14 +40,14 @@ def batch_tokens(dp_rank: int, micro: int) -> Tuple[torch.Tensor, List[int]]:
     return torch.randint(1, VOCAB, (1, sum(docs)), generator=g), list(docs)
 
 
-def sharded_batches(dp_rank: int, micro: int, seq_length: int):
+def sharded_batches(dp_rank: int, micro: int, seq_length: int, config):
     """This DP rank's micro-batches, sharded by the MM-SP plan (training.batch.shard_batch)."""
     from megatron_longvila.training.batch import shard_batch
 
     out = []
     for m in range(micro):
         tokens, docs = batch_tokens(dp_rank, m)
-        out.append(shard_batch(tokens, seq_lens=docs, seq_length=seq_length))
+        out.append(shard_batch(tokens, seq_lens=docs, seq_length=seq_length, config=config))
     return out
 
 

@@ -46,12 +46,11 @@ def _setup(tp, pp, u, r, *, vp=None, bf16=False, num_layers=H.NUM_LAYERS):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from megatron_longvila.attention.megatron_core import initialize_mmsp, reset_mmsp
+    from megatron_longvila.attention.megatron_core import initialize_mmsp
 
     cp = u * r
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    reset_mmsp()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=vp, context_parallel_size=cp,
                                  hierarchical_context_parallel_sizes=[u, r] if cp > 1 else None)
@@ -104,7 +103,7 @@ def _reference(rank, world_size):
 
     def batches_of(d, m):
         tokens, docs = H.batch_tokens(d, m)
-        return shard_batch(tokens, seq_lens=docs)
+        return shard_batch(tokens, seq_lens=docs, config=cfg)
 
     ref = {}
     # fp32, 4 layers: the interleaved-pipeline reference.
@@ -170,7 +169,7 @@ def _train_step(cfg, chunks, seq_length, *, bf16, micro=MICRO):
                                                                    clip_grad=0.0, adam_eps=EPS,
                                                                    params_dtype=torch.float32), ddps)
     dp_rank = ps.get_data_parallel_rank()
-    batches = H.sharded_batches(dp_rank, micro, seq_length)
+    batches = H.sharded_batches(dp_rank, micro, seq_length, cfg)
     step = H.forward_step
 
     for d in ddps:

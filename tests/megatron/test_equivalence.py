@@ -32,12 +32,11 @@ def _setup(tp, pp, u, r, sp):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from megatron_longvila.attention.megatron_core import initialize_mmsp, reset_mmsp
+    from megatron_longvila.attention.megatron_core import initialize_mmsp
 
     cp = u * r
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    reset_mmsp()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  context_parallel_size=cp,
                                  hierarchical_context_parallel_sizes=[u, r] if cp > 1 else None)
@@ -67,7 +66,7 @@ def _reference(rank, world_size):
     for d in range(WORLD):
         for m in range(MICRO):
             tokens, docs = H.batch_tokens(d, m)
-            b = shard_batch(tokens, seq_lens=docs)
+            b = shard_batch(tokens, seq_lens=docs, config=cfg)
             model.zero_grad()
             out = model(b.tokens, b.position_ids, None, labels=b.labels, packed_seq_params=b.packed_seq_params)
             loss_sum = (out.float() * b.loss_mask).sum()
@@ -118,7 +117,7 @@ def _distributed(rank, world_size, ref, configs):
                                                      params_dtype=torch.float32), [ddp])
         dp = ps.get_data_parallel_world_size()
         dp_rank = ps.get_data_parallel_rank()
-        batches = H.sharded_batches(dp_rank, MICRO, seq_length)
+        batches = H.sharded_batches(dp_rank, MICRO, seq_length, cfg)
         step = H.forward_step
 
         opt.zero_grad()

@@ -17,6 +17,7 @@ from megatron_longvila.models.freezing import apply_freezing
 from megatron_longvila.parallel import comm
 from megatron_longvila.parallel.mesh import build_mmsp_mesh, single_rank_mesh
 from megatron_longvila.testing import run_distributed
+from megatron_longvila.training.microbatch import model_device, plan_microbatch
 
 from ._longvila_cases import build, load_from, micro_batch, setup_megatron, tp_slice
 from .test_routing import _worker as routing_worker
@@ -67,7 +68,8 @@ def _model_worker(rank, world):
             model.zero_grad(set_to_none=True)
             comm.reset_counters()
             mb = micro_batch(case)
-            loss = model(mb, mesh)
+            step = plan_microbatch(model, mb, mesh).to(model_device(model))
+            loss = model(step)
             fwd_bytes = comm.counters()["bytes"].get("cp/mmsp_route", 0)
             loss.backward()
             bwd_bytes = comm.counters()["bytes"].get("cp/mmsp_route_bwd", 0)
@@ -82,7 +84,6 @@ def _model_worker(rank, world):
                 if not _close(g, tp_slice(n, p, ref_grads[n], tp, tp_rank)):
                     bad.append(n)
             assert not bad, (tp, U, R, case, bad)
-            step = model.last_step
             a, rp = step.assignment, step.routing
             F = len(mb.frames)
             if len(set(a.costs)) == 1:  # equal-cost frames: the ceil bound

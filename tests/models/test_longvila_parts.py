@@ -47,6 +47,7 @@ def _one_rank(rank, world):
     from megatron_longvila.models.longvila import LongVILAInputError, Media, LongVILASample
     from megatron_longvila.models.vision import encode_frames
     from megatron_longvila.parallel.mesh import single_rank_mesh
+    from megatron_longvila.parallel.sharding import plan_sequence
 
     from ._longvila_cases import MEDIA, build, micro_batch, setup_megatron
 
@@ -66,7 +67,7 @@ def _one_rank(rank, world):
             g = int(round(x.shape[0] ** 0.5))
             emb[f.positions] = model.projector(x.unsqueeze(0), g, g)[0]
         t, w = shift_targets(mb.labels, mb.loss_weights, mb.seq_lens)
-        ce = model.language_model(emb.unsqueeze(1), mb.position_ids, t, model.last_step.plan)
+        ce = model.language_model(emb.unsqueeze(1), mb.position_ids, t, plan_sequence(mesh, mb.seq_lens))
         manual = (ce * w).sum() / w.sum()
     out["manual"] = abs(float(loss) - float(manual)) <= 1e-5 * abs(float(manual))
     with torch.no_grad():

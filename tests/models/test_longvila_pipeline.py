@@ -19,6 +19,7 @@ import torch
 
 from megatron_longvila.models.longvila import MicroBatch
 from megatron_longvila.testing import run_distributed
+from megatron_longvila.training.microbatch import model_device, plan_microbatch
 
 from ._longvila_cases import MEDIA, _sample, tp_slice
 
@@ -137,8 +138,12 @@ def _worker(rank, world, layouts):
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         batches = [micro_batch(dp_rank, m) for m in range(MICRO)]
 
+        encoded = []
+
         def step(it, model):
-            res = model(next(it), mesh, reduction="none", seq_length=SEQ)
+            planned = plan_microbatch(model, next(it), mesh, seq_length=SEQ).to(model_device(model))
+            encoded.append(len(planned.frames_encoded))
+            res = model(planned, reduction="none")
             if isinstance(res, tuple):  # last stage: per-token CE and weights
                 ce, w = res
                 return ce, partial(loss_func, w)
@@ -173,7 +178,7 @@ def _worker(rank, world, layouts):
         out.append(dict(layout=(tp, pp, u, r, sp, freeze), errs=errs, worst=worst, checked=checked,
                         replica=(ps.get_data_parallel_rank(), ps.get_context_parallel_rank(), tp_rank),
                         first_stage=ps.is_pipeline_first_stage(),
-                        frames_encoded=len(model.last_step.frames_encoded) if ps.is_pipeline_first_stage() else 0))
+                        frames_encoded=encoded[-1] if ps.is_pipeline_first_stage() else 0))
     ps.destroy_model_parallel()
     return {"layouts": out, "ref_names": sorted(ref_state)}
 

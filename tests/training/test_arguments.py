@@ -31,10 +31,12 @@ def test_rope_bases_per_target_length():
     with pytest.raises(ValueError, match="--seq-length"):
         rope_base_for_length(100_000)
     a = parse_args(BASE + ["--recipe", "context_extension", "--seq-length", "524288"], world_size=8)
-    assert a.rotary_base == 1_062_356_830 and a.freeze == "context_extension"
+    assert a.recipe_rotary_base == 1_062_356_830 and a.recipe_changes_rope and a.freeze == "context_extension"
+    assert a.rotary_base is None  # not given: the model record decides (training.providers)
     with pytest.raises(ArgumentError, match="--rotary-base"):
         parse_args(BASE + ["--recipe", "context_extension", "--seq-length", "65536"], world_size=8)
-    assert parse_args(BASE + ["--recipe", "long_sft"], world_size=8).rotary_base == 207_112_184
+    a = parse_args(BASE + ["--recipe", "long_sft"], world_size=8)
+    assert a.recipe_rotary_base == 207_112_184 and not a.recipe_changes_rope
 
 
 def test_recipe_fills_unset_flags_and_explicit_flags_win():

@@ -26,7 +26,7 @@ DISTOPT = ["--use-distributed-optimizer"]
 def _world(rank, world, manifest, tmp):
     import torch.distributed as dist
 
-    from megatron_longvila.training import checkpoint as ckpt
+    from megatron_longvila.runtime import megatron_optimizer as mo
 
     mod = _script()
 
@@ -48,12 +48,12 @@ def _world(rank, world, manifest, tmp):
     out["resumed_from"] = second.start_iteration
 
     # The same resume without giving each parameter its own `step`.
-    fix = ckpt._unshare_adam_step
-    ckpt._unshare_adam_step = lambda optimizer: None
+    fix = mo._unshare_adam_step
+    mo._unshare_adam_step = lambda optimizer: None
     try:
         out["shared_step"] = run(["--load", d]).losses
     finally:
-        ckpt._unshare_adam_step = fix
+        mo._unshare_adam_step = fix
     dist.barrier()
     return out
 

@@ -31,6 +31,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
+from ...runtime.te_compat import implied_defaults, te_kwargs
 from .base import acc_dtype, AttentionBackend, BackendUnavailable, Segments
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,13 +156,15 @@ class _TE:
             return (0, 0)
 
     def call_fwd(self, **kw):
-        # Keyword calls filtered by the installed signature absorb the 2.x differences (o_format and
-        # qkv_scale_inv_format since 2.16, softmax_type since 2.8, ...).
-        return self.fa.fused_attn_fwd(**{k: v for k, v in kw.items() if k in self.fwd_params})
+        # The 2.x keyword differences (o_format since 2.16, softmax_type since 2.8, ...) are absorbed by
+        # runtime.te_compat, which refuses to drop a keyword whose value the installed TE would not imply.
+        implied = implied_defaults(kw, lambda dt: self.TE_DType[dt])
+        return self.fa.fused_attn_fwd(**te_kwargs("fused_attn_fwd", self.fwd_params, kw, implied, self.version))
 
     def call_bwd(self, **kw):
         # dqkv_dtype exists before 2.16; o_format/do_format/dqkv_layout after.
-        return self.fa.fused_attn_bwd(**{k: v for k, v in kw.items() if k in self.bwd_params})
+        implied = implied_defaults(kw, lambda dt: self.TE_DType[dt])
+        return self.fa.fused_attn_bwd(**te_kwargs("fused_attn_bwd", self.bwd_params, kw, implied, self.version))
 
     def select(self, te_dtype, layout: str, mask: str, h: int, hkv: int, sq: int, skv: int, d: int,
                window: Tuple[int, int], deterministic: bool):

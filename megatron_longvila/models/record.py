@@ -1,0 +1,212 @@
+"""The checkpoint record of a model: what a checkpoint holds, written beside its tensors as versioned JSON.
+
+Every checkpoint the project writes carries `model_record.json`: the LLM's, vision encoder's and projector's
+type and shape, RoPE (theta and scaling), which encoder layer feeds the projector, the visual token order and
+the tokenizer facts training depends on (vocabulary, media and separator token ids, chat template). A run that
+loads a checkpoint builds its model from the record (flags such as --llm default to "from the checkpoint")
+and compares the record with the model it built before any tensor is read, so a shape mismatch is an error
+naming both values rather than a failure deep inside the distributed-checkpoint reader.
+
+    ModelRecord                               the record (dataclass; to_json / from_json)
+    record_of(...) -> ModelRecord             the record of a model being built
+    compare_records(saved, built, ...)        raise RecordMismatch naming every difference; return notes
+    read_model_record(ckpt_dir) -> ModelRecord | None
+    write_model_record(ckpt_dir, record)
+    RECORD_FILE, RECORD_VERSION
+
+Versions: 1 (this schema). A reader refuses a newer version with a message; fields added by later versions
+of this project get defaults so older records still load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .registry import LLMShape
+from .vision import VisionConfig
+
+__all__ = ["ModelRecord", "RecordMismatch", "record_of", "compare_records", "read_model_record",
+           "write_model_record", "RECORD_FILE", "RECORD_VERSION", "TOKEN_ORDERS"]
+
+RECORD_FILE = "model_record.json"
+"""File name of the record inside a checkpoint directory (iter_N/)."""
+RECORD_VERSION = 1
+"""Schema version written by this code."""
+TOKEN_ORDERS = ("row_major", "column_major")
+"""Order of the projector's output tokens over the 2x2-downsampled grid (VILA since Dec 2024: row-major)."""
+
+
+class RecordMismatch(ValueError):
+    """A checkpoint whose model differs from the one this run builds; the message lists every difference."""
+
+
+@dataclass(kw_only=True)
+class ModelRecord:
+    """What a LongVILA checkpoint holds (see the module docstring)."""
+
+    llm_type: str = "qwen2"
+    """"qwen2" (QKV bias) or "llama" (no QKV bias): the Hugging Face family the LLM maps to."""
+    llm: Dict[str, Any] = field(default_factory=dict)
+    """The LLM's shape: the fields of `registry.LLMShape` (vocab_size = rows that are real tokens)."""
+    padded_vocab_size: int = 0
+    """Rows of the embedding and output tables (vocab_size padded for tensor parallelism)."""
+    rope_theta: float = 10000.0
+    """RoPE base of the LLM."""
+    rope_scaling: Optional[Dict[str, Any]] = None
+    """None, or {"type": "linear", "factor": f} (positions divided by f; Megatron's seq_len_interpolation_factor)."""
+    vision_type: str = "siglip"
+    """The encoder family ("siglip")."""
+    vision: Dict[str, Any] = field(default_factory=dict)
+    """The encoder's shape: the fields of `vision.VisionConfig`."""
+    vision_select_layer: int = -1
+    """Which encoder hidden state feeds the projector (-1: the last layer and post-norm; VILA uses -2)."""
+    projector_type: str = "mlp_downsample"
+    """Projector family (2x2 space-to-channel, LayerNorm, Linear, GELU, Linear)."""
+    projector: Dict[str, Any] = field(default_factory=dict)
+    """Projector settings: {"layernorm_epsilon": 1e-5}."""
+    token_order: str = "row_major"
+    """Order of the projector's tokens over the downsampled grid (TOKEN_ORDERS)."""
+    tokenizer: Dict[str, Any] = field(default_factory=dict)
+    """Tokenizer facts: vocab_size, media_token_id, frame_separator_id (or None), pad_id, eos_id, template."""
+    registry_names: Dict[str, Optional[str]] = field(default_factory=dict)
+    """The registry entries the shapes came from ({"llm": "qwen2_7b", "vision": ...}), informational."""
+    version: int = RECORD_VERSION
+    """Schema version."""
+
+    # ---- views ---------------------------------------------------------------------------------------
+    def llm_shape(self) -> LLMShape:
+        """The LLM's shape as the builder takes it (vocab_size: the padded table rows)."""
+        known = {f.name for f in dataclasses.fields(LLMShape)}
+        kw = {k: v for k, v in self.llm.items() if k in known}
+        kw["vocab_size"] = int(self.padded_vocab_size or kw["vocab_size"])
+        kw["rotary_base"] = self.rope_theta
+        return LLMShape(**kw)
+
+    def vision_config(self) -> VisionConfig:
+        known = {f.name for f in dataclasses.fields(VisionConfig)}
+        return VisionConfig(**{k: v for k, v in self.vision.items() if k in known})
+
+    # ---- JSON ----------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], where: str = "record") -> "ModelRecord":
+        version = int(d.get("version", 0))
+        if version < 1 or version > RECORD_VERSION:
+            raise RecordMismatch(f"{where}: model record version {version}; this code reads versions 1.."
+                                 f"{RECORD_VERSION} (a newer megatron_longvila wrote it: upgrade)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RecordMismatch(f"{where}: unknown model record fields {unknown}")
+        rec = cls(**d)
+        if rec.token_order not in TOKEN_ORDERS:
+            raise RecordMismatch(f"{where}: token_order {rec.token_order!r}, expected one of {TOKEN_ORDERS}")
+        return rec
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "record") -> "ModelRecord":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordMismatch(f"{where}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise RecordMismatch(f"{where}: a model record is a JSON object")
+        return cls.from_dict(d, where)
+
+
+def record_of(shape: LLMShape, vision: VisionConfig, *, real_vocab_size: int, tokenizer: Optional[dict] = None,
+              llm_type: Optional[str] = None, rope_scaling: Optional[dict] = None, vision_select_layer: int = -1,
+              projector_epsilon: float = 1e-5, token_order: str = "row_major",
+              registry_names: Optional[dict] = None) -> ModelRecord:
+    """The record of a model built from `shape` (vocab_size = padded table rows) and `vision`."""
+    llm = dataclasses.asdict(shape)
+    llm["vocab_size"] = int(real_vocab_size)
+    llm.pop("rotary_base")
+    return ModelRecord(
+        llm_type=llm_type or ("qwen2" if shape.qkv_bias else "llama"), llm=llm, padded_vocab_size=shape.vocab_size,
+        rope_theta=float(shape.rotary_base), rope_scaling=rope_scaling, vision=dataclasses.asdict(vision),
+        vision_select_layer=vision_select_layer, projector={"layernorm_epsilon": projector_epsilon},
+        token_order=token_order, tokenizer=dict(tokenizer or {}), registry_names=dict(registry_names or {}))
+
+
+# Fields whose difference means the tensors do not fit (or mean something else): always an error.
+_SHAPE_FIELDS = ("llm_type", "padded_vocab_size", "vision_type", "vision_select_layer", "projector_type",
+                 "token_order")
+_LLM_FREE = ("max_position_embeddings",)  # the rotary table's length: not a weight
+_TOKENIZER_FIELDS = ("vocab_size", "media_token_id", "frame_separator_id")
+
+
+def compare_records(saved: ModelRecord, built: ModelRecord, *, where: str = "checkpoint",
+                    rope_change: Optional[str] = None) -> List[str]:
+    """Check that `built` (this run's model) can load a checkpoint recorded as `saved`.
+
+    Args:
+        rope_change: why RoPE may differ (e.g. "--rotary-base", "recipe context_extension"); None: it may not.
+
+    Returns:
+        Notes on allowed differences (RoPE changed on purpose), to be logged once.
+
+    Raises:
+        RecordMismatch: every disallowed difference, each with both values.
+    """
+    bad, notes = [], []
+
+    def diff(name, a, b):
+        bad.append(f"{name}: {where} {a!r}, this run {b!r}")
+
+    for f in _SHAPE_FIELDS:
+        if getattr(saved, f) != getattr(built, f):
+            diff(f, getattr(saved, f), getattr(built, f))
+    for k in sorted(set(saved.llm) | set(built.llm)):
+        if k not in _LLM_FREE and saved.llm.get(k) != built.llm.get(k):
+            diff(f"llm.{k}", saved.llm.get(k), built.llm.get(k))
+    for k in sorted(set(saved.vision) | set(built.vision)):
+        if saved.vision.get(k) != built.vision.get(k):
+            diff(f"vision.{k}", saved.vision.get(k), built.vision.get(k))
+    for k in sorted(set(saved.projector) | set(built.projector)):
+        if saved.projector.get(k) != built.projector.get(k):
+            diff(f"projector.{k}", saved.projector.get(k), built.projector.get(k))
+    for k in _TOKENIZER_FIELDS:
+        if k in saved.tokenizer and k in built.tokenizer and saved.tokenizer[k] != built.tokenizer[k]:
+            diff(f"tokenizer.{k}", saved.tokenizer[k], built.tokenizer[k])
+    rope_saved = (float(saved.rope_theta), saved.rope_scaling)
+    rope_built = (float(built.rope_theta), built.rope_scaling)
+    if rope_saved != rope_built:
+        if rope_change is None:
+            bad.append(f"RoPE: {where} theta {saved.rope_theta:g} scaling {saved.rope_scaling}, this run theta "
+                       f"{built.rope_theta:g} scaling {built.rope_scaling}: RoPE changes only on purpose (give "
+                       f"--rotary-base, or use a recipe that extends the context)")
+        else:
+            notes.append(f"RoPE changes from theta {saved.rope_theta:g} (scaling {saved.rope_scaling}) in the {where} "
+                         f"to {built.rope_theta:g} (scaling {built.rope_scaling}): {rope_change}")
+    if bad:
+        raise RecordMismatch(f"the {where}'s model differs from the one this run builds:\n  " + "\n  ".join(bad)
+                             + "\nDrop the flags that change the model (its shape comes from the checkpoint), or "
+                               "start from a checkpoint of this shape")
+    return notes
+
+
+def write_model_record(ckpt_dir: str, record: ModelRecord) -> str:
+    """Write `record` into `ckpt_dir` (atomically: temporary file, then rename). Returns the path."""
+    path = os.path.join(ckpt_dir, RECORD_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(record.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_model_record(ckpt_dir: str) -> Optional[ModelRecord]:
+    """The record in `ckpt_dir`, or None when the checkpoint has none (written before records existed)."""
+    path = os.path.join(ckpt_dir, RECORD_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return ModelRecord.from_json(f.read(), where=path)

@@ -1,0 +1,222 @@
+"""What Megatron-style providers do for LongVILA, from parsed arguments: the model, the data streams, the step.
+
+The example script's `model_provider`, `train_valid_test_datasets_provider` and `forward_step` are thin
+wrappers of these, and they run the same under the project's loop and under megatron.training.
+
+    checkpoint_to_load(args) -> (iteration dir, why) | (None, None)   what a run will load (--load, else
+                                                                       --pretrained-checkpoint)
+    resolve_model_record(args, tokenizer) -> ModelRecord    this run's model: flags, else the checkpoint's record
+    build_model(args, tokenizer, pre_process, post_process) -> LongVILAModel   (MM-SP initialized, frozen per
+                                                                                the recipe, `.record` attached)
+    build_step(args, model, tokenizer) -> LongVILAStep
+    build_streams(args, tokenizer, step, dp_rank, dp_size) -> (train, valid, test)   PlannedStream objects
+
+Model flags and checkpoints: --llm and --vision-encoder name registry entries; when the run loads a checkpoint
+that carries a model record, they default to the checkpoint's model, and flags given explicitly must describe
+the same shapes (a difference is an error naming both values). RoPE: an explicit --rotary-base wins, then a
+recipe that extends the context (it declares the change), then the checkpoint's, then the recipe's, then the
+LLM's own base; a change against the checkpoint is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from typing import Optional, Tuple
+
+from ..models.record import ModelRecord, compare_records, read_model_record, record_of
+from .step import LongVILAStep, StepBatches, StepConfig
+
+__all__ = ["checkpoint_to_load", "resolve_model_record", "build_model", "build_step", "build_streams",
+           "PlannedStream", "DEFAULT_LLM", "DEFAULT_VISION_ENCODER"]
+
+logger = logging.getLogger("megatron_longvila.training")
+
+DEFAULT_LLM = "qwen2_7b"
+"""--llm when neither the flag nor a loaded checkpoint says (LongVILA's Qwen2-7B)."""
+DEFAULT_VISION_ENCODER = "siglip_so400m_patch14_384"
+"""--vision-encoder when neither the flag nor a loaded checkpoint says."""
+
+
+def checkpoint_to_load(args) -> Tuple[Optional[str], Optional[str]]:
+    """The iteration directory this run loads and why ("--load" resumes, "--pretrained-checkpoint" starts a stage
+    from weights), or (None, None)."""
+    from .checkpoint import checkpoint_dir, read_tracker
+
+    load = getattr(args, "load", None)
+    if load and os.path.isdir(load) and read_tracker(load) is not None:
+        return checkpoint_dir(load, read_tracker(load)), "--load"
+    pre = getattr(args, "pretrained_checkpoint", None)
+    if pre and os.path.isdir(pre) and read_tracker(pre) is not None:
+        return checkpoint_dir(pre, read_tracker(pre)), "--pretrained-checkpoint"
+    return None, None
+
+
+def _tokenizer_facts(tokenizer, template: Optional[str]) -> dict:
+    def special(tok):
+        try:
+            return tokenizer.token_id(tok)
+        except KeyError:
+            return None
+
+    from ..data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
+
+    return {"vocab_size": int(tokenizer.vocab_size), "media_token_id": special(IMAGE_TOKEN),
+            "frame_separator_id": special(FRAME_SEP_TOKEN), "pad_id": getattr(tokenizer, "pad_id", None),
+            "eos_id": getattr(tokenizer, "eos_id", None), "template": template}
+
+
+def resolve_model_record(args, tokenizer) -> ModelRecord:
+    """The record of the model this run builds (see the module docstring); compares it with the checkpoint's."""
+    from ..models.registry import ENCODERS, LLMS, _lookup
+
+    path, why = checkpoint_to_load(args)
+    saved = read_model_record(path) if path else None
+    if path and saved is None:
+        logger.warning("%s has no model record (saved before records existed): the model is built from the flags",
+                       path)
+    llm_name = getattr(args, "llm", None)
+    vision_name = getattr(args, "vision_encoder", None)
+    if llm_name is not None or saved is None:
+        shape = _lookup(LLMS, llm_name or DEFAULT_LLM, "LLM shape (--llm)")
+        real_vocab = max(shape.vocab_size, tokenizer.vocab_size)
+        unit = args.make_vocab_size_divisible_by
+        padded = -(-real_vocab // unit) * unit
+        base_theta = shape.rotary_base
+        llm_name = llm_name or DEFAULT_LLM
+    else:
+        shape = saved.llm_shape()
+        real_vocab, padded = int(saved.llm["vocab_size"]), int(saved.padded_vocab_size)
+        base_theta = saved.rope_theta
+        llm_name = saved.registry_names.get("llm")
+    if vision_name is not None or saved is None:
+        vision = _lookup(ENCODERS, vision_name or DEFAULT_VISION_ENCODER, "vision encoder (--vision-encoder)")
+        vision_name = vision_name or DEFAULT_VISION_ENCODER
+    else:
+        vision = saved.vision_config()
+        vision_name = saved.registry_names.get("vision")
+
+    explicit = getattr(args, "rotary_base_explicit", None)
+    recipe_theta = getattr(args, "recipe_rotary_base", None)
+    extends = bool(getattr(args, "recipe_changes_rope", False))
+    if explicit is not None:
+        theta, rope_change = explicit, "--rotary-base"
+    elif extends and recipe_theta is not None:
+        theta, rope_change = recipe_theta, f"--recipe {args.recipe} extends the context"
+    elif saved is not None:
+        theta, rope_change = saved.rope_theta, None
+    elif recipe_theta is not None:
+        theta, rope_change = recipe_theta, None
+    else:
+        theta, rope_change = base_theta, None
+    rope_scaling = saved.rope_scaling if (saved is not None and rope_change is None) else None
+    shape = replace(shape, vocab_size=padded, rotary_base=theta,
+                    max_position_embeddings=max(shape.max_position_embeddings, int(args.seq_length)))
+    built = record_of(shape, vision, real_vocab_size=real_vocab,
+                      tokenizer=_tokenizer_facts(tokenizer, getattr(args, "template", None)),
+                      rope_scaling=rope_scaling, registry_names={"llm": llm_name, "vision": vision_name})
+    if saved is not None:
+        for note in compare_records(saved, built, where=f"checkpoint {path} ({why})", rope_change=rope_change):
+            logger.warning(note)
+    return built
+
+
+def build_model(args, tokenizer, pre_process: bool = True, post_process: bool = True):
+    """LongVILA for this rank from the arguments (see the module docstring)."""
+    import torch
+
+    from ..attention.megatron_core import initialize_mmsp
+    from ..models.freezing import apply_freezing
+    from ..models.registry import build_longvila
+
+    # Kept on the model, not on args: Megatron-LM pickles args into its checkpoints.
+    record = resolve_model_record(args, tokenizer)
+    if args.make_vocab_size_divisible_by % args.tensor_model_parallel_size:
+        raise ValueError(f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} must be a multiple of "
+                         f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    model = build_longvila(
+        encoder=record.vision_config(), projector=args.projector, llm=record.llm_shape(),
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, pre_process=pre_process,
+        post_process=post_process, media_token_id=record.tokenizer.get("media_token_id"),
+        llm_overrides={"calculate_per_token_loss": True, "sequence_parallel": args.sequence_parallel,
+                       "bf16": args.bf16})
+    model.record = record
+    initialize_mmsp(model.config, seq_length=args.seq_length, packed=True)
+    apply_freezing(model, args.freeze)
+    return model
+
+
+def build_step(args, model, tokenizer) -> LongVILAStep:
+    """The step for this rank's model (its MM-SP settings, the tokenizer's pad id, the encoder's frame size)."""
+    from ..attention.megatron_core import mmsp_state
+    from .microbatch import unwrap_model
+
+    m = unwrap_model(model)
+    state = mmsp_state(m.config)
+    record = m.record
+    return LongVILAStep(StepConfig(
+        seq_length=args.seq_length, pad_id=tokenizer.pad_id, uniform_shards=bool(state.config.uniform_shards),
+        pad_to_multiple=state.config.pad_to_multiple, pipeline_parallel=args.pipeline_model_parallel_size > 1,
+        image_size=int(record.vision["image_size"]), host_cp_group=state.host_cp_group), m)
+
+
+class PlannedStream:
+    """A resumable packed-sequence stream whose iterator hands the step planned micro-batches (StepBatches).
+
+    `state_dict` / `load_state_dict` are the packed stream's: a step takes its micro-batches whole, so at a
+    checkpoint (between steps) the stream stands exactly after the last step's sequences.
+    """
+
+    def __init__(self, packed, step: LongVILAStep, num_microbatches):
+        self.packed = packed
+        self.step = step
+        self.num_microbatches = num_microbatches
+
+    def __iter__(self) -> StepBatches:
+        return self.step.batches(iter(self.packed), self.num_microbatches)
+
+    def state_dict(self) -> dict:
+        return self.packed.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.packed.load_state_dict(state)
+
+
+def _num_microbatches(args, dp_size: int, training: bool):
+    """Micro-batches per step: megatron.training's calculator when it runs (batch-size ramp-up), else the flags."""
+    fixed = args.global_batch_size // (args.micro_batch_size * dp_size)
+    if not training:
+        return fixed
+
+    def get() -> int:
+        from megatron.core import num_microbatches_calculator as calc
+
+        if getattr(calc, "_GLOBAL_NUM_MICROBATCHES_CALCULATOR", None) is not None:
+            return calc.get_num_microbatches()
+        return fixed
+
+    return get
+
+
+def build_streams(args, tokenizer, step: LongVILAStep, dp_rank: int, dp_size: int):
+    """(train, valid, test): packed streams from JSONL manifests, one per data-parallel replica (resumable)."""
+    from ..data.dataset import DataConfig, PackedIterator, VideoTextDataset
+    from ..models.projector import tokens_per_frame
+
+    record = step.model.record
+    size, patch = int(record.vision["image_size"]), int(record.vision["patch_size"])
+    cfg = DataConfig(template=args.template, tokens_per_frame=tokens_per_frame(size, size, patch),
+                     num_frames=args.num_frames or 8, max_seq_len=args.seq_length, seed=args.seed)
+
+    def stream(path, training):
+        ds = VideoTextDataset(path, tokenizer, cfg, dp_rank=dp_rank, dp_size=dp_size)
+        packed = PackedIterator(ds, args.seq_length, loss_weighting=getattr(args, "loss_weighting", "token"))
+        return PlannedStream(packed, step, _num_microbatches(args, dp_size, training))
+
+    valid = stream(args.valid_data_path, False) if args.valid_data_path else None
+    return stream(args.data_path, True), valid, None

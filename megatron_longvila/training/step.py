@@ -1,0 +1,252 @@
+"""The LongVILA training step for Megatron's schedules, shared by the example script, the `--use-megatron-training`
+path and inference.
+
+    StepConfig                              how a step plans its micro-batches (lengths, padding, decoding)
+    LongVILAStep(config, model)
+        .prepare(packed) -> PlannedMicroBatch            plan, decode this rank's frames, move to the device
+        .batches(iterator, num_microbatches) -> StepBatches
+        .forward_step(data_iterator, model)              Megatron's forward_step_func
+        .loss_func(mb, output_tensor)                    Megatron's per-token loss triple
+    StepBatches                             a data iterator that plans a whole step before its first micro-batch
+    drop_documents_with_failed_media(...)   decode failures after packing: drop their documents from the loss
+
+One step, on every rank of a pipeline stage (all of it on the host, before the model runs):
+1. `StepBatches` takes the step's micro-batches (num_microbatches packed sequences) from the data stream;
+2. each is planned (`training.microbatch.plan_microbatch`); the first pipeline stage decodes only the frames
+   stage 1 gives this rank; the CP ranks agree on decode failures (a host collective) and drop those documents;
+3. the step's loss weight and learned-target count are summed over the micro-batches and all-reduced over
+   DP x CP once (a host collective of two numbers) -- see "Fractional loss weights";
+4. every planned micro-batch is moved to the model's device once; then Megatron's schedule runs
+   `forward_step` on each, which only calls the model.
+
+Fractional loss weights (per-sample weighting, a manifest's `loss_weight`) through Megatron's schedules: with
+`calculate_per_token_loss` Megatron sums the loss of every micro-batch, sums the integer token counts the loss
+function returns over micro-batches and DP x CP, and divides the gradients by that count N. Counting weights
+instead would need fractional counts in megatron-core's int32 tensor. So the count stays the integer number of
+learned targets, and each micro-batch's loss sum of weight x CE is multiplied by N / W, W being the step's total
+weight over DP x CP: Megatron's division by N then gives exactly sum(weight x CE) / W, the weighted global
+mean, and its logged loss (sum of reports / sum of counts) is the same mean. With unit weights N == W and the
+factor is exactly 1. The price is one all-reduce of two numbers per step, on the host group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, List, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from ..models.longvila import IGNORE_INDEX, MicroBatch
+from ..parallel import comm
+from .microbatch import PlannedMicroBatch, model_device, plan_microbatch, unwrap_model
+
+__all__ = ["StepConfig", "LongVILAStep", "StepBatches", "drop_documents_with_failed_media", "StepError"]
+
+logger = logging.getLogger("megatron_longvila.training")
+
+
+class StepError(RuntimeError):
+    """A step that cannot run as set up; the message says what to change."""
+
+
+@dataclass(kw_only=True)
+class StepConfig:
+    """How the step plans and decodes its micro-batches."""
+
+    seq_length: int
+    """--seq-length: the longest packed sequence, and the fixed length under uniform shards."""
+    pad_id: int = 0
+    """Token id of filler and pad tokens (the tokenizer's pad id)."""
+    uniform_shards: bool = False
+    """Every CP rank holds seq_length / CP tokens (PP > 1 or TP sequence parallelism need fixed shapes)."""
+    pad_to_multiple: int = 1
+    """With uniform shards, the local length is a multiple of this (TP under sequence parallelism)."""
+    pipeline_parallel: bool = False
+    """PP > 1: the loss lives on the last stage, which does not decode; decode failures are counted only."""
+    image_size: int = 384
+    """Side of the encoder's input frames."""
+    image_mode: str = "pad"
+    """SigLIP preprocessing: "pad" (VILA's pad-to-square) or "resize"."""
+    decode_backend: str = "auto"
+    """Video decoder (data.video.decode_frames): auto, pyav, dali_cpu, dali_gpu."""
+    totals_group: Optional[object] = None
+    """Host (gloo) process group over DP x CP for the step totals; None: Megatron's."""
+    host_cp_group: Optional[object] = None
+    """Host (gloo) process group of this rank's CP group, for decode-failure agreement; None: none needed (CP 1)."""
+
+
+class StepBatches:
+    """The data iterator a step's schedule reads: the step's micro-batches planned, decoded and on the device.
+
+    Megatron's schedules take exactly `num_microbatches` items per step from the iterator they are given, on
+    every rank of a pipeline stage; this iterator takes that many packed sequences from `source` at the first
+    request of a step and prepares them together, so the step's weight totals are known before any loss.
+    """
+
+    def __init__(self, source: Iterator, step: "LongVILAStep", num_microbatches: Union[int, Callable[[], int]]):
+        self.source = source
+        self.step = step
+        self.num_microbatches = num_microbatches
+        self._ready: List[PlannedMicroBatch] = []
+        self.consumed = 0  # packed sequences taken from the source
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> PlannedMicroBatch:
+        if not self._ready:
+            n = self.num_microbatches() if callable(self.num_microbatches) else int(self.num_microbatches)
+            packed = [next(self.source) for _ in range(n)]
+            self.consumed += n
+            self._ready = self.step.prepare_step(packed)
+        return self._ready.pop(0)
+
+    def tokens(self) -> int:
+        """Real tokens of the sequences this rank's step prepared so far."""
+        return self.step.tokens_seen
+
+
+class LongVILAStep:
+    """Megatron's forward step for LongVILA (see the module docstring), for this rank's model (planning reads its
+    vision config, media token, pipeline stage, MM-SP mesh and device)."""
+
+    def __init__(self, config: StepConfig, model):
+        self.config = config
+        self.model = unwrap_model(model)
+        self._processor = None
+        self.blanked_media = 0
+        """Media items blanked after failing to decode at training time (this rank's count)."""
+        self.tokens_seen = 0
+        """Real (non-filler) tokens of the micro-batches this rank prepared."""
+
+    # -- preparing ----------------------------------------------------------------------------------------
+    @property
+    def processor(self):
+        if self._processor is None:
+            from ..data.image_processor import SiglipImageProcessor
+
+            self._processor = SiglipImageProcessor(self.config.image_size, mode=self.config.image_mode)
+        return self._processor
+
+    def batches(self, iterator: Iterator, num_microbatches: Union[int, Callable[[], int]]) -> StepBatches:
+        return StepBatches(iterator, self, num_microbatches)
+
+    def prepare(self, packed) -> PlannedMicroBatch:
+        """One packed sequence -> this rank's planned micro-batch, frames decoded, on the model's device."""
+        from ..attention.megatron_core import get_mmsp_mesh
+
+        cfg = self.config
+        m = self.model
+        mesh = get_mmsp_mesh(m.config)
+        size = (cfg.image_size, cfg.image_size)
+        mb = MicroBatch.from_packed(packed, [None] * len(packed.media), [size] * len(packed.media))
+        self.tokens_seen += mb.total_len
+        planned = plan_microbatch(m, mb, mesh, uniform=cfg.uniform_shards, pad_to_multiple=cfg.pad_to_multiple,
+                                  seq_length=cfg.seq_length if cfg.uniform_shards else None, pad_id=cfg.pad_id)
+        if m.pre_process and mb.frames:
+            failed = self._decode(packed, planned)
+            if mesh.cp_size > 1:
+                if cfg.host_cp_group is None:
+                    raise StepError("StepConfig.host_cp_group is needed with context parallelism (decode failures "
+                                    "are agreed on over the CP group)")
+                comm.all_reduce(failed, cfg.host_cp_group, op=dist.ReduceOp.MAX, kind="decode_failures")
+            if bool(failed.any()):
+                self.blanked_media += int(failed.sum())
+                if cfg.pipeline_parallel:
+                    logger.warning("%d media item(s) failed to decode and were blanked (not dropped from the loss "
+                                   "under pipeline parallelism)", int(failed.sum()))
+                else:
+                    drop_documents_with_failed_media(planned.batch, packed, failed)
+                    # The weights changed: plan again (cheap, host only) so every derived figure agrees.
+                    pixels = {f: planned.batch.frames[f].pixels for f in planned.frames_encoded}
+                    planned = plan_microbatch(m, planned.batch, mesh, uniform=cfg.uniform_shards,
+                                              pad_to_multiple=cfg.pad_to_multiple,
+                                              seq_length=cfg.seq_length if cfg.uniform_shards else None,
+                                              pad_id=cfg.pad_id)
+                    for f, px in pixels.items():
+                        planned.set_pixels(f, px)
+        dtype = m.vision_model.conv1.weight.dtype if m.vision_model is not None else None
+        return planned.to(model_device(m), dtype)
+
+    def _decode(self, packed, planned: PlannedMicroBatch) -> torch.Tensor:
+        from ..data.dataset import decode_media
+
+        failed = torch.zeros(len(packed.media))
+        mine = planned.frames_encoded
+        if mine:
+            decoded = decode_media(packed, mine, processor=self.processor, backend=self.config.decode_backend,
+                                   on_error="blank")
+            for g, px in zip(mine, decoded.pixels):
+                planned.set_pixels(g, px)
+            for media, _ in decoded.failed:
+                failed[media] = 1
+        return failed
+
+    def prepare_step(self, packed_list) -> List[PlannedMicroBatch]:
+        """Prepare a step's micro-batches and give each the step's loss scale (one host all-reduce)."""
+        planned = [self.prepare(p) for p in packed_list]
+        if self.model.post_process:
+            totals = torch.tensor([sum(p.local_weight for p in planned), float(sum(p.local_count for p in planned))],
+                                  dtype=torch.float64)
+            group = self.config.totals_group
+            if group is None:
+                from megatron.core import parallel_state as ps
+
+                group = ps.get_data_parallel_group_gloo(with_context_parallel=True)
+            if dist.is_initialized() and dist.get_world_size(group) > 1:
+                comm.all_reduce(totals, group, kind="step_totals")
+            weight, count = float(totals[0]), float(totals[1])
+            scale = count / weight if weight > 0 else 1.0
+            for p in planned:
+                p.step_scale = scale
+        return planned
+
+    # -- the schedule's side -------------------------------------------------------------------------------
+    def forward_step(self, data_iterator, model):
+        """Megatron's forward_step_func: one planned micro-batch through the model."""
+        mb = next(data_iterator)
+        if not isinstance(mb, PlannedMicroBatch):
+            raise StepError(f"forward_step got a {type(mb).__name__}: wrap the data iterator with "
+                            f"LongVILAStep.batches(iterator, num_microbatches)")
+        output = model(mb, reduction="none")
+        return output, partial(self.loss_func, mb)
+
+    @staticmethod
+    def loss_func(mb: PlannedMicroBatch, output_tensor):
+        """(per-token CE, weights) -> Megatron's (loss sum, integer count, {"lm loss": [sum, count]}).
+
+        Non-last pipeline stages never call it. The report stays local: Megatron's trainer (or the project's loop)
+        reduces the step's reports once, after the schedule.
+        """
+        ce, weights = output_tensor
+        if mb.step_scale is None:
+            raise StepError("the micro-batch has no step scale: read it through LongVILAStep.batches(...) so the "
+                            "step's weight totals are known before the loss")
+        loss_sum = (ce.float() * weights.float()).sum() * mb.step_scale
+        count = torch.tensor(mb.local_count, dtype=torch.int, device=ce.device)
+        # float64, so reducing many micro-batches' reports over DP x CP adds no rounding of its own.
+        report = torch.stack([loss_sum.detach().double(), count.double()])
+        return loss_sum, count, {"lm loss": report}
+
+
+def drop_documents_with_failed_media(mb: MicroBatch, packed, failed: torch.Tensor) -> None:
+    """Drop from the loss the documents whose media failed to decode (`failed[i]` for media item i).
+
+    A file that passed the dataset's checks can still fail to decode at training time, on one rank, after every
+    rank committed to this micro-batch. Its frames were blanked so the ranks stay in step; the documents that use
+    them must not be learned from. The CP ranks have agreed on `failed` before this (every CP rank drops the same
+    documents).
+    """
+    if not bool(failed.any()):
+        return
+    ends = torch.cumsum(torch.tensor(mb.seq_lens), 0)
+    for media in failed.nonzero().flatten().tolist():
+        doc = int(torch.searchsorted(ends, packed.media[media].frame_offsets[0], right=True))
+        start = int(ends[doc - 1]) if doc else 0
+        mb.labels[start:int(ends[doc])] = IGNORE_INDEX
+        mb.loss_weights[start:int(ends[doc])] = 0
+    logger.warning("dropped the documents of %d media item(s) that failed to decode from this micro-batch's loss",
+                   int(failed.sum()))
