@@ -10,6 +10,9 @@ Public API:
         in Megatron's CP layout (MMSPSelfAttention indexes it by the plan's per-document positions)
     use_plan_rope(model) -> model          swap a built GPTModel's RotaryEmbedding for PlanRotaryEmbedding
         (for a model_provider that builds GPTModel itself, e.g. Megatron's pretrain_gpt.py with --spec)
+    mask_padded_vocab(model, vocab_size) -> model   logits of padding rows (Megatron pads the vocabulary to a
+        multiple of make-vocab-size-divisible-by x TP) are -inf: they never enter the softmax, so a real
+        token's probability equals the unpadded model's, in the loss and in generation
 
 Packed micro-batches from `training.batch.shard_batch` (qkv_format "thd") need no rotary swap: Megatron does
 not slice the table for thd. The swap matters for sbhd micro-batches (micro-batch size > 1) under CP.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-
+import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 
@@ -28,7 +31,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from .specs import LocalNorm, get_gpt_mmsp_layer_spec, validate_layer_spec
 
-__all__ = ["build_gpt_model", "PlanRotaryEmbedding", "use_plan_rope"]
+__all__ = ["build_gpt_model", "PlanRotaryEmbedding", "use_plan_rope", "mask_padded_vocab"]
 
 
 class PlanRotaryEmbedding(RotaryEmbedding):
@@ -98,3 +101,46 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec=N
                      position_embedding_type="rope", rotary_base=rotary_base, rotary_percent=rotary_percent,
                      vp_stage=vp_stage)
     return use_plan_rope(model)
+
+
+class _PadLogitMask:
+    """Forward hook of the output layer: -inf on the logits of this TP rank's padding columns."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+        self._bias = {}
+
+    def __call__(self, module, inputs, output):
+        logits, bias = output
+        local = logits.shape[-1]
+        start = self.start(module, local)
+        if start + local <= self.vocab_size:
+            return output
+        key = (logits.device, logits.dtype, local)
+        mask = self._bias.get(key)
+        if mask is None:  # built once per device and dtype, at the first forward (model set-up, not per step)
+            cols = torch.arange(start, start + local)
+            mask = torch.where(cols >= self.vocab_size, float("-inf"), 0.0).to(logits.dtype).to(logits.device)
+            self._bias[key] = mask
+        return logits + mask, bias
+
+    @staticmethod
+    def start(module, local: int) -> int:
+        from megatron.core import parallel_state as ps
+
+        tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+        return tp_rank * local
+
+
+def mask_padded_vocab(model: GPTModel, vocab_size: int) -> GPTModel:
+    """Mask the logits of the padding rows of `model`'s output layer (ids >= vocab_size) to -inf, in place.
+
+    Only the last pipeline stage has an output layer; elsewhere this does nothing. Idempotent per model.
+    """
+    layer = getattr(model, "output_layer", None)
+    if layer is None or getattr(layer, "_longvila_pad_mask", None) is not None:
+        return model
+    hook = _PadLogitMask(vocab_size)
+    layer._longvila_pad_mask = hook
+    layer.register_forward_hook(hook)
+    return model

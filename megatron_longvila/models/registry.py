@@ -147,13 +147,15 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
                    params_dtype: torch.dtype = torch.float32, use_te: bool = False, layer_spec=None,
                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                    media_token_id: Optional[int] = None, locality_aware: bool = True,
-                   llm_overrides: Optional[dict] = None) -> LongVILAModel:
+                   llm_overrides: Optional[dict] = None, real_vocab_size: Optional[int] = None) -> LongVILAModel:
     """Build LongVILA for this rank (megatron parallel_state must be initialized with the same sizes).
 
     encoder: a name in ENCODERS, or a VisionConfig (e.g. from a checkpoint's model record).
     llm: a name in LLMS, or an LLMShape (e.g. a registered one adjusted for this run with dataclasses.replace:
     padded vocabulary, RoPE base, longest position).
     With pipeline parallelism the encoder and projector exist only on the first stage.
+    real_vocab_size: rows of the vocabulary that are tokens, when llm.vocab_size is padded beyond them: the padding
+    rows' logits are masked (models.gpt.mask_padded_vocab).
     """
     from megatron.core import parallel_state as ps
 
@@ -182,6 +184,10 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
     gpt = build_gpt_model(lm_cfg, vocab_size=shape.vocab_size, max_sequence_length=shape.max_position_embeddings,
                           spec=spec, pre_process=pre_process, post_process=post_process,
                           share_embeddings_and_output_weights=shape.tie_embeddings, rotary_base=shape.rotary_base)
+    if real_vocab_size is not None and real_vocab_size < shape.vocab_size:
+        from .gpt import mask_padded_vocab
+
+        mask_padded_vocab(gpt, real_vocab_size)
     vision = proj = None
     if pre_process:
         vision = build_vision_encoder(vis_cfg, tensor_model_parallel_size=tensor_model_parallel_size,

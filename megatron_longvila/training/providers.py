@@ -143,6 +143,7 @@ def build_model(args, tokenizer, pre_process: bool = True, post_process: bool = 
         hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32, pre_process=pre_process,
         post_process=post_process, media_token_id=record.tokenizer.get("media_token_id"),
+        real_vocab_size=int(record.llm["vocab_size"]),
         llm_overrides={"calculate_per_token_loss": True, "sequence_parallel": args.sequence_parallel,
                        "bf16": args.bf16})
     model.record = record
