@@ -35,15 +35,15 @@ __all__ = ["build_gpt_model", "PlanRotaryEmbedding", "use_plan_rope", "mask_padd
 
 
 class PlanRotaryEmbedding(RotaryEmbedding):
-    """RotaryEmbedding whose forward returns the whole, un-sliced table (at least `min_positions` rows)."""
+    """RotaryEmbedding whose forward returns the whole, un-sliced table for positions 0..max_seq_len-1.
 
-    def __init__(self, *args, min_positions: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.min_positions = int(min_positions)
+    GPTModel asks for the longest document of the micro-batch (packed_seq_params.max_seqlen_q), which is every
+    position MM-SP's per-document indexing reads. `inv_freq` is a (non-persistent) buffer, so it moves with the
+    model (`.to`, `.cuda`) instead of being copied to the device inside the first forward.
+    """
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
-        # Position ids are per document and at most the longest document: cover the model's maximum.
-        return mark_plan_rope_table(self.get_emb(max(int(max_seq_len), self.min_positions), offset))
+        return mark_plan_rope_table(self.get_emb(int(max_seq_len), offset))
 
 
 def use_plan_rope(model: GPTModel) -> GPTModel:
@@ -53,8 +53,10 @@ def use_plan_rope(model: GPTModel) -> GPTModel:
         raise TypeError(f"use_plan_rope needs a GPTModel with position_embedding_type='rope' (plain RotaryEmbedding), "
                         f"got {type(old).__name__}")
     new = PlanRotaryEmbedding.__new__(PlanRotaryEmbedding)
-    new.__dict__.update(old.__dict__)  # same inv_freq, scaling and interleaving: only forward differs
-    new.min_positions = int(model.max_sequence_length)
+    state = dict(old.__dict__)  # same inv_freq, scaling and interleaving: only forward differs
+    inv_freq = state.pop("inv_freq")
+    new.__dict__.update(state)
+    new.register_buffer("inv_freq", inv_freq, persistent=False)
     model.rotary_pos_emb = new
     return model
 

@@ -26,7 +26,6 @@ from megatron.core.models.common.vision_module.vision_module import VisionModule
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -36,6 +35,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from .vision_attention import BidirectionalSDPA
 
 
 class VisionConfigError(ValueError):
@@ -159,7 +160,7 @@ def vit_layer_spec(use_te: bool = False) -> ModuleSpec:
             self_attention=ModuleSpec(
                 module=SelfAttention, params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
-                                                   core_attention=DotProductAttention,
+                                                   core_attention=BidirectionalSDPA,
                                                    linear_proj=RowParallelLinear)),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,

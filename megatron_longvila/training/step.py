@@ -187,7 +187,11 @@ class LongVILAStep:
 
     def prepare_step(self, packed_list) -> List[PlannedMicroBatch]:
         """Prepare a step's micro-batches and give each the step's loss scale (one host all-reduce)."""
-        planned = [self.prepare(p) for p in packed_list]
+        return self.finish_step([self.prepare(p) for p in packed_list])
+
+    def finish_step(self, planned: List[PlannedMicroBatch]) -> List[PlannedMicroBatch]:
+        """Give a step's planned micro-batches the step's loss scale: learned targets / loss weight, both summed
+        over the micro-batches and DP x CP (one host all-reduce of two numbers; last pipeline stage only)."""
         if self.model.post_process:
             totals = torch.tensor([sum(p.local_weight for p in planned), float(sum(p.local_count for p in planned))],
                                   dtype=torch.float64)

@@ -59,12 +59,12 @@ def setup_megatron(tp: int = 1, cp: int = 1, hier: Optional[list] = None, seed: 
     model_parallel_cuda_manual_seed(seed)
 
 
-def build(tp: int = 1, cp: int = 1, hier: Optional[list] = None):
+def build(tp: int = 1, cp: int = 1, hier: Optional[list] = None, **llm_overrides):
     from megatron_longvila.models.registry import build_longvila
 
     return build_longvila(encoder="siglip_tiny", llm="tiny", tensor_model_parallel_size=tp,
                           context_parallel_size=cp, hierarchical_context_parallel_sizes=hier,
-                          media_token_id=MEDIA)
+                          media_token_id=MEDIA, llm_overrides=llm_overrides or None)
 
 
 def _gated_fc1(name: str) -> bool:
