@@ -12,8 +12,8 @@ ENVIRONMENT.md). Rather than patching `torch` for the whole process, this module
   device, synchronization, cache and RNG entry points mean "the CPU", and factory functions
   (`torch.zeros(..., device="cuda")`, `torch.tensor(..., pin_memory=True)`, ...) build CPU tensors;
 - replaces the tensor-parallel RNG tracker's CUDA state accessors with the CPU generator's;
-- makes `Tensor.cuda()` return the tensor itself only when called from megatron-core code (anything else
-  still gets torch's own error);
+- makes `Tensor.cuda()` / `Module.cuda()` return the object itself only when called from megatron-core code
+  (CUDA_CALLERS; anything else still gets torch's own error);
 - makes `Tensor.type()` (no argument) name a CPU tensor's CUDA type ("torch.cuda.FloatTensor") only when called
   from the distributed optimizer, whose parameter sorting accepts nothing else;
 - replaces fp32 gradient clipping, which asserts a CUDA tensor type, with an equivalent in-place scaling.
@@ -158,14 +158,22 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.detach().mul_(clip_coeff)
 
 
-def _megatron_tensor_cuda(original: Callable) -> Callable:
+CUDA_CALLERS: List[str] = ["megatron.core."]
+"""Module-name prefixes whose `Tensor.cuda()` / `Module.cuda()` calls mean "stay on the CPU" under this runtime.
+`training.megatron_lm` adds "megatron.training." for Megatron-LM's trainer; one wrapper serves every caller."""
+
+
+def _from_megatron() -> bool:
+    caller = sys._getframe(2).f_globals.get("__name__", "") + "."
+    return any(caller.startswith(p) for p in CUDA_CALLERS)
+
+
+def _megatron_cuda(original: Callable) -> Callable:
     def cuda(self, *args, **kwargs):
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.startswith("megatron.core"):
-            return self
-        return original(self, *args, **kwargs)
+        return self if _from_megatron() else original(self, *args, **kwargs)
 
     cuda.__wrapped__ = original
+    cuda._longvila_cpu_runtime = True
     return cuda
 
 
@@ -222,7 +230,9 @@ def enable_cpu_runtime() -> bool:
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         importlib.import_module(name).clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
-    torch.Tensor.cuda = _megatron_tensor_cuda(torch.Tensor.cuda)
+    if not getattr(torch.Tensor.cuda, "_longvila_cpu_runtime", False):
+        torch.Tensor.cuda = _megatron_cuda(torch.Tensor.cuda)
+        torch.nn.Module.cuda = _megatron_cuda(torch.nn.Module.cuda)
     torch.Tensor.type = _megatron_tensor_type(torch.Tensor.type)
     _ACTIVE = True
     return True

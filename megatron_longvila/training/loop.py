@@ -108,6 +108,10 @@ def _build_model(model_provider, args):
 
     model = model_provider(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     model.model_type = ModelType.encoder_or_decoder  # as megatron.training's get_model sets it
+    if torch.cuda.is_available():
+        # As megatron.training's get_model: modules built outside Megatron's layers (the patch convolution, norms)
+        # start on the host.
+        model.cuda(torch.cuda.current_device())
     config = model.config
     if not getattr(config, "calculate_per_token_loss", False):
         raise ArgumentError("the model's TransformerConfig needs calculate_per_token_loss=True: MM-SP shards give "

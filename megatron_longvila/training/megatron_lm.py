@@ -72,10 +72,6 @@ class _Stream:
         return None
 
 
-def _caller_is_megatron_training(depth: int) -> bool:
-    return sys._getframe(depth).f_globals.get("__name__", "").startswith("megatron.training")
-
-
 def enable_megatron_training_on_cpu() -> bool:
     """Let megatron.training run on a CPU build of torch (gloo); True when active. Idempotent; no-op on GPUs.
 
@@ -117,18 +113,10 @@ def enable_megatron_training_on_cpu() -> bool:
         if getattr(mod, "torch", None) is torch:
             mod.torch = view
 
-    if not getattr(torch.nn.Module.cuda, "_longvila_megatron_lm", False):
-        module_cuda, tensor_cuda = torch.nn.Module.cuda, torch.Tensor.cuda
+    from ..runtime import cpu as cpu_runtime
 
-        def module_cuda_cpu(self, *args, **kwargs):
-            return self if _caller_is_megatron_training(2) else module_cuda(self, *args, **kwargs)
-
-        def tensor_cuda_cpu(self, *args, **kwargs):
-            return self if _caller_is_megatron_training(2) else tensor_cuda(self, *args, **kwargs)
-
-        module_cuda_cpu._longvila_megatron_lm = True
-        torch.nn.Module.cuda = module_cuda_cpu
-        torch.Tensor.cuda = tensor_cuda_cpu
+    if "megatron.training." not in cpu_runtime.CUDA_CALLERS:  # Module/Tensor.cuda() from Megatron-LM stays on CPU
+        cpu_runtime.CUDA_CALLERS.append("megatron.training.")
 
     initialize = importlib.import_module("megatron.training.initialize")
     training = importlib.import_module("megatron.training.training")
