@@ -88,11 +88,18 @@ def check_mmsp_mesh(backend, U, R):
 
 
 def _time(fn, iters):
+    """Median seconds of fn: CUDA events on a GPU, the wall clock on a CPU (dry runs of the scripts)."""
     for _ in range(2):
         fn()
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
     times = []
     for _ in range(iters):
+        if not cuda:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            continue
+        torch.cuda.synchronize()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         fn()
@@ -120,6 +127,7 @@ def bench_schedule(device, backend, T, R, heads, kv_heads, d, iters, rank):
     kvs = [(k.index_select(0, plan.ring_index[j].to(device)), v.index_select(0, plan.ring_index[j].to(device)))
            for j in range(R)]
     blocks = [ring_step_block(plan, rank, (rank - s) % R, True) for s in range(R)]
+    plan.to(device)  # the blocks' index tensors and segment offsets on the GPU before timing
     pairs_sched = sum(b.seg.pairs() for b in blocks)
 
     def schedule():
@@ -127,9 +135,9 @@ def bench_schedule(device, backend, T, R, heads, kv_heads, d, iters, rank):
         lse = torch.full((heads, qr.shape[0]), float("-inf"), dtype=torch.float32, device=device)
         for s, blk in enumerate(blocks):
             kk, vv = kvs[(rank - s) % R]
-            o, l = be.forward(_take(qr, blk.q_rows), _take(kk, blk.k_rows), _take(vv, blk.k_rows), blk.seg,
-                              scale)
-            _merge(out, lse, o, l, blk.q_rows)
+            q_rows, k_rows = blk.rows_on(device)
+            o, l = be.forward(_take(qr, q_rows), _take(kk, k_rows), _take(vv, k_rows), blk.seg, scale)
+            _merge(out, lse, o, l, q_rows)
         return out
 
     full_seg = Segments([0, T], [0, T], True)

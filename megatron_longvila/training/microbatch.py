@@ -99,6 +99,9 @@ class PlannedMicroBatch:
     weight of the step), both over DP x CP and all micro-batches; set by the step before the schedule runs."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where the tensors are."""
+    count_tensor: Optional[torch.Tensor] = None
+    """`local_count` as an int tensor on the device (the loss function's token count; made by `to`, so the loss
+    function copies nothing from the host)."""
 
     def set_pixels(self, frame: int, pixels: torch.Tensor) -> None:
         """Give this rank's frame `frame` its decoded [3, H, W] pixels (host)."""
@@ -122,6 +125,7 @@ class PlannedMicroBatch:
             setattr(self, name, host_to_device(getattr(self, name), device))
         if self.row_order is not None:
             self.row_order = host_to_device(self.row_order, device)
+        self.count_tensor = host_to_device(torch.tensor(self.local_count, dtype=torch.int), device)
         self.plan.to(device)
         if self.routing is not None:
             self.routing.to(device)

@@ -230,7 +230,7 @@ class LongVILAStep:
             raise StepError("the micro-batch has no step scale: read it through LongVILAStep.batches(...) so the "
                             "step's weight totals are known before the loss")
         loss_sum = (ce.float() * weights.float()).sum() * mb.step_scale
-        count = torch.tensor(mb.local_count, dtype=torch.int, device=ce.device)
+        count = mb.count_tensor if mb.count_tensor is not None else torch.tensor(mb.local_count, dtype=torch.int)
         # float64, so reducing many micro-batches' reports over DP x CP adds no rounding of its own.
         report = torch.stack([loss_sum.detach().double(), count.double()])
         return loss_sum, count, {"lm loss": report}
