@@ -4,6 +4,11 @@ Each 2x2 block of neighbouring patch features becomes one token of 4x the width 
 the block, column in the block, feature), which quarters the visual tokens. Odd grids are padded with
 zero features at the bottom and right first (SigLIP at 384 px: 27x27 -> 28x28 -> 14x14 = 196 tokens).
 
+Token order over the downsampled grid (`ProjectorConfig.token_order`): "row_major" (token = block row x width
++ block column; VILA since Dec 2024, and what its `mlp_downsample_2x2_fix` means) or "column_major" (VILA's 2024
+code, without the final transpose). Checkpoints record theirs (models.record); `set_token_order` changes it on a
+built projector and announces the order once per process.
+
 The two linears are a megatron-core MLP (column-parallel then row-parallel), so with tensor parallelism
 the hidden activation is split over TP ranks and the output is replicated on every TP rank.
 """
@@ -40,16 +45,40 @@ def tokens_per_frame(height: int, width: int, patch_size: int) -> int:
     return r * c
 
 
-def space_to_channel_2x2(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """[n, rows*cols, C] -> [n, ceil(rows/2)*ceil(cols/2), 4C], zero-padding odd sides at the end."""
+TOKEN_ORDERS = ("row_major", "column_major")
+"""Orders of the projector's output tokens over the downsampled grid."""
+
+
+def space_to_channel_2x2(x: torch.Tensor, rows: int, cols: int, order: str = "row_major") -> torch.Tensor:
+    """[n, rows*cols, C] -> [n, ceil(rows/2)*ceil(cols/2), 4C], zero-padding odd sides at the end (a zero row at
+    the bottom, a zero column at the right). Channels: top-left, top-right, bottom-left, bottom-right patch;
+    tokens in `order` over the 2x2 blocks."""
     n, s, c = x.shape
     if s != rows * cols:
         raise ProjectorError(f"{s} patch features do not form a {rows}x{cols} grid")
+    if order not in TOKEN_ORDERS:
+        raise ProjectorError(f"token order {order!r}: choose one of {TOKEN_ORDERS}")
     x = x.reshape(n, rows, cols, c)
     x = F.pad(x, (0, 0, 0, cols % 2, 0, rows % 2))
     r2, c2 = x.shape[1] // 2, x.shape[2] // 2
-    x = x.reshape(n, r2, 2, c2, 2, c).permute(0, 1, 3, 2, 4, 5)  # [n, r2, c2, dy, dx, C]
+    x = x.reshape(n, r2, 2, c2, 2, c)
+    if order == "row_major":
+        x = x.permute(0, 1, 3, 2, 4, 5)  # [n, r2, c2, dy, dx, C]
+    else:
+        x = x.permute(0, 3, 1, 2, 4, 5)  # [n, c2, r2, dy, dx, C]
     return x.reshape(n, r2 * c2, 4 * c)
+
+
+_ANNOUNCED = set()
+
+
+def announce_token_order(order: str, why: str) -> None:
+    """Log the projector's token order once per process (per order and reason)."""
+    import logging
+
+    if (order, why) not in _ANNOUNCED:
+        _ANNOUNCED.add((order, why))
+        logging.getLogger("megatron_longvila.models").warning("projector token order: %s (%s)", order, why)
 
 
 @dataclass(kw_only=True)
@@ -62,6 +91,12 @@ class ProjectorConfig:
     """Width of the LLM's token embeddings (the output, and the inner width)."""
     layernorm_epsilon: float = 1e-5
     """Epsilon of the LayerNorm on the 4C features."""
+    token_order: str = "row_major"
+    """Order of the output tokens over the downsampled grid (TOKEN_ORDERS; see the module docstring)."""
+
+    def __post_init__(self):
+        if self.token_order not in TOKEN_ORDERS:
+            raise ProjectorError(f"token_order {self.token_order!r}: choose one of {TOKEN_ORDERS}")
 
 
 def projector_transformer_config(cfg: ProjectorConfig, *, tensor_model_parallel_size: int = 1,
@@ -130,8 +165,15 @@ class MlpDownsampleProjector(MegatronModule):
             tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
         self.mlp = build_module(submodules.mlp, config=config, input_size=in_size, tp_group=tp_group)
 
+    def set_token_order(self, order: str, why: str) -> None:
+        """Use `order` for the output tokens from now on (e.g. the checkpoint's recorded order) and announce it."""
+        if order not in TOKEN_ORDERS:
+            raise ProjectorError(f"token order {order!r}: choose one of {TOKEN_ORDERS}")
+        self.cfg.token_order = order
+        announce_token_order(order, why)
+
     def forward(self, features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        x = space_to_channel_2x2(features, rows, cols)
+        x = space_to_channel_2x2(features, rows, cols, self.cfg.token_order)
         n, t, c = x.shape
         x = self.layernorm(x)
         x = x.transpose(0, 1).contiguous()  # megatron linears take [s, b, h]

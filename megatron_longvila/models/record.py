@@ -7,6 +7,12 @@ loads a checkpoint builds its model from the record (flags such as --llm default
 and compares the record with the model it built before any tensor is read, so a shape mismatch is an error
 naming both values rather than a failure deep inside the distributed-checkpoint reader.
 
+Checkpoints converted from Hugging Face VILA, base models or NeMo (megatron_longvila.conversion) carry more: the
+media facts VILA preprocesses with (image aspect mode, mean/std, size, frames, fps), where the weights came from
+and what was guessed, the parallel layout the conversion padded for, and the source's non-tensor files (configs,
+tokenizer files; `assets`, written verbatim under `model_assets/` beside the record) with the layout of its
+safetensors files, so any checkpoint the project saves, after any training, exports back to the VILA layout.
+
     ModelRecord                               the record (dataclass; to_json / from_json)
     record_of(...) -> ModelRecord             the record of a model being built
     compare_records(saved, built, ...)        raise RecordMismatch naming every difference; return notes
@@ -14,8 +20,9 @@ naming both values rather than a failure deep inside the distributed-checkpoint 
     write_model_record(ckpt_dir, record)
     RECORD_FILE, RECORD_VERSION
 
-Versions: 1 (this schema). A reader refuses a newer version with a message; fields added by later versions
-of this project get defaults so older records still load.
+Versions: 1 (the model's shape, RoPE, token order, tokenizer facts), 2 (adds media, default_layout, source, hf and
+the assets; the vision dict gains select_layer's companions apply_post_layernorm and head). A reader refuses a
+newer version with a message; fields added by later versions get defaults so older records still load.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from .registry import LLMShape
 from .vision import VisionConfig
 
 __all__ = ["ModelRecord", "RecordMismatch", "record_of", "compare_records", "read_model_record",
-           "write_model_record", "RECORD_FILE", "RECORD_VERSION", "TOKEN_ORDERS"]
+           "write_model_record", "RECORD_FILE", "RECORD_VERSION", "TOKEN_ORDERS", "ASSETS_DIR"]
 
 RECORD_FILE = "model_record.json"
 """File name of the record inside a checkpoint directory (iter_N/)."""
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 """Schema version written by this code."""
+ASSETS_DIR = "model_assets"
+"""Folder beside the record holding `ModelRecord.assets`, one file per asset at its relative path."""
 TOKEN_ORDERS = ("row_major", "column_major")
 """Order of the projector's output tokens over the 2x2-downsampled grid (VILA since Dec 2024: row-major)."""
 
@@ -63,7 +72,8 @@ class ModelRecord:
     vision: Dict[str, Any] = field(default_factory=dict)
     """The encoder's shape: the fields of `vision.VisionConfig`."""
     vision_select_layer: int = -1
-    """Which encoder hidden state feeds the projector (-1: the last layer and post-norm; VILA uses -2)."""
+    """Which encoder hidden state feeds the projector, as transformers' hidden_states index (-1: the last layer,
+    followed by the post-norm when vision.apply_post_layernorm; VILA uses -2: 26 of 27 layers, no post-norm)."""
     projector_type: str = "mlp_downsample"
     """Projector family (2x2 space-to-channel, LayerNorm, Linear, GELU, Linear)."""
     projector: Dict[str, Any] = field(default_factory=dict)
@@ -74,6 +84,22 @@ class ModelRecord:
     """Tokenizer facts: vocab_size, media_token_id, frame_separator_id (or None), pad_id, eos_id, template."""
     registry_names: Dict[str, Optional[str]] = field(default_factory=dict)
     """The registry entries the shapes came from ({"llm": "qwen2_7b", "vision": ...}), informational."""
+    media: Dict[str, Any] = field(default_factory=dict)
+    """How the checkpoint's model sees media (from VILA's configs): image_aspect_ratio ("resize", "pad"),
+    image_mean, image_std, image_size, num_video_frames, fps, frame_separator (the text after each frame, "\n")."""
+    default_layout: Dict[str, int] = field(default_factory=dict)
+    """The layout a conversion padded the vocabulary for and checked ({"tensor_model_parallel_size": 2,
+    "pipeline_model_parallel_size": 2, "make_vocab_size_divisible_by": 128}); loads at other layouts that divide
+    work too."""
+    source: Dict[str, Any] = field(default_factory=dict)
+    """Provenance of converted weights: {"format": "hf_vila" | "hf_base" | "nemo" | ..., "flavour", "path",
+    "notes": [what was guessed, e.g. the token order]}; informational."""
+    hf: Dict[str, Any] = field(default_factory=dict)
+    """How to write the Hugging Face VILA layout back: {"flavour", "vision_key_prefix", "dtype", "safetensors":
+    {relative path: raw header text}, "files": [relative paths of the assets that belong to the layout]}."""
+    assets: Dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    """Non-tensor files of the source checkpoint by relative path (configs, tokenizer files), byte for byte. Not
+    part of the JSON: written as files under ASSETS_DIR beside the record."""
     version: int = RECORD_VERSION
     """Schema version."""
 
@@ -88,11 +114,17 @@ class ModelRecord:
 
     def vision_config(self) -> VisionConfig:
         known = {f.name for f in dataclasses.fields(VisionConfig)}
-        return VisionConfig(**{k: v for k, v in self.vision.items() if k in known})
+        kw = {k: v for k, v in self.vision.items() if k in known}
+        kw["select_layer"] = int(self.vision_select_layer)
+        if kw["select_layer"] != -1 and "apply_post_layernorm" not in self.vision:
+            kw["apply_post_layernorm"] = False  # a version-1 record: only -1 ran the post-norm
+        return VisionConfig(**kw)
 
     # ---- JSON ----------------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+        """The record as JSON (the assets are files of their own, see write_model_record)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "assets"}
+        return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], where: str = "record") -> "ModelRecord":
@@ -100,7 +132,7 @@ class ModelRecord:
         if version < 1 or version > RECORD_VERSION:
             raise RecordMismatch(f"{where}: model record version {version}; this code reads versions 1.."
                                  f"{RECORD_VERSION} (a newer megatron_longvila wrote it: upgrade)")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"assets"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise RecordMismatch(f"{where}: unknown model record fields {unknown}")
@@ -121,18 +153,27 @@ class ModelRecord:
 
 
 def record_of(shape: LLMShape, vision: VisionConfig, *, real_vocab_size: int, tokenizer: Optional[dict] = None,
-              llm_type: Optional[str] = None, rope_scaling: Optional[dict] = None, vision_select_layer: int = -1,
-              projector_epsilon: float = 1e-5, token_order: str = "row_major",
-              registry_names: Optional[dict] = None) -> ModelRecord:
-    """The record of a model built from `shape` (vocab_size = padded table rows) and `vision`."""
+              llm_type: Optional[str] = None, rope_scaling: Optional[dict] = None,
+              vision_select_layer: Optional[int] = None, projector_epsilon: float = 1e-5,
+              token_order: str = "row_major", registry_names: Optional[dict] = None, **extra) -> ModelRecord:
+    """The record of a model built from `shape` (vocab_size = padded table rows) and `vision`.
+
+    vision_select_layer: defaults to vision.select_layer (and must equal it when given).
+    extra: the other ModelRecord fields (media, default_layout, source, hf, assets).
+    """
     llm = dataclasses.asdict(shape)
     llm["vocab_size"] = int(real_vocab_size)
     llm.pop("rotary_base")
+    vis = dataclasses.asdict(vision)
+    select = vis.pop("select_layer")
+    if vision_select_layer is not None and int(vision_select_layer) != select:
+        raise RecordMismatch(f"vision_select_layer {vision_select_layer} disagrees with the VisionConfig's "
+                             f"select_layer {select}")
     return ModelRecord(
         llm_type=llm_type or ("qwen2" if shape.qkv_bias else "llama"), llm=llm, padded_vocab_size=shape.vocab_size,
-        rope_theta=float(shape.rotary_base), rope_scaling=rope_scaling, vision=dataclasses.asdict(vision),
-        vision_select_layer=vision_select_layer, projector={"layernorm_epsilon": projector_epsilon},
-        token_order=token_order, tokenizer=dict(tokenizer or {}), registry_names=dict(registry_names or {}))
+        rope_theta=float(shape.rotary_base), rope_scaling=rope_scaling, vision=vis,
+        vision_select_layer=select, projector={"layernorm_epsilon": projector_epsilon},
+        token_order=token_order, tokenizer=dict(tokenizer or {}), registry_names=dict(registry_names or {}), **extra)
 
 
 # Fields whose difference means the tensors do not fit (or mean something else): always an error.
@@ -166,9 +207,12 @@ def compare_records(saved: ModelRecord, built: ModelRecord, *, where: str = "che
     for k in sorted(set(saved.llm) | set(built.llm)):
         if k not in _LLM_FREE and saved.llm.get(k) != built.llm.get(k):
             diff(f"llm.{k}", saved.llm.get(k), built.llm.get(k))
+    # Vision fields a version-1 record lacks take VisionConfig's defaults (older records keep loading).
+    vdefault = {f.name: f.default for f in dataclasses.fields(VisionConfig)}
     for k in sorted(set(saved.vision) | set(built.vision)):
-        if saved.vision.get(k) != built.vision.get(k):
-            diff(f"vision.{k}", saved.vision.get(k), built.vision.get(k))
+        a, b = saved.vision.get(k, vdefault.get(k)), built.vision.get(k, vdefault.get(k))
+        if a != b:
+            diff(f"vision.{k}", a, b)
     for k in sorted(set(saved.projector) | set(built.projector)):
         if saved.projector.get(k) != built.projector.get(k):
             diff(f"projector.{k}", saved.projector.get(k), built.projector.get(k))
@@ -192,8 +236,21 @@ def compare_records(saved: ModelRecord, built: ModelRecord, *, where: str = "che
     return notes
 
 
+def _asset_path(ckpt_dir: str, name: str) -> str:
+    norm = os.path.normpath(name)
+    if os.path.isabs(norm) or norm.startswith(".."):
+        raise RecordMismatch(f"asset name {name!r} leaves the checkpoint folder")
+    return os.path.join(ckpt_dir, ASSETS_DIR, norm)
+
+
 def write_model_record(ckpt_dir: str, record: ModelRecord) -> str:
-    """Write `record` into `ckpt_dir` (atomically: temporary file, then rename). Returns the path."""
+    """Write `record` into `ckpt_dir` (atomically: temporary file, then rename), its assets first under
+    ASSETS_DIR. Returns the record's path."""
+    for name, data in sorted(record.assets.items()):
+        p = _asset_path(ckpt_dir, name)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
     path = os.path.join(ckpt_dir, RECORD_FILE)
     with open(path + ".tmp", "w") as f:
         f.write(record.to_json())
@@ -209,4 +266,11 @@ def read_model_record(ckpt_dir: str) -> Optional[ModelRecord]:
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return ModelRecord.from_json(f.read(), where=path)
+        record = ModelRecord.from_json(f.read(), where=path)
+    root = os.path.join(ckpt_dir, ASSETS_DIR)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                record.assets[os.path.relpath(full, root).replace(os.sep, "/")] = f.read()
+    return record

@@ -11,7 +11,14 @@ Frames at a resolution other than the native one (e.g. a 448 px frame through a 
 Layer specs: `vit_layer_spec(use_te=False)` is built from megatron-core's local modules (runs on CPU);
 `use_te=True` uses Transformer Engine modules and raises a clear error when TE is not importable.
 Unlike megatron-core's `get_vit_layer_with_local_spec` (causal mask), both specs use no mask: SigLIP
-attends bidirectionally over the patches of one frame.
+attends bidirectionally over the patches of one frame. Both store their layers under the TE spec's checkpoint
+keys (the local spec maps its norms, VIT_LOCAL_KEYS_MAP), so checkpoints move between the two.
+
+What VILA runs: `VisionConfig.select_layer` picks transformers' `hidden_states[select_layer]` (VILA: -2, the first
+26 of SigLIP so400m's 27 layers, no post-LayerNorm, no pooling head). The layers after it, the post-LayerNorm
+(when not applied) and the head (`VisionConfig.head`) stay in the model's state as buffers (`freeze_as_buffers`):
+never run, never trained, never decayed, saved and loaded like weights, so every checkpoint exports back to VILA's
+layout with every tensor it came with.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ class VisionConfig:
     hidden_size: int = 1152
     """Width of the encoder."""
     num_layers: int = 27
-    """Transformer layers built (for VILA's select-layer -2 of so400m, build 26 and drop the post-norm)."""
+    """Transformer layers in the encoder's state (all of them are built; `select_layer` says how many run)."""
     num_attention_heads: int = 16
     """Attention heads (must divide by the tensor-parallel size)."""
     ffn_hidden_size: int = 4304
@@ -83,11 +90,27 @@ class VisionConfig:
     layernorm_epsilon: float = 1e-6
     """LayerNorm epsilon."""
     post_layernorm: bool = True
-    """Apply a LayerNorm to the last layer's output."""
+    """The encoder has a post-LayerNorm (SigLIP's `post_layernorm`)."""
     activation: str = "gelu_tanh"
     """MLP activation: "gelu_tanh" (SigLIP) or "gelu"."""
+    select_layer: int = -1
+    """Hidden state that feeds the projector, counted as transformers' `hidden_states`: -1 is the last layer's
+    output, -2 the one before (VILA's `mm_vision_select_layer`: SigLIP so400m runs 26 of its 27 layers). Layers
+    after it stay in the state (loaded, saved, exported) but are frozen and never run."""
+    apply_post_layernorm: bool = True
+    """Run the post-LayerNorm on the last layer's output (select_layer -1 only). VILA never does: its feature is a
+    raw hidden state, so its post-LayerNorm is kept in the state like the unused layers."""
+    head: bool = False
+    """The state holds SigLIP's attention-pooling head (probe, attention, LayerNorm, MLP): frozen, never run (VILA
+    feeds patch features to the projector), kept so a checkpoint exports back with every tensor it came with."""
 
     def __post_init__(self):
+        if not -self.num_layers <= self.select_layer <= -1:
+            raise VisionConfigError(f"select_layer {self.select_layer}: choose -1 (the last of the {self.num_layers} "
+                                    f"layers) down to {-self.num_layers}")
+        if self.apply_post_layernorm and self.post_layernorm and self.select_layer != -1:
+            raise VisionConfigError(f"select_layer {self.select_layer} with apply_post_layernorm: the post-LayerNorm "
+                                    f"follows the last layer; set apply_post_layernorm=False (as VILA runs SigLIP)")
         if self.image_size < self.patch_size:
             raise VisionConfigError(f"image_size {self.image_size} is smaller than one {self.patch_size} px patch")
         if self.hidden_size % self.num_attention_heads:
@@ -95,6 +118,16 @@ class VisionConfig:
                                     f"{self.num_attention_heads} heads")
         if self.activation not in ("gelu_tanh", "gelu"):
             raise VisionConfigError(f"activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
+
+    @property
+    def layers_run(self) -> int:
+        """Encoder layers the forward runs (the first ones): num_layers + 1 + select_layer."""
+        return self.num_layers + 1 + self.select_layer
+
+    @property
+    def runs_post_layernorm(self) -> bool:
+        """Whether the forward applies the post-LayerNorm."""
+        return self.post_layernorm and self.apply_post_layernorm and self.select_layer == -1
 
     @property
     def grid(self) -> int:
@@ -167,8 +200,62 @@ def vit_layer_spec(use_te: bool = False) -> ModuleSpec:
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys of the TE spec (its norms live inside the fused linears), as Megatron's GPT local spec
+            # does: a checkpoint saved with either spec loads into the other.
+            sharded_state_dict_keys_map=dict(VIT_LOCAL_KEYS_MAP),
         ),
     )
+
+
+VIT_LOCAL_KEYS_MAP = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                      "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+"""Local-spec layer keys -> the TE spec's checkpoint keys (the same map as megatron-core's GPT local spec)."""
+
+
+def freeze_as_buffers(module: torch.nn.Module) -> int:
+    """Turn every parameter of `module` into a persistent buffer of the same name; returns the elements moved.
+
+    For state that is kept but never run (the encoder layers after `select_layer`, an unused post-LayerNorm, the
+    pooling head): buffers are saved, loaded, moved and cast with the module, but no optimizer, gradient buffer,
+    weight decay or freezing preset ever sees them, so training leaves them bit-identical.
+    """
+    n = 0
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            del sub._parameters[name]
+            sub.register_buffer(name, p.detach(), persistent=True)
+            n += p.numel()
+    return n
+
+
+class SiglipHeadState(torch.nn.Module):
+    """SigLIP's attention-pooling head as stored by transformers (`head.probe`, `head.attention.in_proj_*`,
+    `head.attention.out_proj.*`, `head.layernorm.*`, `head.mlp.fc1/fc2.*`), held as buffers: LongVILA never runs
+    it (the projector takes patch features), it is kept so checkpoints export back unchanged. Replicated over TP."""
+
+    def __init__(self, cfg: "VisionConfig", dtype: torch.dtype):
+        super().__init__()
+        c, f = cfg.hidden_size, cfg.ffn_hidden_size
+
+        def holder(**shapes):
+            m = torch.nn.Module()
+            for name, shape in shapes.items():
+                m.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=True)
+            return m
+
+        self.register_buffer("probe", torch.zeros(1, 1, c, dtype=dtype), persistent=True)
+        self.attention = holder(in_proj_weight=(3 * c, c), in_proj_bias=(3 * c,))
+        self.attention.out_proj = holder(weight=(c, c), bias=(c,))
+        self.layernorm = holder(weight=(c,), bias=(c,))
+        self.mlp = torch.nn.Module()
+        self.mlp.fc1 = holder(weight=(f, c), bias=(f,))
+        self.mlp.fc2 = holder(weight=(c, f), bias=(c,))
+
+    def forward(self, *args, **kwargs):
+        raise VisionConfigError("the SigLIP pooling head is stored, not run: LongVILA feeds patch features to the "
+                                "projector")
 
 
 def norm_impl(use_te: bool):
@@ -245,6 +332,12 @@ class SiglipVisionModel(VisionModule):
         if cfg.post_layernorm:
             self.ln_post = build_module(norm_impl(use_te), config=transformer_config, hidden_size=cfg.hidden_size,
                                         eps=cfg.layernorm_epsilon)
+        self.head = SiglipHeadState(cfg, dtype) if cfg.head else None
+        # Kept but never run (see VisionConfig.select_layer): frozen as buffers.
+        for layer in self.decoder.layers[cfg.layers_run:]:
+            freeze_as_buffers(layer)
+        if self.ln_post is not None and not cfg.runs_post_layernorm:
+            freeze_as_buffers(self.ln_post)
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         # The encoder is never split over pipeline stages; kept for megatron's model interface.
@@ -276,9 +369,15 @@ class SiglipVisionModel(VisionModule):
         x = x.flatten(2).transpose(1, 2)  # [n, rows*cols, hidden]
         x = x + self.position_embedding_for(rows, cols).unsqueeze(0)
         x = x.transpose(0, 1).contiguous()  # megatron layout [s, b, h]
-        x = self.decoder(x, attention_mask=None)
+        n = self.cfg.layers_run
+        if n == len(self.decoder.layers):
+            x = self.decoder(x, attention_mask=None)
+        else:
+            # The first n layers only: transformers' hidden_states[select_layer] (the block has no final norm).
+            for layer in self.decoder.layers[:n]:
+                x, _ = layer(hidden_states=x, attention_mask=None)
         x = x.transpose(0, 1).contiguous()
-        if self.ln_post is not None:
+        if self.ln_post is not None and self.cfg.runs_post_layernorm:
             x = self.ln_post(x)
         return x
 

@@ -1,0 +1,412 @@
+"""Streaming tensor storage for the converter: safetensors and torch_dist read and written one tensor at a time.
+
+    SafetensorsFile(path)            header parsed and checked; read(name) reads one tensor with plain file reads
+                                     (no mmap: nothing of the file stays resident once a tensor is consumed)
+    SafetensorsWriter(path, entries, metadata, header_text=None)
+                                     writes the header first, then each tensor at its offset, in any order; with
+                                     `header_text` (the source file's own header) the file comes out byte-identical
+    safetensors_header(entries, metadata) -> str    the header the `safetensors` library writes for these tensors
+    DcpReader(path)                  torch_dist (torch.distributed.checkpoint) metadata; read(key) loads one tensor
+    write_dcp(path, specs, produce, objects)        torch_dist written lazily: each tensor is produced when the
+                                     writer reaches it and freed once written (peak: the largest tensor)
+    AtomicTarget(target, overwrite)  a temporary sibling folder renamed onto the target at the end
+    Progress                         a progress line on stderr (bytes, rate, the tensor at hand)
+
+Trust: safetensors files hold no code, so weights from outside come in through them. torch_dist's `.metadata` is a
+pickle, so torch_dist checkpoints are trusted input (this project's own, or NeMo's); pickled `.bin` weights are
+refused by the readers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .mappings import ConversionError
+
+__all__ = ["SafetensorsFile", "SafetensorsWriter", "safetensors_header", "DcpReader", "write_dcp", "AtomicTarget",
+           "Progress", "DTYPES", "dtype_name", "parse_dtype", "tensor_nbytes"]
+
+DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+"""safetensors dtype names -> torch dtypes."""
+_NAMES = {v: k for k, v in DTYPES.items()}
+# The safetensors library orders tensors by dtype (its enum, descending), then by name.
+_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64",
+          "U64"]
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _NAMES:
+        raise ConversionError(f"dtype {dtype} has no safetensors name")
+    return _NAMES[dtype]
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """"bf16" / "bfloat16" / "fp16" / "float16" / "fp32" / "float32" / None -> torch dtype or None."""
+    if name is None:
+        return None
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    key = str(name).replace("torch.", "").lower()
+    if key not in table:
+        raise ConversionError(f"--dtype {name}: choose bf16, fp16 or fp32")
+    return table[key]
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU tensor's bytes. Not through .numpy(): that pins the storage
+    (it could no longer be freed early, see write_dcp)."""
+    import ctypes
+
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------------------------
+# safetensors
+# ----------------------------------------------------------------------------------------------------
+
+class SafetensorsFile:
+    """One safetensors file: its header (checked against the file), tensors read one at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ConversionError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            n = struct.unpack("<Q", head)[0]
+            if n > min(size - 8, _MAX_HEADER):
+                raise ConversionError(f"{path}: not a safetensors file (header length {n} for a {size}-byte file)")
+            raw = f.read(n)
+        try:
+            self.header_text = raw.decode("utf-8")
+            header = json.loads(self.header_text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise ConversionError(f"{path}: not a safetensors file (header is not a JSON object)")
+        self.metadata = header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype = DTYPES[e["dtype"]]
+                shape = tuple(int(s) for s in e["shape"])
+                begin, end = (int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ConversionError(f"{path}: tensor {name!r} has a malformed header entry {e}") from None
+            if end - begin != tensor_nbytes(shape, dtype) or end > size - self.data_start or begin < 0:
+                raise ConversionError(f"{path}: tensor {name!r} ({e['dtype']} {list(shape)}) has offsets {begin}..{end} "
+                                      f"that do not fit its size or the file (truncated or corrupt file)")
+            self.entries[name] = (dtype, shape, begin, end)
+        self._fh = None
+
+    def names(self) -> List[str]:
+        return list(self.entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._fh.seek(self.data_start + begin)
+        if end > begin:
+            got = self._fh.readinto(_bytes_view(buf))
+            if got != end - begin:
+                raise ConversionError(f"{self.path}: short read of {name!r} (file truncated)")
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def safetensors_header(entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]],
+                       metadata: Optional[Dict[str, str]] = None) -> str:
+    """The header text the `safetensors` library writes for these tensors (order: dtype, then name; compact
+    JSON; padded with spaces to a multiple of 8 bytes)."""
+    ordered = sorted(entries, key=lambda e: (-_ORDER.index(dtype_name(e[1])), e[0]))
+    header: Dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape in ordered:
+        n = tensor_nbytes(shape, dtype)
+        header[name] = {"dtype": dtype_name(dtype), "shape": [int(s) for s in shape],
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    pad = (-len(text.encode("utf-8"))) % 8
+    return text + " " * pad
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file: the header at once, then tensors at their offsets as they come."""
+
+    def __init__(self, path: str, entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]],
+                 metadata: Optional[Dict[str, str]] = None, header_text: Optional[str] = None):
+        self.path = path
+        want = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        if header_text is not None and not self._header_fits(header_text, want):
+            header_text = None
+        if header_text is None:
+            header_text = safetensors_header(entries, metadata)
+        header = json.loads(header_text)
+        header.pop("__metadata__", None)
+        raw = header_text.encode("utf-8")
+        self.data_start = 8 + len(raw)
+        self.offsets = {name: (int(e["data_offsets"][0]), int(e["data_offsets"][1])) for name, e in header.items()}
+        self.expected = want
+        total = max((end for _, end in self.offsets.values()), default=0)
+        self.nbytes = self.data_start + total
+        self.written = set()
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._f.truncate(self.nbytes)
+
+    @staticmethod
+    def _header_fits(text: str, want: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]) -> bool:
+        try:
+            header = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        header.pop("__metadata__", None)
+        if set(header) != set(want):
+            return False
+        return all(DTYPES.get(e["dtype"]) == want[n][0] and tuple(e["shape"]) == want[n][1]
+                   for n, e in header.items())
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        if name not in self.expected:
+            raise ConversionError(f"{self.path}: {name!r} is not one of this file's tensors")
+        dtype, shape = self.expected[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ConversionError(f"{self.path}: {name!r} is {tensor.dtype} {list(tensor.shape)}, the header says "
+                                  f"{dtype} {list(shape)}")
+        begin, end = self.offsets[name]
+        t = tensor.detach().contiguous().reshape(-1)
+        self._f.seek(self.data_start + begin)
+        if end > begin:
+            self._f.write(_bytes_view(t.view(torch.uint8)))
+        self.written.add(name)
+        return end - begin
+
+    def close(self) -> None:
+        missing = sorted(set(self.expected) - self.written)
+        if missing:
+            self._f.close()
+            raise ConversionError(f"{self.path}: {len(missing)} tensors never written, e.g. {missing[:5]}")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch_dist
+# ----------------------------------------------------------------------------------------------------
+
+class DcpReader:
+    """A torch_dist checkpoint folder: key -> (shape, dtype) from its metadata; read(key) loads one tensor."""
+
+    def __init__(self, path: str):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise ConversionError(f"{path}: no torch_dist checkpoint here (no .metadata file)")
+        self.path = path
+        self.metadata = FileSystemReader(path).read_metadata()
+        self.tensors: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
+        self.objects: List[str] = []
+        for key, md in self.metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                self.tensors[key] = (tuple(md.size), md.properties.dtype)
+            elif isinstance(md, BytesStorageMetadata):
+                self.objects.append(key)
+
+    def read(self, key: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+        shape, dtype = self.tensors[key]
+        t = torch.empty(shape, dtype=dtype) if out is None else out
+        load({key: t}, storage_reader=FileSystemReader(self.path),
+             planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+        return t
+
+
+def _none_bytes() -> io.BytesIO:
+    b = io.BytesIO()
+    torch.save(None, b)
+    b.seek(0)
+    return b
+
+
+def write_dcp(path: str, specs: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
+              produce: Callable[[str], torch.Tensor], objects: Iterable[str] = (),
+              on_written: Optional[Callable[[str, int], None]] = None) -> None:
+    """Write a torch_dist checkpoint of the tensors `specs` (key, global shape, dtype), each made by produce(key)
+    only when the writer reaches it and freed as soon as it is written, plus `objects` (unique keys of
+    Megatron ShardedObjects, each holding None: the local spec's `_extra_state`).
+
+    Tensors are stored whole (one chunk), which any torch_dist reader reshards; megatron-core loads them into
+    any TP x PP layout. Also writes megatron's metadata.json.
+    """
+    from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    os.makedirs(path, exist_ok=True)
+    shapes = {k: (tuple(s), d) for k, s, d in specs}
+    # Placeholders for planning: right size and dtype, no memory.
+    state = {k: torch.empty((), dtype=d).expand(s) for k, (s, d) in shapes.items()}
+    for key in objects:
+        state[key] = _none_bytes()
+
+    class LazyPlanner(DefaultSavePlanner):
+        def __init__(self):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self._prev = None
+
+        def transform_object(self, write_item, obj):  # the objects are serialized already (as megatron does)
+            return obj
+
+        def resolve_data(self, write_item):
+            fqn = write_item.index.fqn
+            if write_item.type == WriteItemType.BYTE_IO:
+                return self.state_dict[fqn]
+            if self._prev is not None:
+                # The previous tensor is on disk: free it (the writer keeps a reference until the file closes).
+                prev_key, prev = self._prev
+                nbytes = prev.untyped_storage().nbytes()
+                prev.untyped_storage().resize_(0)
+                if on_written is not None:
+                    on_written(prev_key, nbytes)
+            t = produce(fqn)
+            shape, dtype = shapes[fqn]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ConversionError(f"{fqn}: produced {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
+            t = t.detach().contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a view into a larger tensor: the writer would save the whole storage
+            self._prev = (fqn, t)
+            return t
+
+        def finish(self):
+            if self._prev is not None:
+                key, prev = self._prev
+                nbytes = prev.untyped_storage().nbytes()
+                prev.untyped_storage().resize_(0)
+                if on_written is not None:
+                    on_written(key, nbytes)
+                self._prev = None
+
+    planner = LazyPlanner()
+    # One writer thread and no copy-ahead: tensors are resolved strictly one after the other.
+    writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1,
+                              per_thread_copy_ahead=0)
+    save(state, storage_writer=writer, planner=planner, no_dist=True)
+    planner.finish()
+    with open(os.path.join(path, "metadata.json"), "w") as f:
+        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                   "common_backend_version": 1}, f)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Target folders and progress
+# ----------------------------------------------------------------------------------------------------
+
+class AtomicTarget:
+    """Build a folder under a temporary sibling name and rename it onto `target` at commit: a conversion killed at
+    any point leaves no folder at `target` (only `.<name>.partial-<pid>`, removed by the next conversion)."""
+
+    def __init__(self, target: str, overwrite: bool = False):
+        self.target = os.path.abspath(target)
+        if os.path.exists(self.target) and not overwrite:
+            raise ConversionError(f"--target {target} exists: pass --overwrite to replace it")
+        parent, name = os.path.split(self.target)
+        os.makedirs(parent, exist_ok=True)
+        for old in os.listdir(parent):  # leftovers of killed conversions to this target
+            if old.startswith(f".{name}.partial-") or old.startswith(f".{name}.old-"):
+                shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
+        self.tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+        os.makedirs(self.tmp)
+
+    def path(self, *parts: str) -> str:
+        p = os.path.join(self.tmp, *parts)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
+
+    def commit(self) -> str:
+        old = None
+        if os.path.exists(self.target):
+            parent, name = os.path.split(self.target)
+            old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+            os.rename(self.target, old)
+        os.rename(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.target
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Progress:
+    """Bytes converted so far, on one line of stderr (rewritten on a terminal, every 10% otherwise)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, stream=None):
+        self.total = max(int(total), 1)
+        self.desc = desc
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last_decile = -1
+
+    def update(self, nbytes: int, what: str = "") -> None:
+        self.done += int(nbytes)
+        if not self.enabled:
+            return
+        frac = min(self.done / self.total, 1.0)
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        line = (f"{self.desc}: {100 * frac:5.1f}% {self.done / 2**30:.2f}/{self.total / 2**30:.2f} GiB "
+                f"{self.done / 2**20 / dt:7.1f} MiB/s {what[-60:]}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(120))
+            self.stream.flush()
+        elif int(frac * 10) > self._last_decile:
+            self._last_decile = int(frac * 10)
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
