@@ -128,6 +128,9 @@ class MMSPPackedSeqParams(PackedSeqParams):
     """
 
     plan: Optional[SequencePlan] = None
+    inference: Optional[object] = None
+    """`inference.InferenceState` during MM-SP inference: prefill stores each layer's K/V in the sharded cache, decode
+    runs one replicated token against it (megatron_longvila.inference)."""
 
 
 _PLAN_ATTR = "_mmsp_plan"
@@ -185,7 +188,13 @@ class MMSPSelfAttention(SelfAttention):
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                 attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
         if inference_context is not None or inference_params is not None:
-            raise MMSPRuntimeError("MM-SP layers do not implement inference (KV cache); use Megatron's layer spec")
+            raise MMSPRuntimeError("MM-SP layers run inference with megatron_longvila.inference (sharded KV cache), "
+                                   "not Megatron's inference contexts")
+        state = getattr(packed_seq_params, "inference", None)
+        if state is not None and state.mode == "decode":
+            from ..inference.attention import decode_self_attention
+
+            return decode_self_attention(self, hidden_states, rotary_pos_emb, state)
         if rotary_pos_cos is not None or rotary_pos_sin is not None or rotary_pos_cos_sin is not None:
             raise MMSPRuntimeError("MM-SP layers take RoPE as a rotary table (rotary_pos_emb), not cos/sin")
         local_len = hidden_states.shape[0]
@@ -195,7 +204,7 @@ class MMSPSelfAttention(SelfAttention):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and hidden_states.shape[1] != 1:
             raise MMSPRuntimeError(f"thd format needs batch 1, got hidden states {tuple(hidden_states.shape)}")
         # From here on every layout is sbhd to Megatron (thd is sbhd with b == 1); the plan knows the documents.
-        params = MMSPPackedSeqParams(qkv_format="sbhd", plan=plan)
+        params = MMSPPackedSeqParams(qkv_format="sbhd", plan=plan, inference=state)
         if rotary_pos_emb is not None:
             tables = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
             local = []
@@ -282,6 +291,9 @@ class MMSPCoreAttention(MegatronModule):
         if thd:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         plan = plan_for(packed_seq_params, query.shape[0], self.config)
+        state = getattr(packed_seq_params, "inference", None)
+        if state is not None:  # prefill: this rank's own tokens' K/V (RoPE applied), before the Ulysses all-to-all
+            state.cache.store_prefill(self.layer_number, key, value, plan)
         out = mmsp_attention(query, key, value, plan, causal=mask_type == AttnMaskType.causal,
                              softmax_scale=self.softmax_scale, backend=self.backend)
         s, b = out.shape[0], out.shape[1]

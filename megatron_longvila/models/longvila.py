@@ -24,7 +24,7 @@ data pipeline's `PackedSequence` with `MicroBatch.from_packed`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,6 +62,9 @@ class Media:
     """(H, W) of the frames; taken from `frames` when given."""
     kind: str = "video"
     """"image" or "video" (informational: both are encoded alike)."""
+    loader: Optional[Callable[[List[int]], torch.Tensor]] = None
+    """Optional: frame numbers (of this item) -> their pixels [k, 3, H, W]; with `frames=None`, inference decodes
+    only the frames stage 1 gives this rank through it."""
 
 
 @dataclass
@@ -90,6 +93,8 @@ class FrameSlot:
     """Frame width in pixels."""
     pixels: Optional[torch.Tensor] = None
     """[3, H, W], required on the rank that encodes this frame."""
+    source: Optional[Tuple["Media", int]] = None
+    """(media item, frame number in it): where the pixels come from when a loader is given."""
 
 
 @dataclass
@@ -182,7 +187,7 @@ def _media_frames(m: Media, offset: int, sample_len: int, where: str) -> List[Fr
     if n and (int(pos.min()) < 0 or int(pos.max()) >= sample_len):
         raise LongVILAInputError(f"{where}: token positions outside the sample's {sample_len} tokens")
     return [FrameSlot(positions=pos[k] + offset, height=h, width=w,
-                      pixels=None if m.frames is None else m.frames[k]) for k in range(n)]
+                      pixels=None if m.frames is None else m.frames[k], source=(m, k)) for k in range(n)]
 
 
 def shift_targets(labels: torch.Tensor, weights: torch.Tensor, seq_lens: Sequence[int]
@@ -371,6 +376,16 @@ class LongVILAModel(MegatronModule):
         rows = outs[0] if len(outs) == 1 else torch.cat(outs)
         return rows if mb.row_order is None else rows.index_select(0, mb.row_order)
 
+    def embed_inputs(self, mb) -> torch.Tensor:
+        """The LLM's input for this rank's tokens of a PlannedMicroBatch: text embeddings, with the visual rows of its
+        tokens (stage 1 on this rank's frames, stage 2 to their owners) in place: [s_local, 1, hidden]."""
+        decoder_input = self.language_model.embed(mb.input_ids, mb.position_ids)
+        if mb.routing is not None:
+            local_rows = self.encode_local(mb)
+            received = route(local_rows, mb.routing, mb.plan.mesh.cp_group)
+            decoder_input = merge_visual(decoder_input, received, mb.routing)
+        return decoder_input
+
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, batch, mesh: Optional[MMSPMesh] = None, *, uniform: bool = False, pad_to_multiple: int = 1,
                 reduction: str = "global_mean", seq_length: Optional[int] = None, pad_id: int = 0):
@@ -402,14 +417,7 @@ class LongVILAModel(MegatronModule):
             mb = plan_microbatch(self, batch, mesh, uniform=uniform, pad_to_multiple=pad_to_multiple,
                                  seq_length=seq_length, pad_id=pad_id).to(model_device(self), dtype)
         plan = mb.plan
-        decoder_input = None
-        if self.pre_process:
-            decoder_input = self.language_model.embed(mb.input_ids, mb.position_ids)
-            if mb.routing is not None:
-                local_rows = self.encode_local(mb)
-                received = route(local_rows, mb.routing, plan.mesh.cp_group)
-                decoder_input = merge_visual(decoder_input, received, mb.routing)
-
+        decoder_input = self.embed_inputs(mb) if self.pre_process else None
         out = self.language_model(decoder_input, mb.position_ids, mb.targets, plan)
         if not self.post_process:
             return out

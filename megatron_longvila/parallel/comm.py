@@ -111,6 +111,19 @@ def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM, kind: str = "a
     dist.all_reduce(tensor, op=op, group=group)
 
 
+def broadcast(tensor: torch.Tensor, src: int, group, kind: str = "broadcast") -> None:
+    """`dist.broadcast` from global rank `src`, counted on the sender (it sends the buffer to each other rank)."""
+    world = dist.get_world_size(group)
+    if dist.get_rank() == src:
+        _count(group, kind, _nbytes(tensor.numel() * (world - 1), tensor))
+    if _host_staged(group, tensor):
+        t = tensor.cpu()
+        dist.broadcast(t, src=src, group=group)
+        tensor.copy_(t)
+        return
+    dist.broadcast(tensor, src=src, group=group)
+
+
 class P2PHandle:
     """Outstanding point-to-point requests; `wait()` completes them all (and lands host-staged receives)."""
 

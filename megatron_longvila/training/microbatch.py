@@ -199,6 +199,10 @@ def plan_microbatch(model, batch: MicroBatch, mesh: MMSPMesh, *, uniform: bool =
         batch = fill_to(batch, int(seq_length), pad_id)
         uniform = True
     plan = plan_sequence(mesh, batch.seq_lens, uniform=uniform, pad_to_multiple=pad_to_multiple)
+    if not uniform and min(plan.real_lens) == 0:
+        # A sequence shorter than the mesh leaves some rank no token, and Megatron's layers cannot take an empty
+        # sequence (their head reshapes are ambiguous at length 0): pad every rank to the same length instead.
+        plan = plan_sequence(mesh, batch.seq_lens, uniform=True)
     if seq_length is not None and plan.local_len * plan.cp_size != seq_length:
         raise LongVILAInputError(
             f"seq_length {seq_length} over {plan.cp_size} CP ranks gives {plan.local_len} tokens per rank, not "

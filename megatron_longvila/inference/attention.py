@@ -1,0 +1,83 @@
+"""Decode attention of MM-SP inference: one replicated token against the sharded KV cache, merged exactly.
+
+Per layer and decode step, on every rank of the CP group: project the token's q, k, v (all of this TP rank's heads;
+the hidden state and the weights are replicated over CP), apply RoPE at its position, let the step's owner append
+k, v to its cache, attend q to the local cache with the layer's own kernel (it returns the log-sum-exp), and merge
+the P partial results by log-sum-exp:
+
+    m = max_c lse_c,  w_c = exp(lse_c - m),  o = sum_c w_c o_c / sum_c w_c
+
+as two all-reduces over the CP group: MAX of lse [heads] and SUM of [w * o, w] [heads * (head_dim + 1)], fp32.
+That is a few KB per layer whatever the context length, and no K/V moves. A rank whose shard is empty contributes
+lse = -inf, hence w = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..attention.backends import Segments, get_backend
+from ..parallel import comm
+
+__all__ = ["decode_self_attention", "decode_bytes_per_layer", "merge_partials"]
+
+
+def decode_bytes_per_layer(heads: int, head_dim: int, cp_size: int, batch: int = 1) -> int:
+    """Bytes one rank sends per layer and decode step (comm.py's count: ring all-reduce 2(P-1)/P of the buffer)."""
+    if cp_size == 1:
+        return 0
+    numel_max, numel_sum = batch * heads, batch * heads * (head_dim + 1)
+    return 4 * (numel_max * 2 * (cp_size - 1) // cp_size + numel_sum * 2 * (cp_size - 1) // cp_size)
+
+
+def merge_partials(o: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
+    """Exact merge of per-rank partial attention: o [n, H, D] fp32, lse [H, n] fp32 -> merged o [n, H, D]."""
+    if group is None or dist.get_world_size(group) == 1:
+        return o
+    m = lse.clone()
+    comm.all_reduce(m, group, op=dist.ReduceOp.MAX, kind="decode_lse_max")
+    w = torch.exp(lse - m)  # -inf (empty shard) -> 0; m is finite: some rank holds the token itself
+    wt = w.transpose(0, 1).unsqueeze(-1)  # [n, H, 1]
+    buf = torch.cat([(o * wt).reshape(-1), w.reshape(-1)])
+    comm.all_reduce(buf, group, kind="decode_merge")
+    num = buf[:o.numel()].view(o.shape)
+    den = buf[o.numel():].view(w.shape).transpose(0, 1).unsqueeze(-1)
+    return num / den
+
+
+def decode_self_attention(module, hidden_states: torch.Tensor, rotary_pos_emb, state):
+    """MMSPSelfAttention's decode step (see the module docstring): returns (output, bias) as SelfAttention does."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    if hidden_states.shape[0] != 1:
+        raise ValueError(f"decode takes one token per step, got {hidden_states.shape[0]}")
+    query, key, value = module.get_query_key_value_tensors(hidden_states)  # [1, b, heads, d]
+    if rotary_pos_emb is not None:
+        tables = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
+        p = state.position
+        if p >= tables[0].shape[0]:
+            raise ValueError(f"position {p} is past the rotary table ({tables[0].shape[0]} positions)")
+        query = apply_rotary_pos_emb(query, tables[0][p:p + 1], config=module.config)
+        key = apply_rotary_pos_emb(key, tables[1][p:p + 1], config=module.config)
+    mesh = state.mesh
+    cache = state.cache
+    k_all, v_all = cache.keys_for_step(module.layer_number, key, value, append=state.owner == mesh.cp_rank)
+    _, b, hq, d = query.shape
+    if b != 1:
+        raise ValueError("MM-SP decode runs one prompt at a time (batch 1)")
+    core = module.core_attention
+    q = query[0]  # [1, hq, d]
+    n = k_all.shape[0]
+    if n == 0:
+        o = torch.zeros((1, hq, d), dtype=torch.float32, device=q.device)
+        lse = torch.full((hq, 1), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        seg = state.segments.get(n) if state.segments is not None else None
+        seg = seg or Segments([0, 1], [0, n], False)
+        kernel = get_backend(core.backend, q)
+        o, lse = kernel.forward(q, k_all[:, 0], v_all[:, 0], seg, core.softmax_scale)
+        o, lse = o.float(), lse.float()
+    o = merge_partials(o, lse, mesh.cp_group if mesh.cp_size > 1 else None)
+    out = o.to(query.dtype).reshape(1, 1, hq * d)
+    return module.linear_proj(out)
