@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .longvila import GPTAdapter, LongVILAModel
+from .offload import ActivationMemoryConfig, apply_activation_memory
 from .projector import ProjectorConfig, mlp_downsample_spec, projector_transformer_config
 from .vision import SiglipVisionModel, VisionConfig, vision_process_groups, vision_transformer_config, vit_layer_spec
 
@@ -132,11 +133,13 @@ def _vision_config(encoder: Union[str, VisionConfig]) -> VisionConfig:
 
 def build_vision_encoder(name: Union[str, VisionConfig], *, tensor_model_parallel_size: int = 1,
                          params_dtype=torch.float32, use_te: bool = False, pg_collection=None,
-                         **config_overrides) -> SiglipVisionModel:
-    """Build an encoder by registry name or VisionConfig (config_overrides change fields, e.g. num_layers=26)."""
+                         transformer_overrides: Optional[dict] = None, **config_overrides) -> SiglipVisionModel:
+    """Build an encoder by registry name or VisionConfig (config_overrides change fields, e.g. num_layers=26;
+    transformer_overrides change its TransformerConfig, e.g. the recompute settings)."""
     cfg = replace(_vision_config(name), **config_overrides)
     tc = vision_transformer_config(cfg, tensor_model_parallel_size=tensor_model_parallel_size,
-                                   params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available())
+                                   params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available(),
+                                   **(transformer_overrides or {}))
     return SiglipVisionModel(cfg, tc, vit_layer_spec(use_te),
                              pg_collection if pg_collection is not None else vision_process_groups(), use_te=use_te)
 
@@ -147,7 +150,8 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
                    params_dtype: torch.dtype = torch.float32, use_te: bool = False, layer_spec=None,
                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                    media_token_id: Optional[int] = None, locality_aware: bool = True,
-                   llm_overrides: Optional[dict] = None, real_vocab_size: Optional[int] = None) -> LongVILAModel:
+                   llm_overrides: Optional[dict] = None, real_vocab_size: Optional[int] = None,
+                   activation_memory: Optional[ActivationMemoryConfig] = None) -> LongVILAModel:
     """Build LongVILA for this rank (megatron parallel_state must be initialized with the same sizes).
 
     encoder: a name in ENCODERS, or a VisionConfig (e.g. from a checkpoint's model record).
@@ -156,6 +160,8 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
     With pipeline parallelism the encoder and projector exist only on the first stage.
     real_vocab_size: rows of the vocabulary that are tokens, when llm.vocab_size is padded beyond them: the padding
     rows' logits are masked (models.gpt.mask_padded_vocab).
+    activation_memory: recompute (Megatron's settings, for the LLM's and the encoder's TransformerConfig) and
+    activation offload (models.offload); checked here against the layers each pipeline stage holds.
     """
     from megatron.core import parallel_state as ps
 
@@ -170,12 +176,22 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
         raise TypeError(f"build_longvila(llm=...): give a name in LLMS or an LLMShape, got {type(llm).__name__}")
     vis_cfg = _vision_config(encoder)
     build_proj = _lookup(PROJECTORS, projector, "projector")
+    memory = activation_memory or ActivationMemoryConfig()
+    if memory.llm.granularity == "full" and shape.num_layers % pipeline_model_parallel_size:
+        raise ValueError(f"--recompute-granularity full: the LLM's {shape.num_layers} layers do not split evenly "
+                         f"over --pipeline-model-parallel-size {pipeline_model_parallel_size}")
+    memory.llm.validate(shape.num_layers // pipeline_model_parallel_size, "LLM")
+    memory.vision.validate(vis_cfg.layers_run, "vision encoder", linear_bias=True)
+    recompute = memory.llm.transformer_config_fields()
+    clash = sorted(set(recompute) & set(llm_overrides or {})) if activation_memory is not None else []
+    if clash:
+        raise ValueError(f"build_longvila: {clash} given both in llm_overrides and activation_memory; give them once")
     lm_cfg = llm_transformer_config(shape, tensor_model_parallel_size=tensor_model_parallel_size,
                                     pipeline_model_parallel_size=pipeline_model_parallel_size,
                                     context_parallel_size=context_parallel_size,
                                     hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes,
                                     params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available(),
-                                    **(llm_overrides or {}))
+                                    **{**recompute, **(llm_overrides or {})})
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
@@ -191,8 +207,11 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
     vision = proj = None
     if pre_process:
         vision = build_vision_encoder(vis_cfg, tensor_model_parallel_size=tensor_model_parallel_size,
-                                      params_dtype=params_dtype, use_te=use_te)
+                                      params_dtype=params_dtype, use_te=use_te,
+                                      transformer_overrides=memory.vision.transformer_config_fields())
         proj = build_proj(vis_cfg, shape.hidden_size, tensor_model_parallel_size=tensor_model_parallel_size,
                           params_dtype=params_dtype, use_te=use_te)
-    return LongVILAModel(vision, proj, GPTAdapter(gpt), media_token_id=media_token_id,
-                         locality_aware=locality_aware, pre_process=pre_process, post_process=post_process)
+    model = LongVILAModel(vision, proj, GPTAdapter(gpt), media_token_id=media_token_id,
+                          locality_aware=locality_aware, pre_process=pre_process, post_process=post_process)
+    model.activation_memory = memory
+    return apply_activation_memory(model, memory)
