@@ -185,7 +185,8 @@ def _load_dist(model, ckpt_dir: str, rename) -> None:
                     del sd[k]
                 else:
                     v.key = new
-    loaded = dist_checkpointing.load(sd, ckpt_dir)
+    # Nested under "model" as training.checkpoint saves it: the common state (iteration, ...) stays beside it.
+    loaded = dist_checkpointing.load({"model": sd}, ckpt_dir)["model"]
     loaded.update(kept)
     model.load_state_dict(loaded, strict=True)
 
@@ -227,12 +228,15 @@ def load_pretrained(path: str, model):
     """
     from ..training import checkpoint as ckpt
 
+    from ..training.arguments import ArgumentError
+
     if os.path.isdir(path) and ckpt.read_tracker(path) is not None:
         return ckpt.load_checkpoint(path, model)
     try:
         fmt = detect_format(path)
     except ConversionError as e:
-        raise ckpt.CheckpointError(f"--pretrained-checkpoint {path}: {e}") from None
+        raise ArgumentError(f"--pretrained-checkpoint {path}: no {ckpt.TRACKER} there (the previous stage has not "
+                            f"saved a checkpoint), and not a converted checkpoint: {e}") from None
     src = load_weights(model, path, source_format=fmt)
     return ckpt.LoadedCheckpoint(iteration=0, train_state={"converted_from": path, "format": fmt}, data_state=None,
                                  rng_restored=False, layout=dict(src.record.default_layout))

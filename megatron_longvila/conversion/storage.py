@@ -19,6 +19,7 @@ refused by the readers.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,6 +27,7 @@ import shutil
 import struct
 import sys
 import time
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -255,14 +257,25 @@ class DcpReader:
 
         shape, dtype = self.tensors[key]
         t = torch.empty(shape, dtype=dtype) if out is None else out
-        load({key: t}, storage_reader=FileSystemReader(self.path),
-             planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+        with _quiet_dcp():
+            load({key: t}, storage_reader=FileSystemReader(self.path),
+                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
         return t
 
 
+@contextlib.contextmanager
+def _quiet_dcp():
+    """torch.distributed.checkpoint warns that a no_dist save or load runs in a single process: it is meant to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
+        yield
+
+
 def _none_bytes() -> io.BytesIO:
+    """A ShardedObject holding None as megatron serializes it (a list of the objects sharing the key)."""
     b = io.BytesIO()
-    torch.save(None, b)
+    torch.save([None], b)
     b.seek(0)
     return b
 
@@ -329,8 +342,9 @@ def write_dcp(path: str, specs: Sequence[Tuple[str, Tuple[int, ...], torch.dtype
     planner = LazyPlanner()
     # One writer thread and no copy-ahead: tensors are resolved strictly one after the other.
     writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1,
-                              per_thread_copy_ahead=0)
-    save(state, storage_writer=writer, planner=planner, no_dist=True)
+                              per_thread_copy_ahead=0, overwrite=True)
+    with _quiet_dcp():
+        save(state, storage_writer=writer, planner=planner, no_dist=True)
     planner.finish()
     with open(os.path.join(path, "metadata.json"), "w") as f:
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",

@@ -180,7 +180,10 @@ def record_of(shape: LLMShape, vision: VisionConfig, *, real_vocab_size: int, to
 _SHAPE_FIELDS = ("llm_type", "padded_vocab_size", "vision_type", "vision_select_layer", "projector_type",
                  "token_order")
 _LLM_FREE = ("max_position_embeddings",)  # the rotary table's length: not a weight
-_TOKENIZER_FIELDS = ("vocab_size", "media_token_id", "frame_separator_id")
+_TOKENIZER_FIELDS = ("media_token_id",)
+"""Tokenizer facts that must agree: the model checks every frame's positions against the media id. The vocabulary
+size may grow within the padded tables and the frame separator is the data's choice: differences are notes."""
+_TOKENIZER_NOTES = ("vocab_size", "frame_separator_id")
 
 
 def compare_records(saved: ModelRecord, built: ModelRecord, *, where: str = "checkpoint",
@@ -216,9 +219,17 @@ def compare_records(saved: ModelRecord, built: ModelRecord, *, where: str = "che
     for k in sorted(set(saved.projector) | set(built.projector)):
         if saved.projector.get(k) != built.projector.get(k):
             diff(f"projector.{k}", saved.projector.get(k), built.projector.get(k))
+    def known(d, k):
+        return d.get(k) is not None
+
     for k in _TOKENIZER_FIELDS:
-        if k in saved.tokenizer and k in built.tokenizer and saved.tokenizer[k] != built.tokenizer[k]:
+        if known(saved.tokenizer, k) and known(built.tokenizer, k) and saved.tokenizer[k] != built.tokenizer[k]:
             diff(f"tokenizer.{k}", saved.tokenizer[k], built.tokenizer[k])
+            bad[-1] += (" (give a tokenizer whose <image> has the checkpoint's id, e.g. one carrying the tokens "
+                        "the checkpoint's model was trained with)")
+    for k in _TOKENIZER_NOTES:
+        if known(saved.tokenizer, k) and known(built.tokenizer, k) and saved.tokenizer[k] != built.tokenizer[k]:
+            notes.append(f"tokenizer.{k}: {where} {saved.tokenizer[k]!r}, this run {built.tokenizer[k]!r}")
     rope_saved = (float(saved.rope_theta), saved.rope_scaling)
     rope_built = (float(built.rope_theta), built.rope_scaling)
     if rope_saved != rope_built:

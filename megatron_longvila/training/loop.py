@@ -276,10 +276,10 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         iteration = loaded.iteration
         data_state = loaded.data_state
     elif args.pretrained_checkpoint:
-        if ckpt.read_tracker(args.pretrained_checkpoint) is None:
-            raise ArgumentError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no "
-                                f"{ckpt.TRACKER} there (the previous stage has not saved a checkpoint)")
-        loaded = ckpt.load_checkpoint(args.pretrained_checkpoint, model)
+        from ..conversion import load_pretrained
+
+        # A project checkpoint (tracker) as before, or a converted one (HF VILA, NeMo 2, an iteration folder).
+        loaded = load_pretrained(args.pretrained_checkpoint, model)
         if hasattr(optimizer, "reload_model_params"):
             optimizer.reload_model_params()
     result.start_iteration = iteration

@@ -13,7 +13,11 @@ wrappers of these, and they run the same under the project's loop and under mega
 
 Model flags and checkpoints: --llm and --vision-encoder name registry entries; when the run loads a checkpoint
 that carries a model record, they default to the checkpoint's model, and flags given explicitly must describe
-the same shapes (a difference is an error naming both values). RoPE: an explicit --rotary-base wins, then a
+the same shapes (a difference is an error naming both values). --pretrained-checkpoint also takes a converted
+checkpoint's folder of any format (a Hugging Face VILA folder, a NeMo 2 checkpoint, a project iteration folder:
+megatron_longvila.conversion), at any TP/PP that divides the model: its record gives the shapes, the SigLIP layer
+that feeds the projector, the projector's token order and the RoPE scaling, and its conversion facts (media,
+VILA's files for the way back) travel into every checkpoint the run saves. RoPE: an explicit --rotary-base wins, then a
 recipe that extends the context (it declares the change), then the checkpoint's, then the recipe's, then the
 LLM's own base; a change against the checkpoint is logged once.
 """
@@ -50,7 +54,26 @@ def checkpoint_to_load(args) -> Tuple[Optional[str], Optional[str]]:
     pre = getattr(args, "pretrained_checkpoint", None)
     if pre and os.path.isdir(pre) and read_tracker(pre) is not None:
         return checkpoint_dir(pre, read_tracker(pre)), "--pretrained-checkpoint"
+    if pre and os.path.isdir(pre):
+        from ..conversion import ConversionError, detect_format
+
+        try:
+            detect_format(pre)  # HF VILA, NeMo 2, or a bare iteration folder
+        except ConversionError:
+            return None, None
+        return pre, "--pretrained-checkpoint"
     return None, None
+
+
+def _saved_record(path: str, args) -> Optional[ModelRecord]:
+    """The record of the checkpoint at `path`: its model_record.json, else (a converted format) the conversion's."""
+    if os.path.isfile(os.path.join(path, "model_record.json")) or os.path.isfile(os.path.join(path, "metadata.json")):
+        return read_model_record(path)
+    from ..conversion import read_record
+
+    return read_record(path, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                       pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                       make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
 
 
 def _tokenizer_facts(tokenizer, template: Optional[str]) -> dict:
@@ -72,7 +95,7 @@ def resolve_model_record(args, tokenizer) -> ModelRecord:
     from ..models.registry import ENCODERS, LLMS, _lookup
 
     path, why = checkpoint_to_load(args)
-    saved = read_model_record(path) if path else None
+    saved = _saved_record(path, args) if path else None
     if path and saved is None:
         logger.warning("%s has no model record (saved before records existed): the model is built from the flags",
                        path)
@@ -113,9 +136,28 @@ def resolve_model_record(args, tokenizer) -> ModelRecord:
     rope_scaling = saved.rope_scaling if (saved is not None and rope_change is None) else None
     shape = replace(shape, vocab_size=padded, rotary_base=theta,
                     max_position_embeddings=max(shape.max_position_embeddings, int(args.seq_length)))
-    built = record_of(shape, vision, real_vocab_size=real_vocab,
-                      tokenizer=_tokenizer_facts(tokenizer, getattr(args, "template", None)),
-                      rope_scaling=rope_scaling, registry_names={"llm": llm_name, "vision": vision_name})
+    # What the checkpoint says beyond shapes (converted checkpoints: token order, media, VILA's files for the way
+    # back) carries over, so every checkpoint this run saves still says it.
+    carried = {}
+    if saved is not None:
+        carried = dict(llm_type=saved.llm_type, token_order=saved.token_order,
+                       projector_epsilon=float(saved.projector.get("layernorm_epsilon", 1e-5)), media=saved.media,
+                       default_layout=saved.default_layout, source=saved.source, hf=saved.hf, assets=saved.assets)
+    facts = _tokenizer_facts(tokenizer, getattr(args, "template", None))
+    if saved is not None:
+        if facts["vocab_size"] > padded:
+            raise ValueError(f"--tokenizer-model: the tokenizer has {facts['vocab_size']} tokens, the checkpoint "
+                             f"{path}'s embedding holds {padded} rows: use the checkpoint's tokenizer")
+        if facts["vocab_size"] > real_vocab:
+            logger.warning("tokens %d..%d of this run's tokenizer have no trained rows in %s: they are masked out "
+                           "of the softmax like padding (inputs only: as media placeholders their embeddings are "
+                           "replaced; a label among them would have infinite loss)", real_vocab,
+                           facts["vocab_size"] - 1, path)
+        for k in ("chat_template", "sentinel_token_id", "video_token_id"):
+            if saved.tokenizer.get(k) is not None:
+                facts.setdefault(k, saved.tokenizer[k])
+    built = record_of(shape, vision, real_vocab_size=real_vocab, tokenizer=facts, rope_scaling=rope_scaling,
+                      registry_names={"llm": llm_name, "vision": vision_name}, **carried)
     if saved is not None:
         for note in compare_records(saved, built, where=f"checkpoint {path} ({why})", rope_change=rope_change):
             logger.warning(note)
@@ -146,7 +188,10 @@ def build_model(args, tokenizer, pre_process: bool = True, post_process: bool = 
         real_vocab_size=int(record.llm["vocab_size"]),
         llm_overrides={"calculate_per_token_loss": True, "sequence_parallel": args.sequence_parallel,
                        "bf16": args.bf16})
-    model.record = record
+    from ..conversion import apply_record
+
+    # The record's projector token order (announced once) and linear RoPE scaling; sets model.record.
+    apply_record(model, record)
     initialize_mmsp(model.config, seq_length=args.seq_length, packed=True)
     apply_freezing(model, args.freeze)
     return model
