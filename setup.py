@@ -21,6 +21,11 @@ setup(
         "pillow>=9.1",
         # megatron-core's distributed-checkpoint writer imports psutil without declaring it.
         "psutil",
+        # Checkpoint conversion reads and writes Hugging Face weights only as safetensors (no pickles); V-NIAH caches
+        # haystack embeddings in it.
+        "safetensors",
+        # V-NIAH's heatmap (tools/eval_vniah.py).
+        "matplotlib",
     ],
     extras_require={
         # The GPU stack: used when importable, never required. NVIDIA apex is not on PyPI
@@ -33,6 +38,8 @@ setup(
         # Megatron-Energon reads our webdataset shards (tools/make_manifest.py --energon); ~50 packages, so optional.
         "energon": ["megatron-energon==7.4.1"],
         # tokenizers loads Hugging Face tokenizer.json files (Qwen2-style); tested when installed.
-        "test": ["pytest", "pytest-timeout", "imageio-ffmpeg", "nvidia-dali-cuda130", "tokenizers"],
+        # transformers builds the tiny random Qwen2 / Llama / SigLIP references of the conversion tests.
+        "test": ["pytest", "pytest-timeout", "imageio-ffmpeg", "nvidia-dali-cuda130", "tokenizers", "transformers",
+                 "safetensors"],
     },
 )

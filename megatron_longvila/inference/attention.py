@@ -20,7 +20,10 @@ import torch.distributed as dist
 from ..attention.backends import Segments, get_backend
 from ..parallel import comm
 
-__all__ = ["decode_self_attention", "decode_bytes_per_layer", "merge_partials"]
+__all__ = ["decode_self_attention", "decode_bytes_per_layer", "merge_partials", "DECODE_STATS"]
+
+DECODE_STATS = {"pairs": 0}
+"""Query-key pairs x query heads this rank computed in decode steps (benchmarks: attention work per rank)."""
 
 
 def decode_bytes_per_layer(heads: int, head_dim: int, cp_size: int, batch: int = 1) -> int:
@@ -77,6 +80,7 @@ def decode_self_attention(module, hidden_states: torch.Tensor, rotary_pos_emb, s
         seg = seg or Segments([0, 1], [0, n], False)
         kernel = get_backend(core.backend, q)
         o, lse = kernel.forward(q, k_all[:, 0], v_all[:, 0], seg, core.softmax_scale)
+        DECODE_STATS["pairs"] += n * hq
         o, lse = o.float(), lse.float()
     o = merge_partials(o, lse, mesh.cp_group if mesh.cp_size > 1 else None)
     out = o.to(query.dtype).reshape(1, 1, hq * d)

@@ -83,6 +83,8 @@ class AnswerScore:
     """log p(answer token t | prompt, answer[:t]) for each answer token."""
     predicted: List[int]
     """argmax token id at each answer position."""
+    margins: List[float] = field(default_factory=list)
+    """top-1 minus top-2 logit at each answer position (a prediction closer than rounding is a tie)."""
 
     def matches(self, answer: Sequence[int]) -> bool:
         """Token-exact match of the argmax with the answer (VILA v1's V-NIAH rule)."""
@@ -267,15 +269,16 @@ def prefill(model, prompt: Prompt, mesh: MMSPMesh, *, reserve: int = 0, temperat
 
 @torch.no_grad()
 def _decode(model, pre: Prefilled, mesh: MMSPMesh, *, max_new_tokens: int, temperature: float, top_k: int,
-            top_p: float, eos_id: Optional[int], generator, trace: Optional[list] = None) -> List[int]:
+            top_p: float, eos_id, generator, trace: Optional[list] = None) -> List[int]:
     m, gpt = _gpt(model)
     device = model_device(m)
     cache = pre.cache
     state = InferenceState(cache, mesh, "decode")
     tokens = [pre.next_token]
     rope_len = pre.length + max_new_tokens
+    stop = set() if eos_id is None else ({int(eos_id)} if isinstance(eos_id, int) else {int(e) for e in eos_id})
     for i in range(max_new_tokens - 1):
-        if eos_id is not None and tokens[-1] == eos_id:
+        if tokens[-1] in stop:
             break
         position = pre.length + i
         state.position, state.owner = position, i % mesh.cp_size
@@ -300,16 +303,15 @@ def _decode(model, pre: Prefilled, mesh: MMSPMesh, *, max_new_tokens: int, tempe
             if _is_sampler(mesh, 0):
                 token = _sample(logits, temperature, top_k, top_p, generator)
         tokens.append(_broadcast_token(token, 0, mesh, device))
-    if eos_id is not None and tokens and tokens[-1] == eos_id:
-        return tokens
     return tokens
 
 
 def generate(model, prompts: Sequence[Prompt], mesh: MMSPMesh, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None, seed: int = 0,
+             top_k: int = 0, top_p: float = 1.0, eos_id=None, seed: int = 0,
              stats: Optional[list] = None) -> List[List[int]]:
     """New token ids for each prompt (labels of LongVILASample prompts are ignored); see the module docstring.
 
+    eos_id: an id (or a set of ids) that ends generation; it is the last id returned.
     stats: if a list, one dict per prompt is appended (prefill seconds, decode seconds, KV bytes of this rank).
     """
     import time
@@ -368,7 +370,7 @@ def score(model, prompts: Sequence[Prompt], answers: Sequence[Sequence[int]], me
         first = n - len(answer) - 1  # position predicting the first answer token
         idx = plan.token_index()
         rows = ((idx >= first) & (idx < n - 1)).nonzero().flatten()
-        res = torch.zeros(len(answer), 2, dtype=torch.float64, device=device)
+        res = torch.zeros(len(answer), 3, dtype=torch.float64, device=device)
         if rows.numel():
             logits = _logits(m, gpt, h.index_select(0, host_to_device(rows, device)))
             logp = torch.log_softmax(logits, -1)
@@ -376,8 +378,11 @@ def score(model, prompts: Sequence[Prompt], answers: Sequence[Sequence[int]], me
             targets = torch.tensor([answer[j] for j in slots], device=device)
             res[slots, 0] = logp.gather(1, targets[:, None])[:, 0].double()
             res[slots, 1] = logits.argmax(-1).double()
+            top2 = torch.topk(logits, 2, dim=-1).values
+            res[slots, 2] = (top2[:, 0] - top2[:, 1]).double()
         if mesh.cp_size > 1:  # each answer position is held by exactly one rank
             comm.all_reduce(res, mesh.cp_group, kind="score_gather")
         res = res.cpu()
-        out.append(AnswerScore(logprobs=res[:, 0].tolist(), predicted=[int(x) for x in res[:, 1].tolist()]))
+        out.append(AnswerScore(logprobs=res[:, 0].tolist(), predicted=[int(x) for x in res[:, 1].tolist()],
+                               margins=res[:, 2].tolist()))
     return out

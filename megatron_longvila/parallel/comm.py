@@ -124,6 +124,22 @@ def broadcast(tensor: torch.Tensor, src: int, group, kind: str = "broadcast") ->
     dist.broadcast(tensor, src=src, group=group)
 
 
+def send(tensor: torch.Tensor, dst: int, group, kind: str = "send") -> None:
+    """Blocking `dist.send` to global rank `dst`, counted."""
+    _count(group, kind, _nbytes(tensor.numel(), tensor))
+    dist.send(tensor.cpu() if _host_staged(group, tensor) else tensor, dst=dst, group=group)
+
+
+def recv(tensor: torch.Tensor, src: int, group) -> None:
+    """Blocking `dist.recv` from global rank `src` into `tensor` (the sender counts the bytes)."""
+    if _host_staged(group, tensor):
+        t = tensor.new_empty(tensor.shape, device="cpu")
+        dist.recv(t, src=src, group=group)
+        tensor.copy_(t)
+        return
+    dist.recv(tensor, src=src, group=group)
+
+
 class P2PHandle:
     """Outstanding point-to-point requests; `wait()` completes them all (and lands host-staged receives)."""
 

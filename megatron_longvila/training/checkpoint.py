@@ -186,6 +186,8 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     """Save a complete checkpoint after `iteration`; every rank calls it. Returns the committed directory.
 
     Args:
+        optimizer, scheduler: None for a weights-only checkpoint (it then loads with --pretrained-checkpoint or
+            conversion.load_longvila, not with --load).
         data_state: this rank's data position (e.g. PackedIterator.state_dict()), or None.
         train_state: small JSON-able dict stored in the common state (consumed samples, args snapshot).
         model_record: the model's `models.record.ModelRecord` (default: the model's `.record`), written as
@@ -211,7 +213,8 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
 
     model_sd = _unwrap(model).sharded_state_dict()
     state = {"model": model_sd,
-             "optimizer": optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False),
+             # No optimizer: a weights-only checkpoint (a model for inference or for the next stage's start).
+             "optimizer": optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False) if optimizer else None,
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "iteration": iteration, "format_version": FORMAT_VERSION, "layout": _layout(),
              "train_state": dict(train_state)}

@@ -1,0 +1,104 @@
+"""Setting up an inference run on this rank: distributed start, Megatron's parallel state, model, mesh.
+
+    add_parallel_args(parser)                 Megatron's flags for TP and the MM-SP mesh
+    start(args) -> None                       torch.distributed (torchrun's environment; gloo on CPU, NCCL on GPUs)
+                                              and megatron.core.parallel_state
+    load_model(path, args) -> (model, mesh)   any checkpoint format (conversion.load_longvila), MM-SP initialized
+    launch(fn, args, *fn_args)                run `fn` on this rank under torchrun, or on --cpu-ranks N local gloo
+                                              ranks (no launcher needed); returns rank 0's result
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["add_parallel_args", "start", "load_model", "launch"]
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = p.add_argument_group("parallelism (Megatron)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=None,
+                   help="CP ranks (default: every rank not used by TP)")
+    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs=2, default=None, metavar=("U", "R"),
+                   help="Ulysses x ring (default: U = CP, R = 1)")
+    g.add_argument("--cpu-ranks", type=int, default=None,
+                   help="run on N local CPU ranks (gloo) without a launcher; under torchrun leave it out")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights (GPUs)")
+    return p
+
+
+def _sizes(args, world: int):
+    tp = args.tensor_model_parallel_size
+    if world % tp:
+        raise SystemExit(f"world size {world} is not a multiple of --tensor-model-parallel-size {tp}")
+    cp = args.context_parallel_size or world // tp
+    hier = args.hierarchical_context_parallel_sizes or [cp, 1]
+    if hier[0] * hier[1] != cp:
+        raise SystemExit(f"--hierarchical-context-parallel-sizes {hier[0]} {hier[1]} must multiply to "
+                         f"--context-parallel-size {cp}")
+    if world % (tp * cp):
+        raise SystemExit(f"world size {world} is not a multiple of TP x CP = {tp * cp}")
+    return tp, cp, list(hier)
+
+
+def start(args) -> None:
+    """torch.distributed from torchrun's environment (when not started yet) and Megatron's parallel state."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from ..runtime.cpu import enable_cpu_runtime
+
+    cpu = enable_cpu_runtime()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise SystemExit("no process group: launch with torchrun, or give --cpu-ranks N to run N local CPU ranks")
+        if not cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("gloo" if cpu else "nccl", timeout=datetime.timedelta(minutes=30))
+    tp, cp, hier = _sizes(args, dist.get_world_size())
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                 hierarchical_context_parallel_sizes=hier if cp > 1 else None)
+    torch.manual_seed(1234)
+    model_parallel_cuda_manual_seed(1234)
+    args._sizes = (tp, cp, hier)
+
+
+def load_model(path: str, args):
+    """The checkpoint's LongVILA model on this rank, MM-SP initialized; returns (model, mesh)."""
+    from ..attention.megatron_core import initialize_mmsp
+    from ..conversion import load_longvila
+
+    tp, cp, hier = args._sizes
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    # calculate_per_token_loss: MM-SP's start-up checks ask for it with CP > 1 (scoring reports per-token losses).
+    model = load_longvila(path, params_dtype=dtype, hierarchical_context_parallel_sizes=hier if cp > 1 else None,
+                          llm_overrides={"calculate_per_token_loss": True})
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    model.eval()
+    mesh = initialize_mmsp(model.config)
+    return model, mesh
+
+
+def _ranked(rank, world, fn, args, fn_args):
+    os.environ.setdefault("MEGATRON_LONGVILA_RANK", str(rank))
+    return fn(args, *fn_args)
+
+
+def launch(fn: Callable, args, *fn_args):
+    """Run `fn(args, *fn_args)` on every rank; with --cpu-ranks N spawn N gloo ranks here; returns rank 0's value."""
+    if getattr(args, "cpu_ranks", None):
+        from ..testing import run_distributed
+
+        threads = max(1, (os.cpu_count() or 1) // args.cpu_ranks)
+        return run_distributed(_ranked, args.cpu_ranks, fn, args, fn_args, timeout=24 * 3600, threads=threads)[0]
+    return fn(args, *fn_args)

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""V-NIAH: the long-video needle-in-a-haystack evaluation of a LongVILA checkpoint on MM-SP inference.
+
+A haystack video (a real file sampled to N frames, or generated frames) gets its frame embeddings computed once and
+cached (safetensors; each rank reads only the rows of the tokens it holds); each needle image is inserted as an
+extra frame at a depth percentage; a grid of frame counts x depths is scored teacher-forced (VILA's way: the argmax
+at every answer position must be the answer's token) and by greedy generation. Writes all_accuracies.json and
+avg_accuracy.txt in VILA's format, heatmap.png (VILA's colours, vmin 0, vmax 1) and details.json.
+
+  torchrun --nproc-per-node 8 tools/eval_vniah.py --load ckpt/long_sft --haystack-video movie.mp4 \\
+      --frames 300 600 900 --depths 0 20 40 60 80 100 --out vniah/
+  python tools/eval_vniah.py --cpu-ranks 4 --hierarchical-context-parallel-sizes 2 2 --load longvila_vniah/ckpt \\
+      --synthetic-haystack --frames 8 16 32 --out vniah/            # CPU ranks, no launcher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_longvila.inference.session import add_parallel_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint (this project's, HF VILA or NeMo 2)")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="sentencepiece .model, tokenizer.json or a folder holding one (default: the checkpoint's "
+                        "llm/ folder when it has one, else bytes)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--haystack-video", help="a video file: frames sampled uniformly to the largest --frames")
+    src.add_argument("--synthetic-haystack", action="store_true", help="generated grey-texture frames")
+    p.add_argument("--needles", default=None, help="needle set folder (needles.json + images); default: the "
+                                                   "project's synthetic set, written into --out/needles")
+    p.add_argument("--frames", type=int, nargs="+", default=[8, 16, 24, 32], help="haystack frame counts")
+    p.add_argument("--depths", type=int, nargs="+", default=[0, 20, 40, 60, 80, 100], help="depth percentages")
+    p.add_argument("--modes", default="teacher,generate", help="teacher, generate, or both (comma-separated)")
+    p.add_argument("--template", default=None, help="chat template (default: the checkpoint's record)")
+    p.add_argument("--cache", default=None, help="folder of the haystack embedding cache (default: --out/cache)")
+    p.add_argument("--trained-frames", type=int, default=None, help="draw a dashed line after this frame count")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object (figures) at the end")
+    return add_parallel_args(p)
+
+
+def _tokenizer(args, model):
+    from megatron_longvila.data.tokenizer import load_tokenizer
+
+    path = args.tokenizer_model
+    if path is None:
+        llm = os.path.join(args.load, "llm")
+        path = llm if os.path.isdir(llm) else None
+    tok = load_tokenizer(path)
+    rec = model.record
+    want = rec.tokenizer.get("vocab_size") if rec is not None else None
+    if want is not None and tok.vocab_size != want:
+        raise SystemExit(f"--tokenizer-model gives {tok.vocab_size} ids, the checkpoint was trained with {want}: give "
+                         f"the checkpoint's tokenizer")
+    return tok
+
+
+def _haystack(args, n: int, size: int):
+    import torch
+
+    from megatron_longvila.inference.vniah import synthetic_haystack_frames
+
+    if args.synthetic_haystack:
+        return synthetic_haystack_frames(n, size=64)
+    from megatron_longvila.data.video import decode_frames, probe_video
+
+    info = probe_video(args.haystack_video)
+    idx = torch.linspace(0, info.num_frames - 1, n).round().long().tolist()
+    return decode_frames(args.haystack_video, idx)
+
+
+def run(args):
+    import torch
+
+    from megatron_longvila.data.image_processor import SiglipImageProcessor
+    from megatron_longvila.inference import vniah
+    from megatron_longvila.inference.session import load_model, start
+    from megatron_longvila.models.projector import tokens_per_frame
+
+    start(args)
+    model, mesh = load_model(args.load, args)
+    tok = _tokenizer(args, model)
+    rec = model.record
+    rank0 = torch.distributed.get_rank() == 0
+    size = int(rec.vision["image_size"])
+    tpf = tokens_per_frame(size, size, int(rec.vision["patch_size"]))
+    template = args.template or rec.tokenizer.get("template") or "chatml"
+    sep = bool(rec.tokenizer.get("frame_separator_in_prompt", False))
+    processor = SiglipImageProcessor(size, mode="pad")
+    needles_dir = args.needles or os.path.join(args.out, "needles")
+    if args.needles is None:
+        if rank0:
+            vniah.write_default_needles(needles_dir)
+        torch.distributed.barrier()
+    needles = vniah.NeedleSet.load(needles_dir)
+    from PIL import Image
+    import numpy as np
+
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(n.image).convert("RGB")).copy())
+                          for n in needles.needles])
+    needle_emb = vniah.encode_frames_projected(model, processor(pixels))
+    n_max = max(args.frames)
+    cache_dir = args.cache or os.path.join(args.out, "cache")
+    cache = os.path.join(cache_dir, f"haystack_{'synthetic' if args.synthetic_haystack else 'video'}_{n_max}.safetensors")
+    t0 = time.perf_counter()
+    vniah.haystack_embeddings(model, _haystack(args, n_max, size), cache, mesh, processor)
+    # Every frame count uses the first N of the largest sampling (LongVA samples at a fixed rate, so a shorter
+    # haystack is the beginning of the same video).
+    modes = [m for m in args.modes.split(",") if m]
+    cells = len(args.frames) * len(args.depths)
+
+    def progress(k, total):
+        if rank0 and sys.stderr.isatty():
+            el = time.perf_counter() - t0
+            print(f"\r[vniah] {k}/{total} cells, {el:.0f}s, ETA {el / k * (total - k):.0f}s", end="", file=sys.stderr,
+                  flush=True)
+
+    results = vniah.run_grid(model, tok, mesh, cache_path=cache, needles=needles, needle_embeddings=needle_emb,
+                             frame_counts=args.frames, depths=args.depths, template=template, tokens_per_frame=tpf,
+                             frame_separator=sep, modes=modes, progress=progress)
+    out = None
+    if rank0:
+        out = vniah.write_outputs(args.out, results, trained_frames=args.trained_frames)
+        out.update(seconds=time.perf_counter() - t0, cells=cells, out=args.out)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+    return {"summary": out, "results": results}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from megatron_longvila.inference.session import launch
+
+    res = launch(run, args)
+    if res and res["summary"] is not None:
+        s = res["summary"]
+        if args.json:
+            print(json.dumps(s))
+        else:
+            print(f"V-NIAH: average accuracy {s['avg_accuracy']:.3f} over {s['cells']} cells in {s['seconds']:.0f}s; "
+                  f"heatmap: {os.path.join(args.out, 'heatmap.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
