@@ -381,8 +381,6 @@ def write_hf_vila(source, root: str, *, dtype: Optional[torch.dtype] = None, pro
     hf = record.hf
     prefix = hf.get("vision_key_prefix", "vision_model.")
     notes: List[str] = []
-    if record.token_order == "column_major" and projector_type_hf(record) != "mlp_downsample":
-        pass
     if record.token_order == "column_major":
         notes.append("the model's projector tokens are column-major (VILA's 2024 code); VILA's current code runs "
                      "mlp_downsample row-major: run this export with VILA code of that time")
@@ -471,13 +469,16 @@ def write_hf_vila(source, root: str, *, dtype: Optional[torch.dtype] = None, pro
         with open(p, "wb") as f:
             f.write(data)
 
-    for spec in canonical_specs(record):
-        t = source.canonical(spec.key)
+    def write_one(key: str) -> int:
+        # A function of its own so that the canonical tensor and its views die on return, before the next read.
         nbytes = 0
-        for comp, name, ht in canonical_to_hf(record, spec.key, t, vision_prefix=prefix):
+        for comp, name, ht in canonical_to_hf(record, key, source.canonical(key), vision_prefix=prefix):
             d = out_dtype[(comp, name)]
             nbytes += writers[located[(comp, name)]].write(name, ht.to(d) if ht.dtype != d else ht)
-        del t
+        return nbytes
+
+    for spec in canonical_specs(record):
+        nbytes = write_one(spec.key)
         if progress is not None:
             progress.update(nbytes, spec.key)
         if hooks and "after_tensor" in hooks:

@@ -251,16 +251,88 @@ class DcpReader:
             elif isinstance(md, BytesStorageMetadata):
                 self.objects.append(key)
 
+    def _read_whole(self, key: str) -> Optional[torch.Tensor]:
+        return _dcp_read_whole(self, key)
+
     def read(self, key: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         from torch.distributed.checkpoint import FileSystemReader, load
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
         shape, dtype = self.tensors[key]
+        if out is None:
+            t = self._read_whole(key)
+            if t is not None:
+                return t
         t = torch.empty(shape, dtype=dtype) if out is None else out
         with _quiet_dcp():
             load({key: t}, storage_reader=FileSystemReader(self.path),
                  planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
         return t
+
+
+class _Window(io.RawIOBase):
+    """A byte range of a file as a file of its own (torch.load reads one stored tensor in place)."""
+
+    def __init__(self, f, start: int, length: int):
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(b)[:n])
+        self.pos += got
+        return got
+
+
+def _dcp_read_whole(reader: "DcpReader", key: str) -> Optional[torch.Tensor]:
+    """A tensor stored whole in one item (what write_dcp writes), read with torch.load straight from its bytes:
+    one copy in memory, where torch's reader holds the item's bytes, the loaded tensor and the target (three)."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    md = reader.metadata.state_dict_metadata[key]
+    if len(md.chunks) != 1 or any(md.chunks[0].offsets) or tuple(md.chunks[0].sizes) != tuple(md.size):
+        return None
+    info = (reader.metadata.storage_data or {}).get(MetadataIndex(key, md.chunks[0].offsets))
+    if info is None or getattr(info, "transform_descriptors", None):
+        return None
+    import re
+    import zipfile
+
+    with open(os.path.join(reader.path, info.relative_path), "rb") as f:
+        # The item is a torch.save zip: its pickle (read onto the meta device, no data) says the tensor is whole
+        # and contiguous; its one storage record is then read straight into a fresh tensor.
+        meta = torch.load(io.BufferedReader(_Window(f, info.offset, info.length), 1 << 16), map_location="meta",
+                          weights_only=True)
+        nbytes = meta.numel() * meta.element_size() if isinstance(meta, torch.Tensor) else -1
+        if (nbytes < 0 or tuple(meta.shape) != tuple(md.size) or not meta.is_contiguous()
+                or meta.storage_offset() != 0 or meta.untyped_storage().nbytes() != nbytes):
+            return None
+        window = _Window(f, info.offset, info.length)
+        records = [i for i in zipfile.ZipFile(window).infolist() if re.fullmatch(r"[^/]+/data/\d+", i.filename)]
+        if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or records[0].file_size != nbytes:
+            return None
+        window.seek(records[0].header_offset)
+        local = bytearray(30)
+        window.readinto(local)
+        name_len, extra_len = struct.unpack("<HH", bytes(local[26:30]))
+        t = torch.empty(meta.shape, dtype=meta.dtype)
+        f.seek(info.offset + records[0].header_offset + 30 + name_len + extra_len)
+        if nbytes and f.readinto(_bytes_view(t)) != nbytes:
+            raise ConversionError(f"{reader.path}: short read of {key} (file truncated)")
+    return t
 
 
 @contextlib.contextmanager
