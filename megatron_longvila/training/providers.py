@@ -67,6 +67,8 @@ def checkpoint_to_load(args) -> Tuple[Optional[str], Optional[str]]:
 
 def _saved_record(path: str, args) -> Optional[ModelRecord]:
     """The record of the checkpoint at `path`: its model_record.json, else (a converted format) the conversion's."""
+    if not os.path.isdir(path):  # the tracker's iteration mid re-save: its committed copy is iter_N.old
+        return read_model_record(path + ".old") if os.path.isdir(path + ".old") else None
     if os.path.isfile(os.path.join(path, "model_record.json")) or os.path.isfile(os.path.join(path, "metadata.json")):
         return read_model_record(path)
     from ..conversion import read_record
@@ -170,6 +172,7 @@ def build_model(args, tokenizer, pre_process: bool = True, post_process: bool = 
 
     from ..attention.megatron_core import initialize_mmsp
     from ..models.freezing import apply_freezing
+    from ..models.offload import activation_memory_from_args
     from ..models.registry import build_longvila
 
     # Kept on the model, not on args: Megatron-LM pickles args into its checkpoints.
@@ -187,7 +190,8 @@ def build_model(args, tokenizer, pre_process: bool = True, post_process: bool = 
         post_process=post_process, media_token_id=record.tokenizer.get("media_token_id"),
         real_vocab_size=int(record.llm["vocab_size"]),
         llm_overrides={"calculate_per_token_loss": True, "sequence_parallel": args.sequence_parallel,
-                       "bf16": args.bf16})
+                       "bf16": args.bf16},
+        activation_memory=activation_memory_from_args(args))
     from ..conversion import apply_record
 
     # The record's projector token order (announced once) and linear RoPE scaling; sets model.record.

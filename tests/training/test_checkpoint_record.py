@@ -70,7 +70,7 @@ def test_checkpoint_record_builds_and_guards_the_model(manifest, tmp_path):
     out = run_distributed(_record_world, 2, manifest, str(tmp_path), timeout=240)[-1]
     ckpt = os.path.join(str(tmp_path), "ckpt")
     rec = read_model_record(checkpoint_dir(ckpt, 2))
-    assert rec is not None and rec.version == 1
+    assert rec is not None and rec.version == 2
     assert rec.llm["hidden_size"] == 48 and rec.vision["hidden_size"] == 32  # the tiny shapes
     assert rec.padded_vocab_size % 128 == 0 and rec.padded_vocab_size >= rec.llm["vocab_size"]
     assert rec.tokenizer["media_token_id"] is not None and rec.registry_names == {"llm": "tiny",
