@@ -11,11 +11,15 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: setup demo test
+.PHONY: setup demo test vniah
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) examples/pretrain_longvila.py --demo
+	$(PY) examples/pretrain_longvila.py --demo $(ARGS)
+
+# Not in CI: trains a tiny LongVILA on a synthetic needle task (a few minutes), then V-NIAH on CPU ranks.
+vniah: $(VENV)/.installed
+	$(PY) examples/vniah_demo.py $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -1,6 +1,6 @@
 """`make vniah`: train a tiny LongVILA on a synthetic needle task on CPU, then run V-NIAH on CPU ranks.
 
-1. Training (one process, a few minutes, fixed seeds and threads): each sample is a "video" of 2-16 generated grey
+1. Training (one process, 1500 steps: a few minutes on 2 cores; fixed seeds and threads): each sample is a "video" of 2-16 generated grey
    haystack frames with one needle frame (a coloured square) hidden at a random place, and a question about the
    needle's colour (multiple choice, answered by a letter, or open, answered by a word), in the chat template. The
    model is a tiny LongVILA whose head dims are multiples of 8, so the same shape runs on GPU kernels: SigLIP-style
@@ -10,7 +10,7 @@
    (a 2x2 MM-SP mesh), teacher-forced and by generation; <out>/vniah_2x2/heatmap.png. The grid runs again on one rank
    (1x1) and the predictions of the two meshes are compared wherever the 1x1 top-2 logit margin exceeds 1e-4.
 
-    python examples/vniah_demo.py [--out longvila_vniah] [--minutes 4] [--steps N]
+    python examples/vniah_demo.py [--out longvila_vniah] [--steps 1500 | --minutes M] [--skip-train]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def train(out: str, minutes: float, steps: int, seed: int = 7) -> str:
     from megatron_longvila.training.checkpoint import save_checkpoint
 
     enable_cpu_runtime()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(2)  # fixed: the same thread count gives the same run
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, '.pg_init')}", rank=0, world_size=1)
     ps.initialize_model_parallel()
@@ -135,8 +135,8 @@ def train(out: str, minutes: float, steps: int, seed: int = 7) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="longvila_vniah", help="folder for the checkpoint and the results")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time")
-    p.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
+    p.add_argument("--steps", type=int, default=1500, help="training steps (fixed, so runs repeat on a machine)")
+    p.add_argument("--minutes", type=float, default=None, help="train for this long instead of --steps")
     p.add_argument("--skip-train", action="store_true", help="reuse <out>/ckpt")
     a = p.parse_args(argv)
     out = os.path.abspath(a.out)
@@ -147,7 +147,7 @@ def main(argv=None):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        proc = ctx.Process(target=train, args=(out, a.minutes, a.steps))
+        proc = ctx.Process(target=train, args=(out, a.minutes or 0.0, 0 if a.minutes else a.steps))
         proc.start()
         proc.join()
         if proc.exitcode:

@@ -8,6 +8,8 @@
 #              MM-SP spec overhead vs Megatron's spec, memory per token of an 8B layer (tools/gpu_train_check.py)
 #   attention  kernels and meshes of ranks sharing the GPU (tools/gpu_check.py)
 #   pytest     Transformer Engine and DALI tests (each skips with its reason when the package is absent)
+#   inference  bf16 generation on one GPU against CPU fp32 (top-2 rule), prefill / decode figures at ~1B
+#              (tools/gpu_inference_check.py)
 # Later issues add theirs to SECTIONS below (name, budget, command).
 #
 # The GPU machine has PyTorch with CUDA (Python 3.12) but not megatron-core, PyAV or this project's other
@@ -15,8 +17,9 @@
 # megatron-core cp312 wheel (2.6 MB) here; this script installs whatever .whl/ holds first. Frames are synthetic
 # there (no PyAV). Results go to $OUT (or ./gpu_results): one JSON file per section and summary.txt, printed last.
 #
-# --dry-run (any machine, CI): prints each section's planned seconds and runs the train section's checks at tiny
-# sizes on the CPU, so the script itself is tested before a GPU run spends device time on it.
+# --dry-run (any machine, CI): prints each section's planned seconds and runs the checks of the sections whose tool
+# has a dry mode (train, inference, ...) at tiny sizes on the CPU, so the script itself is tested before a GPU run
+# spends device time on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +28,10 @@ SECTIONS=(
   "train:300:python3 tools/gpu_train_check.py --json"
   "attention:150:python3 tools/gpu_check.py --json"
   "pytest:60:python3 -m pytest -q -rs tests/attention/test_te_backend.py tests/data/test_video.py"
+  "inference:150:python3 tools/gpu_inference_check.py --json"
 )
+# Sections whose tool has a --dry-run (tiny sizes on the CPU), run by this script's --dry-run.
+DRY_RUNNABLE=" train inference memory "
 
 only="" dry=0 list=0
 while [ $# -gt 0 ]; do
@@ -61,6 +67,7 @@ total=0
 for n in "${selected[@]}"; do total=$((total + $(budget_of "$n"))); done
 if [ $list = 1 ] || [ $dry = 1 ]; then
   echo "planned sections (seconds): $(for n in "${selected[@]}"; do printf '%s=%s ' "$n" "$(budget_of "$n")"; done)total=$total"
+  [ $total -gt 540 ] && echo "note: one device call runs at most 600 s and a lease has 900 s: pick sections with --only"
   [ $list = 1 ] && exit 0
 fi
 
@@ -71,10 +78,11 @@ if [ $dry = 1 ]; then
   py="${PYTHON:-python3}"
   [ -x .venv/bin/python ] && py=.venv/bin/python
   for n in "${selected[@]}"; do
-    if [ "$n" = train ]; then
-      "$py" tools/gpu_train_check.py --dry-run --json > "$out/train_dry_run.json" 2> "$out/train_dry_run.err" \
-        || { echo "dry run of the train section failed (see $out/train_dry_run.err)"; tail -n 20 "$out/train_dry_run.err"; exit 1; }
-      echo "train: dry run on the CPU passed ($out/train_dry_run.json)"
+    if [[ "$DRY_RUNNABLE" == *" $n "* ]]; then
+      cmd=$(command_of "$n"); cmd="${cmd/python3 /$py }"
+      bash -c "$cmd --dry-run" > "$out/${n}_dry_run.json" 2> "$out/${n}_dry_run.err" \
+        || { echo "dry run of the $n section failed (see $out/${n}_dry_run.err)"; tail -n 20 "$out/${n}_dry_run.err"; exit 1; }
+      echo "$n: dry run on the CPU passed ($out/${n}_dry_run.json)"
     else
       echo "$n: would run: $(command_of "$n") (budget $(budget_of "$n") s)"
     fi
@@ -128,6 +136,11 @@ if t:
     if isinstance(t.get("e"), list):
         for r in t["e"]:
             print(f"e seq {r['seq']}: peak {r['peak_bytes_per_token']:.0f} B/token (forward {r['forward_peak_bytes_per_token']:.0f})")
+i = load("inference")
+if i:
+    b = i.get("bf16_vs_cpu", {})
+    print("inference bf16 vs CPU fp32:", b.get("verdict"), f"({b.get('steps_compared')} steps)", b.get("error", ""))
+    print("inference figures:", i.get("figures"))
 g = load("attention")
 if g:
     for s in g.get("schedule", []):
