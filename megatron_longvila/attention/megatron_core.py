@@ -175,10 +175,28 @@ def plan_for(packed_seq_params: Optional[PackedSeqParams], local_len: int, confi
 _PLAN_ROPE_FLAG = "_mmsp_full_rope_table"
 
 
+_PLAN_ROPE_STORAGES: dict = {}
+
+
 def mark_plan_rope_table(table: torch.Tensor) -> torch.Tensor:
     """Flag a rotary table as covering positions 0..n-1 un-sliced (what MMSPSelfAttention indexes by plan)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
     setattr(table, _PLAN_ROPE_FLAG, True)
+    # Full activation recompute hands each layer a detach()ed copy of its checkpoint inputs: same storage, but
+    # without Python attributes. The storage (weakly held) identifies the table there too.
+    for ptr in [p for p, ref in _PLAN_ROPE_STORAGES.items() if ref.expired()]:
+        del _PLAN_ROPE_STORAGES[ptr]
+    _PLAN_ROPE_STORAGES[table.untyped_storage().data_ptr()] = StorageWeakRef(table.untyped_storage())
     return table
+
+
+def is_plan_rope_table(table: torch.Tensor) -> bool:
+    """Whether `table` is (a detached alias of) a table flagged by mark_plan_rope_table."""
+    if getattr(table, _PLAN_ROPE_FLAG, False):
+        return True
+    ref = _PLAN_ROPE_STORAGES.get(table.untyped_storage().data_ptr())
+    return ref is not None and not ref.expired()
 
 
 class MMSPSelfAttention(SelfAttention):
@@ -212,7 +230,7 @@ class MMSPSelfAttention(SelfAttention):
                 if table is None:
                     local.append(None)
                     continue
-                if plan.cp_size > 1 and not getattr(table, _PLAN_ROPE_FLAG, False):
+                if plan.cp_size > 1 and not is_plan_rope_table(table):
                     raise MMSPRuntimeError(
                         "the model's RotaryEmbedding slices positions in Megatron's CP layout, which is not the MM-SP "
                         "layout: build the model with megatron_longvila.models.gpt.build_gpt_model, or call "

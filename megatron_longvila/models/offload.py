@@ -36,6 +36,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ..attention.megatron_core import is_plan_rope_table
+
 __all__ = ["RecomputeConfig", "ActivationMemoryConfig", "activation_memory_from_args", "ActivationOffload",
            "OffloadStats", "apply_activation_memory", "offloads_of", "OffloadError", "RECOMPUTE_MODULES"]
 
@@ -261,7 +263,7 @@ class ActivationOffload:
 
     `context()` wraps one forward: tensors saved inside it are copied to host memory (parameters and
     non-floating-point tensors are left alone: the former stay resident anyway, the latter are the plan's small
-    index tensors, also kept by the plan). Inside a backward (a recomputed forward) nothing is offloaded: those
+    index tensors, also kept by the plan; the rotary table is shared by all layers). Inside a backward (a recomputed forward) nothing is offloaded: those
     tensors live only for the recomputed layer's own backward.
     """
 
@@ -284,7 +286,9 @@ class ActivationOffload:
         if not t.is_floating_point() or t.numel() == 0 or torch._C._current_graph_task_id() != -1:
             return t
         ptr = t.untyped_storage().data_ptr()
-        if ptr in self._params:
+        if ptr in self._params or is_plan_rope_table(t):
+            # Parameters stay resident anyway; the rotary table is one tensor every layer of the forward shares (and
+            # MM-SP attention recognises it by its storage).
             return t
         key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version)
         hit = self._seen.get(key)

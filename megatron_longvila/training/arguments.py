@@ -60,6 +60,8 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
 
+    add_activation_memory_args(p)
+
     g = p.add_argument_group("checkpointing (Megatron)")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -102,6 +104,50 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     if extra_args_provider is not None:
         p = extra_args_provider(p)
     return p
+
+
+def add_activation_memory_args(p: argparse.ArgumentParser, megatron_has_recompute: bool = False):
+    """Recompute flags (Megatron's names) and LongVILA's encoder-recompute and offload flags.
+
+    megatron_has_recompute: the parser is megatron.training's, which already defines Megatron's own recompute flags
+    (only LongVILA's are added then)."""
+    if not megatron_has_recompute:
+        g = p.add_argument_group("activation recompute (Megatron)")
+        g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
+                       help="full: keep only each checkpoint's input and re-run the layers in the backward; selective: "
+                            "re-run --recompute-modules inside every layer")
+        g.add_argument("--recompute-method", default=None, choices=["uniform", "block"],
+                       help="with full: uniform checkpoints every group of --recompute-num-layers layers; block "
+                            "recomputes the first --recompute-num-layers layers of each pipeline stage")
+        g.add_argument("--recompute-num-layers", type=int, default=None)
+        g.add_argument("--recompute-modules", nargs="+", default=None,
+                       help="with selective: core_attn (default), mlp (LLM only), layernorm (needs Transformer Engine)")
+        g.add_argument("--recompute-activations", action="store_true",
+                       help="Megatron's shorthand for --recompute-granularity selective")
+    g = p.add_argument_group("activation memory (LongVILA)")
+    g.add_argument("--vision-recompute-granularity", default=None, choices=["full", "selective", "none"],
+                   help="the vision encoder's recompute; default: the LLM's settings (--recompute-*)")
+    g.add_argument("--vision-recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--vision-recompute-num-layers", type=int, default=None)
+    g.add_argument("--vision-recompute-modules", nargs="+", default=None)
+    g.add_argument("--cpu-offload-activations", action="store_true",
+                   help="keep what the LLM's and the encoder's transformer blocks save for the backward in host memory "
+                        "between forward and backward (exact; costs a host copy each way)")
+    return p
+
+
+def check_activation_memory_args(a: argparse.Namespace) -> None:
+    """Flag combinations that cannot work, before any model exists (layer counts are checked at build time)."""
+    from ..models.offload import OffloadError, activation_memory_from_args
+
+    if getattr(a, "recompute_activations", False) and a.recompute_granularity is None:
+        a.recompute_granularity = "selective"
+    try:
+        m = activation_memory_from_args(a)
+        m.llm.validate(None, "LLM")
+        m.vision.validate(None, "vision encoder", linear_bias=True)
+    except OffloadError as e:
+        raise ArgumentError(str(e)) from None
 
 
 def _apply_recipe(a: argparse.Namespace) -> None:
@@ -151,6 +197,7 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> None:
         if a.global_batch_size % (a.micro_batch_size * dp):
             raise ArgumentError(f"--global-batch-size {a.global_batch_size} is not a multiple of --micro-batch-size "
                                 f"x data-parallel size = {a.micro_batch_size * dp}")
+    check_activation_memory_args(a)
     if a.save_interval is not None and a.save is None:
         raise ArgumentError("--save-interval without --save: give the checkpoint directory")
     if a.eval_interval is not None and a.valid_data_path is None:

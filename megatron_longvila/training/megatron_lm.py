@@ -164,6 +164,10 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--projector", default="mlp_downsample")
     g.add_argument("--num-frames", type=int, default=None)
     g.add_argument("--loss-weighting", default="token", choices=["token", "sample"])
+    from .arguments import add_activation_memory_args
+
+    # Megatron's --recompute-* flags are its own (TransformerConfig fields); LongVILA adds the encoder's and offload.
+    add_activation_memory_args(parser, megatron_has_recompute=True)
 
     pre = _preparse(sys.argv[1:])
     r = get_recipe(pre.recipe)
@@ -239,6 +243,7 @@ def _finalize(args) -> None:
     if r.name == "context_extension" and args.rotary_base is None:
         raise ArgumentError(f"--recipe context_extension with --seq-length {args.seq_length}: LongVILA's RoPE bases "
                             f"exist for other lengths; pick one or give --rotary-base")
+    _check_activation_memory(args)
     args.freeze = r.freeze
     args.template = r.template
     # Megatron's --rotary-base defaults to the recipe's base here (see longvila_args_provider): only a different
@@ -247,6 +252,23 @@ def _finalize(args) -> None:
     args.recipe_rotary_base = (CONTEXT_EXTENSION_ROPE_BASES.get(args.seq_length) if args.recipe_changes_rope
                                else r.rotary_base)
     args.rotary_base_explicit = args.rotary_base if args.rotary_base != args.recipe_rotary_base else None
+
+
+def _check_activation_memory(args) -> None:
+    """Megatron's recompute flags reach LongVILA's TransformerConfigs through the model provider
+    (models.offload.activation_memory_from_args); the memory flags that could not are refused here."""
+    from .arguments import check_activation_memory_args
+
+    if getattr(args, "distribute_saved_activations", False):
+        raise ArgumentError("--distribute-saved-activations: LongVILA's model provider does not split checkpoint "
+                            "inputs over TP; drop it (MM-SP already shards the sequence over CP)")
+    if getattr(args, "cpu_offloading", False) or getattr(args, "cpu_offloading_num_layers", 0):
+        raise ArgumentError("--cpu-offloading-num-layers: Megatron's offloading needs Transformer Engine and refuses "
+                            "pipeline parallelism and recompute; use LongVILA's --cpu-offload-activations")
+    if getattr(args, "fine_grained_activation_offloading", False):
+        raise ArgumentError("--fine-grained-activation-offloading is Transformer Engine's; use LongVILA's "
+                            "--cpu-offload-activations")
+    check_activation_memory_args(args)
 
 
 def get_args():
