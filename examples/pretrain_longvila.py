@@ -230,6 +230,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if "--demo" in sys.argv[1:]:
+    if "--demo" in sys.argv[1:] and not {"-h", "--help"} & set(sys.argv[1:]):
         sys.exit(run_demo([a for a in sys.argv[1:] if a != "--demo"]))
     main()

@@ -29,6 +29,29 @@ def test_attention_and_plan_signatures():
         assert list(inspect.signature(getattr(SequencePlan, name)).parameters)[2] == "seq_dim"
 
 
+def test_inference_and_loading_signatures():
+    from megatron_longvila.inference import EmbeddingPrompt, generate, score
+
+    g = inspect.signature(generate).parameters
+    assert list(g)[:3] == ["model", "prompts", "mesh"]
+    assert g["max_new_tokens"].kind is inspect.Parameter.KEYWORD_ONLY and g["max_new_tokens"].default is inspect._empty
+    assert (g["temperature"].default, g["top_k"].default, g["top_p"].default, g["eos_id"].default, g["seed"].default) \
+        == (0.0, 0, 1.0, None, 0)
+    assert list(inspect.signature(score).parameters)[:4] == ["model", "prompts", "answers", "mesh"]
+    assert {"input_ids", "visual_positions", "visual_rows"} <= set(EmbeddingPrompt.__dataclass_fields__)
+
+
+EXAMPLES = ["pretrain_longvila.py", "generate_longvila.py", "vniah_demo.py"]
+
+
+@pytest.mark.parametrize("script", EXAMPLES)
+def test_example_help(script):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--help"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage" in r.stdout.lower()
+
+
 @pytest.mark.parametrize("tool", TOOLS)
 def test_tool_help(tool):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), "--help"], capture_output=True,

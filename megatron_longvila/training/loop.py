@@ -252,6 +252,10 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
 
     from ..runtime.cpu import enable_cpu_runtime
 
+    from .arguments import build_parser
+
+    # --help (and flag typos) answer before any process group or launcher is needed.
+    build_parser(extra_args_provider).parse_args(argv)
     _init_distributed()
     cpu = enable_cpu_runtime()
     args = parse_args(argv, extra_args_provider, world_size=dist.get_world_size())
