@@ -30,7 +30,7 @@ from ..models.record import ModelRecord, record_of
 from ..models.registry import LLMShape
 from ..models.vision import VisionConfig
 from .hf_common import FolderWeights, collect_assets, media_facts, read_json, tokenizer_facts
-from .mappings import (COMPONENTS, ConversionError, canonical_specs, hf_sources_of, hf_specs, hf_to_canonical,
+from .mappings import (COMPONENTS, ConversionError, hf_sources_of, hf_specs, hf_to_canonical,
                        padded_vocab_size, parse_llm_config, parse_vision_config)
 from .source import Source, check_layout, problems_error
 
@@ -208,6 +208,3 @@ class HFVilaSource(Source):
         for w in self.weights.values():
             w.close()
 
-
-def canonical_keys(record: ModelRecord):
-    return [s.key for s in canonical_specs(record)]

@@ -27,8 +27,8 @@ from ..models.record import ModelRecord
 from .hf_base import HFBaseSource
 from .hf_vila import HFVilaSource, is_hf_vila
 from .mappings import ConversionError
-from .mcore import MCoreSource, is_mcore, resolve_iteration_dir
-from .nemo import RECORD_DIR, NeMoSource, from_nemo_key, is_nemo, to_nemo_key
+from .mcore import MCoreSource, is_mcore
+from .nemo import NeMoSource, is_nemo, to_nemo_key
 from .source import Repadded, Source, check_layout
 
 __all__ = ["detect_format", "open_source", "read_record", "load_longvila", "load_weights", "load_pretrained",
@@ -241,5 +241,3 @@ def load_pretrained(path: str, model):
     return ckpt.LoadedCheckpoint(iteration=0, train_state={"converted_from": path, "format": fmt}, data_state=None,
                                  rng_restored=False, layout=dict(src.record.default_layout))
 
-
-__all__ += ["RECORD_DIR", "from_nemo_key", "resolve_iteration_dir"]
