@@ -163,7 +163,13 @@ def _demo_rank(rank: int, world: int, port: int, argv: list, threads: int) -> No
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    result = main(argv)
+    from megatron_longvila.training.errors import run_main
+
+    holder = {}
+    status = run_main(lambda: holder.setdefault("result", main(argv)))
+    if status:
+        sys.exit(status)  # the message was printed once, by rank 0
+    result = holder.get("result")
     if rank == world - 1 and result is not None:
         with open(os.path.join(_flag(argv, "--save"), "demo_summary.json"), "w") as f:
             json.dump({"losses": result.losses, "tokens_per_s": result.tokens_per_s, "saved": result.saved}, f)
@@ -189,8 +195,6 @@ def run_demo(user_argv: list) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     world = ns.demo_ranks
-    # megatron-core warns at import about optional GPU packages (TE, apex) a CPU demo never needs.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning")
     threads = max(1, (os.cpu_count() or 1) // world)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_demo_rank, args=(r, world, port, argv, threads)) for r in range(world)]
@@ -222,6 +226,14 @@ def main(argv=None):
     pre, _ = extra_args_provider(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
     if pre.use_megatron_training:  # needs a Megatron-LM checkout on PYTHONPATH (docs/TRAINING.md)
         from megatron_longvila.training import megatron_lm
+        from megatron_longvila.training.arguments import ArgumentError
+
+        try:
+            import megatron.training  # noqa: F401
+        except ImportError:
+            raise ArgumentError("--use-megatron-training needs Megatron-LM's megatron.training, which megatron-core's "
+                                "wheel does not ship: put a Megatron-LM checkout at core_v0.16.1 on PYTHONPATH "
+                                "(docs/TRAINING.md), or drop the flag to train with the project's loop") from None
 
         return megatron_lm.pretrain(train_valid_test_datasets_provider, model_provider, forward_step,
                                     extra_args_provider=extra_args_provider, argv=argv)
@@ -232,4 +244,10 @@ def main(argv=None):
 if __name__ == "__main__":
     if "--demo" in sys.argv[1:] and not {"-h", "--help"} & set(sys.argv[1:]):
         sys.exit(run_demo([a for a in sys.argv[1:] if a != "--demo"]))
-    main()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from megatron_longvila.training.errors import run_main
+
+    # record: a rank's unexpected failure reaches torchrun's summary with its traceback; configuration errors are
+    # reported once by run_main instead.
+    sys.exit(record(run_main)(main))

@@ -55,7 +55,9 @@ def _context():
         method = os.environ.get("MEGATRON_LONGVILA_START_METHOD", "forkserver")
         ctx = mp.get_context(method)
         if method == "forkserver":
-            preload = ["torch", "torch.distributed"]
+            # The filters of runtime.quiet first: the server imports megatron.core, whose import-time warnings
+            # would otherwise print once per test run.
+            preload = ["megatron_longvila.runtime.quiet", "torch", "torch.distributed"]
             try:
                 import importlib.util
 

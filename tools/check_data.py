@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-backend", default="auto", help="auto, pyav, dali_cpu, dali_gpu")
     p.add_argument("--decode", action="store_true", help="also decode every selected frame")
     p.add_argument("--list", action="store_true", help="print each skipped sample and its reason to stderr")
+    p.add_argument("--max-skip-fraction", type=float, default=0.0,
+                   help="exit 0 when at most this fraction of the samples was skipped (default 0: any skip fails)")
     return p
 
 
@@ -71,14 +73,22 @@ def main(argv=None) -> int:
                 print(f"sample {i}: {e}", file=sys.stderr)
             continue
         ok += 1
-    result = {"ok": ok, "skipped": dict(sorted(skipped.items()))}
+    bad = sum(skipped.values())
+    total = ok + bad
+    fraction = bad / total if total else 0.0
+    passed = fraction <= args.max_skip_fraction and total > 0
+    result = {"ok": ok, "skipped": dict(sorted(skipped.items())), "skip_fraction": fraction, "passed": passed}
     if args.json:
         print(json.dumps(result))
     else:
-        total = ok + sum(skipped.values())
         print(f"{ok} of {total} samples usable")
         for reason, n in result["skipped"].items():
             print(f"  skipped {n:6d}  {reason}")
+    if not passed:
+        what = "no samples" if total == 0 else f"{fraction:.1%} of the samples skipped"
+        print(f"check_data: {what} (--max-skip-fraction {args.max_skip_fraction:g}); --list names each bad sample",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -93,7 +93,8 @@ class VideoTextDataset:
             data-parallel replica use the same dp_rank (they share samples and split their frames).
     """
 
-    def __init__(self, source, tokenizer, config: DataConfig | None = None, *, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, source, tokenizer, config: DataConfig | None = None, *, dp_rank: int = 0, dp_size: int = 1,
+                 log_skips: bool = True):
         if isinstance(source, (str, os.PathLike)):
             source = Manifest(source)
         if not 0 <= dp_rank < dp_size:
@@ -107,6 +108,8 @@ class VideoTextDataset:
         self.ok = 0
         self.skipped: Counter[str] = Counter()
         self._logged: set[str] = set()
+        # The CP / TP ranks of a data-parallel replica read the same samples: one of them tells.
+        self.log_skips = log_skips
 
     def __len__(self) -> int:
         return len(self.source)
@@ -189,7 +192,8 @@ class VideoTextDataset:
         self.skipped[error.reason] += 1
         if error.reason not in self._logged:
             self._logged.add(error.reason)
-            logger.warning("skipping sample %d: %s (further %r skips are counted, not logged)", index, error, error.reason)
+            if self.log_skips:
+                logger.warning("skipping sample %d: %s (further %r skips are counted, not logged)", index, error, error.reason)
         seen = self.ok + sum(self.skipped.values())
         bad = sum(self.skipped.values())
         cfg = self.config

@@ -25,7 +25,9 @@ class ArgumentError(ValueError):
 
 
 def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="LongVILA training on Megatron-Core (MM-SP)",
+    from .errors import ProjectArgumentParser
+
+    p = ProjectArgumentParser(description="LongVILA training on Megatron-Core (MM-SP)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
                                 fromfile_prefix_chars="@")
     g = p.add_argument_group("parallelism (Megatron)")
@@ -90,6 +92,11 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model or tokenizer.json; none: bytes")
     g.add_argument("--num-frames", type=int, default=None)
     g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--max-skip-fraction", type=float, default=0.1,
+                   help="stop when more than this fraction of the samples read so far (over all data-parallel "
+                        "ranks) was skipped as bad, judged from the first --min-samples-for-skip-check samples on")
+    g.add_argument("--min-samples-for-skip-check", type=int, default=20,
+                   help="samples to read (over all data-parallel ranks) before the skip fraction is judged")
     g.add_argument("--loss-weighting", default="token", choices=["token", "sample"],
                    help="token: every learned token weighs its sample's loss_weight; sample: loss_weight / (learned "
                         "tokens of the sample), so each sample counts the same")
@@ -101,6 +108,8 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU (default: 989 on Hopper bf16; no MFU on CPU unless given)")
     g.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    g.add_argument("--verbose", action="store_true", help="show every dependency warning (filtered otherwise: "
+                                                          "megatron_longvila.runtime.quiet lists them)")
     if extra_args_provider is not None:
         p = extra_args_provider(p)
     return p
@@ -170,6 +179,31 @@ def _apply_recipe(a: argparse.Namespace) -> None:
     a.template = r.template
 
 
+def check_load(a: argparse.Namespace) -> Optional[str]:
+    """Megatron's --load, made safe: a missing or empty --load is an error (a typo must not restart a run from
+    iteration 0), except where starting fresh is meant -- --load equal to --save (resume or start) or combined with
+    --pretrained-checkpoint. Returns the start-up note to print (once) when a run starts fresh that way."""
+    import os
+
+    from .checkpoint import CheckpointError, read_tracker
+
+    load = getattr(a, "load", None)
+    if not load:
+        return None
+    try:
+        has = os.path.isdir(load) and read_tracker(load) is not None
+    except CheckpointError as e:
+        raise ArgumentError(f"--load {load}: {e}") from None
+    if has:
+        return None
+    same_as_save = a.save is not None and os.path.abspath(a.save) == os.path.abspath(load)
+    if same_as_save or getattr(a, "pretrained_checkpoint", None):
+        return f"no checkpoint in {load} yet: starting from iteration 0"
+    what = "does not exist" if not os.path.exists(load) else "holds no checkpoint (no latest_checkpointed_iteration.txt)"
+    raise ArgumentError(f"--load {load} {what}: check the path; to start a fresh run drop --load, or give --load "
+                        f"equal to --save to resume when a checkpoint exists and start otherwise")
+
+
 def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> None:
     """Check what can be checked before any process group exists; raise ArgumentError naming the flag."""
     if a.train_iters is None or a.train_iters < 1:
@@ -200,6 +234,9 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> None:
     check_activation_memory_args(a)
     if a.save_interval is not None and a.save is None:
         raise ArgumentError("--save-interval without --save: give the checkpoint directory")
+    check_load(a)
+    if not 0.0 <= a.max_skip_fraction <= 1.0:
+        raise ArgumentError(f"--max-skip-fraction {a.max_skip_fraction}: give a fraction between 0 and 1")
     if a.eval_interval is not None and a.valid_data_path is None:
         raise ArgumentError("--eval-interval needs --valid-data-path")
     if a.tensorboard_dir is not None:

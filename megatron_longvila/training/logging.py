@@ -44,6 +44,13 @@ def _memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 class TrainLogger:
     """Formats and writes one record per iteration on the logging rank (the last rank, as Megatron's)."""
 
@@ -58,6 +65,7 @@ class TrainLogger:
         self.metrics = None
         self.tb = None
         self.t_start = time.perf_counter()
+        self._steps = []
         if not self.active:
             return
         if args.metrics_file:
@@ -86,16 +94,21 @@ class TrainLogger:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "iteration":
                     self.tb.add_scalar(f"train/{k}", v, iteration)
+        self._steps.append(step_time)
         if iteration % self.args.log_interval == 0 or iteration == self.args.train_iters:
             mfu = f" | MFU {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
             gn = f" | grad norm {grad_norm:.3f}" if grad_norm is not None else ""
+            # A CPU has no agreed peak and its TFLOP/s are noise at three decimals: shown only on GPUs (or with
+            # --peak-tflops), at one decimal.
+            fl = f" | {tflops:.1f} TFLOP/s/device{mfu}" if self.peak else ""
             line = (f"iteration {iteration:>6}/{self.args.train_iters} | loss {loss:.4f} | lr {lr:.3e}{gn} | "
-                    f"{tps:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device{mfu} | {rec['memory_gb']:.2f} GB | "
-                    f"{step_time * 1000:.0f} ms/step")
+                    f"{tps:,.0f} tokens/s{fl} | {rec['memory_gb']:.2f} GB | {step_time * 1000:.0f} ms/step")
             if self.progress:
                 done = iteration / self.args.train_iters
                 bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-                sys.stdout.write(f"\r[{bar}] {line}")
+                recent = sorted(self._steps[-20:])[len(self._steps[-20:]) // 2]  # median: robust to a slow save
+                eta = _duration(recent * (self.args.train_iters - iteration))
+                sys.stdout.write(f"\r[{bar}] ETA {eta} | {line}")
                 if iteration == self.args.train_iters:
                     sys.stdout.write("\n")
                 sys.stdout.flush()

@@ -264,6 +264,14 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     _ARGS = args
     hooks = hooks or {}
     _init_megatron(args)
+    from .arguments import check_load
+    from .errors import once
+
+    note = check_load(args)  # validated by parse_args; here only its note
+    if note:
+        once(f"[checkpoint] {note}")
+    if not args.save:
+        once("[checkpoint] no --save given: this run saves nothing")
     dp = ps.get_data_parallel_world_size()
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
 

@@ -212,7 +212,9 @@ def build_step(args, model, tokenizer) -> LongVILAStep:
     return LongVILAStep(StepConfig(
         seq_length=args.seq_length, pad_id=tokenizer.pad_id, uniform_shards=bool(state.config.uniform_shards),
         pad_to_multiple=state.config.pad_to_multiple, pipeline_parallel=args.pipeline_model_parallel_size > 1,
-        image_size=int(record.vision["image_size"]), host_cp_group=state.host_cp_group), m)
+        image_size=int(record.vision["image_size"]), host_cp_group=state.host_cp_group,
+        max_skip_fraction=getattr(args, "max_skip_fraction", 0.1),
+        min_samples_for_skip_check=getattr(args, "min_samples_for_skip_check", 20)), m)
 
 
 class PlannedStream:
@@ -228,7 +230,7 @@ class PlannedStream:
         self.num_microbatches = num_microbatches
 
     def __iter__(self) -> StepBatches:
-        return self.step.batches(iter(self.packed), self.num_microbatches)
+        return self.step.batches(iter(self.packed), self.num_microbatches, getattr(self.packed, "dataset", None))
 
     def state_dict(self) -> dict:
         return self.packed.state_dict()
@@ -260,11 +262,19 @@ def build_streams(args, tokenizer, step: LongVILAStep, dp_rank: int, dp_size: in
 
     record = step.model.record
     size, patch = int(record.vision["image_size"]), int(record.vision["patch_size"])
+    # The skip fraction is judged by the step over all data-parallel ranks (StepConfig), not per rank here.
     cfg = DataConfig(template=args.template, tokens_per_frame=tokens_per_frame(size, size, patch),
-                     num_frames=args.num_frames or 8, max_seq_len=args.seq_length, seed=args.seed)
+                     num_frames=args.num_frames or 8, max_seq_len=args.seq_length, seed=args.seed,
+                     max_skip_fraction=1.0)
+
+    from megatron.core import parallel_state as ps
+
+    # One rank of each data-parallel replica tells of skipped samples (its CP / TP ranks read the same ones).
+    tells = ps.get_context_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
+        and ps.is_pipeline_first_stage()
 
     def stream(path, training):
-        ds = VideoTextDataset(path, tokenizer, cfg, dp_rank=dp_rank, dp_size=dp_size)
+        ds = VideoTextDataset(path, tokenizer, cfg, dp_rank=dp_rank, dp_size=dp_size, log_skips=tells)
         packed = PackedIterator(ds, args.seq_length, loss_weighting=getattr(args, "loss_weighting", "token"))
         return PlannedStream(packed, step, _num_microbatches(args, dp_size, training))
 

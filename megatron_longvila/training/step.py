@@ -76,6 +76,10 @@ class StepConfig:
     """Host (gloo) process group over DP x CP for the step totals; None: Megatron's."""
     host_cp_group: Optional[object] = None
     """Host (gloo) process group of this rank's CP group, for decode-failure agreement; None: none needed (CP 1)."""
+    max_skip_fraction: float = 1.0
+    """Stop when more than this fraction of the samples read so far, over all data-parallel ranks, was skipped."""
+    min_samples_for_skip_check: int = 20
+    """Samples read (over all data-parallel ranks) before the skip fraction is judged."""
 
 
 class StepBatches:
@@ -86,10 +90,12 @@ class StepBatches:
     request of a step and prepares them together, so the step's weight totals are known before any loss.
     """
 
-    def __init__(self, source: Iterator, step: "LongVILAStep", num_microbatches: Union[int, Callable[[], int]]):
+    def __init__(self, source: Iterator, step: "LongVILAStep", num_microbatches: Union[int, Callable[[], int]],
+                 dataset=None):
         self.source = source
         self.step = step
         self.num_microbatches = num_microbatches
+        self.dataset = dataset  # the VideoTextDataset behind the stream: its good / skipped counts
         self._ready: List[PlannedMicroBatch] = []
         self.consumed = 0  # packed sequences taken from the source
 
@@ -101,7 +107,7 @@ class StepBatches:
             n = self.num_microbatches() if callable(self.num_microbatches) else int(self.num_microbatches)
             packed = [next(self.source) for _ in range(n)]
             self.consumed += n
-            self._ready = self.step.prepare_step(packed)
+            self._ready = self.step.prepare_step(packed, self.dataset)
         return self._ready.pop(0)
 
     def tokens(self) -> int:
@@ -131,8 +137,9 @@ class LongVILAStep:
             self._processor = SiglipImageProcessor(self.config.image_size, mode=self.config.image_mode)
         return self._processor
 
-    def batches(self, iterator: Iterator, num_microbatches: Union[int, Callable[[], int]]) -> StepBatches:
-        return StepBatches(iterator, self, num_microbatches)
+    def batches(self, iterator: Iterator, num_microbatches: Union[int, Callable[[], int]], dataset=None
+                ) -> StepBatches:
+        return StepBatches(iterator, self, num_microbatches, dataset)
 
     def prepare(self, packed) -> PlannedMicroBatch:
         """One packed sequence -> this rank's planned micro-batch, frames decoded, on the model's device."""
@@ -185,27 +192,38 @@ class LongVILAStep:
                 failed[media] = 1
         return failed
 
-    def prepare_step(self, packed_list) -> List[PlannedMicroBatch]:
+    def prepare_step(self, packed_list, dataset=None) -> List[PlannedMicroBatch]:
         """Prepare a step's micro-batches and give each the step's loss scale (one host all-reduce)."""
-        return self.finish_step([self.prepare(p) for p in packed_list])
+        return self.finish_step([self.prepare(p) for p in packed_list], dataset)
 
-    def finish_step(self, planned: List[PlannedMicroBatch]) -> List[PlannedMicroBatch]:
-        """Give a step's planned micro-batches the step's loss scale: learned targets / loss weight, both summed
-        over the micro-batches and DP x CP (one host all-reduce of two numbers; last pipeline stage only)."""
-        if self.model.post_process:
-            totals = torch.tensor([sum(p.local_weight for p in planned), float(sum(p.local_count for p in planned))],
-                                  dtype=torch.float64)
-            group = self.config.totals_group
-            if group is None:
-                from megatron.core import parallel_state as ps
+    def finish_step(self, planned: List[PlannedMicroBatch], dataset=None) -> List[PlannedMicroBatch]:
+        """Give a step's planned micro-batches the step's loss scale, learned targets / loss weight, both summed over
+        the micro-batches and DP x CP, and judge the data's skip fraction over DP: one host all-reduce."""
+        from ..data.errors import REASONS
 
-                group = ps.get_data_parallel_group_gloo(with_context_parallel=True)
-            if dist.is_initialized() and dist.get_world_size(group) > 1:
-                comm.all_reduce(totals, group, kind="step_totals")
-            weight, count = float(totals[0]), float(totals[1])
-            scale = count / weight if weight > 0 else 1.0
-            for p in planned:
-                p.step_scale = scale
+        reasons = sorted(REASONS)
+        skipped = dict(dataset.skipped) if dataset is not None else {}
+        totals = torch.tensor([sum(p.local_weight for p in planned), float(sum(p.local_count for p in planned)),
+                               float(dataset.ok if dataset is not None else 0)]
+                              + [float(skipped.get(r, 0)) for r in reasons], dtype=torch.float64)
+        group = self.config.totals_group
+        if group is None:
+            from megatron.core import parallel_state as ps
+
+            group = ps.get_data_parallel_group_gloo(with_context_parallel=True)
+        size = dist.get_world_size(group) if dist.is_initialized() else 1
+        if size > 1:
+            comm.all_reduce(totals, group, kind="step_totals")
+        weight, count = float(totals[0]), float(totals[1])
+        scale = count / weight if weight > 0 else 1.0
+        for p in planned:
+            p.step_scale = scale
+        if dataset is not None:
+            # Every CP rank of a replica reads the same samples: counts over DP x CP are CP times the DP counts.
+            cp = self.model.config.context_parallel_size
+            ok = totals[2].item() / cp
+            by_reason = {r: int(round(v / cp)) for r, v in zip(reasons, totals[3:].tolist()) if v}
+            _check_skips(ok, by_reason, self.config)
         return planned
 
     # -- the schedule's side -------------------------------------------------------------------------------
@@ -234,6 +252,30 @@ class LongVILAStep:
         # float64, so reducing many micro-batches' reports over DP x CP adds no rounding of its own.
         report = torch.stack([loss_sum.detach().double(), count.double()])
         return loss_sum, count, {"lm loss": report}
+
+
+SKIP_ADVICE = {
+    "too_long": "raise --seq-length, or lower --num-frames / --max-frames",
+    "missing_file": "check the manifest's paths (relative paths are relative to the manifest's folder)",
+    "unsupported_codec": "re-encode the videos (H.264 decodes everywhere) or pick another --video-backend",
+    "malformed_manifest": "fix the manifest lines (tools/check_data.py --list names them)",
+}
+"""What to change for the common skip reasons (the rest: tools/check_data.py --list names every bad sample)."""
+
+
+def _check_skips(ok: float, by_reason: dict, cfg: StepConfig) -> None:
+    from ..data.errors import SkipThresholdExceeded
+
+    bad = sum(by_reason.values())
+    seen = ok + bad
+    if seen < cfg.min_samples_for_skip_check or bad <= cfg.max_skip_fraction * seen:
+        return
+    top = max(by_reason, key=by_reason.get)
+    advice = SKIP_ADVICE.get(top, "tools/check_data.py --list names the bad samples")
+    raise SkipThresholdExceeded(
+        f"{bad:.0f} of {seen:.0f} samples read so far (all data-parallel ranks) were skipped ({bad / seen:.0%} > "
+        f"--max-skip-fraction {cfg.max_skip_fraction:g}); reasons: {by_reason}. Most are {top!r}: {advice}; or "
+        f"raise --max-skip-fraction")
 
 
 def drop_documents_with_failed_media(mb: MicroBatch, packed, failed: torch.Tensor) -> None:

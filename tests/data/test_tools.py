@@ -12,18 +12,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytest.importorskip("av", reason="PyAV (pip install av) is needed to probe the test videos")
 
 
-def run_tool(name, *args):
+def run_tool(name, *args, status=0):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == status, out.stderr
     return out.stdout
+
+
+def _counts(result):
+    return {k: result[k] for k in ("ok", "skipped")}
 
 
 def test_check_data_counts_good_and_bad(tmp_path, videos):
     path, good_ids, expected = write_mixed_manifest(str(tmp_path), videos)
-    result = json.loads(run_tool("check_data.py", path, "--json", "--tokens-per-frame", "2", "--num-frames", "4",
-                                 "--max-video-frames", "100"))
-    assert result == {"ok": len(good_ids), "skipped": dict(sorted(expected.items()))}
+    flags = ["--json", "--tokens-per-frame", "2", "--num-frames", "4", "--max-video-frames", "100"]
+    # Bad samples fail the check (exit 1) unless --max-skip-fraction allows that many.
+    result = json.loads(run_tool("check_data.py", path, *flags, status=1))
+    assert _counts(result) == {"ok": len(good_ids), "skipped": dict(sorted(expected.items()))}
+    bad = sum(expected.values())
+    assert not result["passed"] and abs(result["skip_fraction"] - bad / (bad + len(good_ids))) < 1e-12
+    allowed = json.loads(run_tool("check_data.py", path, *flags, "--max-skip-fraction", "0.99"))
+    assert allowed["passed"] and _counts(allowed) == _counts(result)
 
 
 def test_check_data_help():
@@ -51,13 +60,13 @@ def test_make_manifest_jsonl_and_shards(tmp_path, videos):
     assert lines[0]["conversations"][1]["value"] == "A grey square moves." and lines[0]["num_frames"] == 4
     assert [t["from"] for t in lines[1]["conversations"]] == ["human", "gpt", "human", "gpt"]
     assert not os.path.isabs(lines[0]["video"])
-    assert json.loads(run_tool("check_data.py", str(manifest), "--json")) == {"ok": 2, "skipped": {}}
+    assert _counts(json.loads(run_tool("check_data.py", str(manifest), "--json"))) == {"ok": 2, "skipped": {}}
 
     shards = tmp_path / "shards"
     summary = json.loads(run_tool("make_manifest.py", str(folder), "--output", str(shards), "--format", "shards",
                                   "--check", "--json"))
     assert len(summary["outputs"]) == 1
-    assert json.loads(run_tool("check_data.py", str(shards), "--json")) == {"ok": 2, "skipped": {}}
+    assert _counts(json.loads(run_tool("check_data.py", str(shards), "--json"))) == {"ok": 2, "skipped": {}}
 
 
 def test_make_manifest_energon_shards(tmp_path, videos):
