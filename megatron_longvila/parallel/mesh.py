@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch.distributed as dist
 
 from . import comm
+from .timeouts import group_timeout
 
 
 class MeshError(ValueError):
@@ -165,7 +166,7 @@ def build_mmsp_mesh(ulysses_size: int, ring_size: int, cp_group=None, *, ring_fi
                     subsets.append(tuple(ranks[cp_rank_of(rr, uu, ulysses_size, ring_size, ring_first)]
                                          for rr in range(ring_size)))
             for s in subsets:
-                groups[s] = dist.new_group(list(s))
+                groups[s] = dist.new_group(list(s), timeout=group_timeout())
         _CACHE[key] = groups
     groups = _CACHE[key]
     me_u = tuple(cp_ranks[cp_rank_of(r, uu, ulysses_size, ring_size, ring_first)] for uu in range(ulysses_size))
@@ -209,5 +210,5 @@ def host_group_of(group) -> Optional[dist.ProcessGroup]:
         dist.all_gather_object(gathered, ranks)
         for peer in sorted(set(gathered)):
             if peer not in _HOST_GROUPS:
-                _HOST_GROUPS[peer] = dist.new_group(list(peer), backend="gloo")
+                _HOST_GROUPS[peer] = dist.new_group(list(peer), backend="gloo", timeout=group_timeout())
     return _HOST_GROUPS[ranks]
