@@ -1,6 +1,6 @@
 """Checkpoint conversion: Hugging Face VILA / base models / NeMo 2 <-> this project's torch_dist checkpoints.
 
-    load_longvila(path, *, params_dtype=torch.float32) -> LongVILAModel   any format, this rank's TP x PP (DESIGN.md)
+    load_longvila(path, *, params_dtype=torch.float32) -> LongVILAModel   any format, this rank's TP x PP (the public contract)
     convert(target=..., target_format="hf" | "mcore" | "nemo", source=... | llm=..., vision_tower=...)
     detect_format(path), open_source(path, ...), read_record(path, ...), load_weights(model, path),
     load_pretrained(path, model)          (the training loop's --pretrained-checkpoint)

@@ -3,7 +3,7 @@
     detect_format(path) -> "hf" | "mcore" | "nemo"
     open_source(path, fmt=None, ...) -> Source          (or the base-model pair with llm= and vision_tower=)
     read_record(path, ...) -> ModelRecord               the model a checkpoint of any format describes
-    load_longvila(path, *, params_dtype=torch.float32, ...) -> LongVILAModel     (DESIGN.md's contract)
+    load_longvila(path, *, params_dtype=torch.float32, ...) -> LongVILAModel     (the public contract)
     load_weights(model, path, ...)                       weights of any format into a built model (any TP x PP)
     load_pretrained(path, model) -> LoadedCheckpoint    what the training loop's --pretrained-checkpoint calls
     apply_record(model, record, ...)                    the record's token order and RoPE scaling on a built model

@@ -5,8 +5,8 @@ Public API:
     cpu_runtime_active() -> bool      whether it is active in this process
     PATCHED_MODULES                   the megatron-core modules whose view of `torch` is redirected
 
-Megatron-Core calls CUDA directly in places that tiny CPU models still pass through (see the project's
-ENVIRONMENT.md). Rather than patching `torch` for the whole process, this module:
+Megatron-Core calls CUDA directly in places that tiny CPU models still pass through (measured with megatron-core
+0.16.1; registered in runtime.versions.WORKAROUNDS). Rather than patching `torch` for the whole process, this module:
 
 - gives each module in PATCHED_MODULES its own `torch` (a proxy of the real one) in which `torch.cuda`'s
   device, synchronization, cache and RNG entry points mean "the CPU", and factory functions

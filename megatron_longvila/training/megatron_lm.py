@@ -164,6 +164,8 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--projector", default="mlp_downsample")
     g.add_argument("--num-frames", type=int, default=None)
     g.add_argument("--loss-weighting", default="token", choices=["token", "sample"])
+    g.add_argument("--max-skip-fraction", type=float, default=0.1)
+    g.add_argument("--min-samples-for-skip-check", type=int, default=20)
     from .arguments import add_activation_memory_args
 
     # Megatron's --recompute-* flags are its own (TransformerConfig fields); LongVILA adds the encoder's and offload.
@@ -244,6 +246,13 @@ def _finalize(args) -> None:
         raise ArgumentError(f"--recipe context_extension with --seq-length {args.seq_length}: LongVILA's RoPE bases "
                             f"exist for other lengths; pick one or give --rotary-base")
     _check_activation_memory(args)
+    # Megatron-LM's --load only warns when it finds no checkpoint and trains from iteration 0; here, as in the
+    # project's loop, that is an error unless starting fresh is meant (--load == --save, or a pretrained start).
+    from .arguments import check_load
+
+    note = check_load(args)
+    if note and torch.distributed.get_rank() == 0:
+        print(f"[checkpoint] {note}", flush=True)
     args.freeze = r.freeze
     args.template = r.template
     # Megatron's --rotary-base defaults to the recipe's base here (see longvila_args_provider): only a different
