@@ -231,13 +231,15 @@ class OffloadStats:
     """Tensors copied to host memory."""
     bytes_reloaded: int = 0
     """Bytes copied back for backwards."""
+    bytes_kept: int = 0
+    """Bytes of (distinct) saved tensors left on the device side: the rotary table and integer tensors."""
     bytes_on_host: int = 0
     """Host bytes held now (copies whose backward has not read them yet)."""
     peak_bytes_on_host: int = 0
     """Most host bytes held at once."""
 
     def reset(self) -> None:
-        self.bytes_offloaded = self.tensors_offloaded = self.bytes_reloaded = 0
+        self.bytes_offloaded = self.tensors_offloaded = self.bytes_reloaded = self.bytes_kept = 0
         self.bytes_on_host = self.peak_bytes_on_host = 0
 
 
@@ -275,6 +277,7 @@ class ActivationOffload:
         # Tensors saved twice in one forward share one host copy; weak, so a copy lives only as long as the autograd
         # nodes that saved it.
         self._seen: "weakref.WeakValueDictionary[tuple, _HostCopy]" = weakref.WeakValueDictionary()
+        self._kept: set = set()
         self.pin = torch.cuda.is_available()
 
     def _param_storages(self) -> set:
@@ -282,14 +285,23 @@ class ActivationOffload:
         return {p.untyped_storage().data_ptr() for p in m.parameters()} | \
                {b.untyped_storage().data_ptr() for b in m.buffers()} if m is not None else set()
 
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in self._kept:
+            self._kept.add(s.data_ptr())
+            self.stats.bytes_kept += s.nbytes()
+        return t
+
     def pack(self, t: torch.Tensor):
-        if not t.is_floating_point() or t.numel() == 0 or torch._C._current_graph_task_id() != -1:
+        if t.numel() == 0 or torch._C._current_graph_task_id() != -1:
             return t
         ptr = t.untyped_storage().data_ptr()
-        if ptr in self._params or is_plan_rope_table(t):
-            # Parameters stay resident anyway; the rotary table is one tensor every layer of the forward shares (and
-            # MM-SP attention recognises it by its storage).
-            return t
+        if ptr in self._params:
+            return t  # parameters stay resident anyway
+        if not t.is_floating_point() or is_plan_rope_table(t):
+            # Index tensors are small and the plan keeps them; the rotary table is one tensor every layer of the
+            # forward shares (and MM-SP attention recognises it by its storage).
+            return self._keep(t)
         key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version)
         hit = self._seen.get(key)
         if hit is not None and not hit.source.expired():
@@ -301,7 +313,12 @@ class ActivationOffload:
             host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)
             host.copy_(t, non_blocking=self.pin)
         else:
-            host = t.detach().clone()  # the CPU build: a separate copy stands for host memory
+            # The CPU build: a separate copy stands for host memory. Made outside dispatch modes, so a device-memory
+            # tracker on the CPU (planning.measure) does not see it, as CUDA's allocator never sees pinned host memory.
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            with _disable_current_modes():
+                host = t.detach().clone()
         s = self.stats
         s.bytes_offloaded += nbytes
         s.tensors_offloaded += 1
@@ -328,6 +345,7 @@ class ActivationOffload:
         """Saved-tensor hooks for one forward of the module."""
         self._params = self._param_storages()
         self._seen = weakref.WeakValueDictionary()  # only within one forward: a later forward's tensors are new
+        self._kept = set()
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
