@@ -59,10 +59,10 @@ def run(args):
     import torch
     import torch.distributed as dist
 
-    from megatron_longvila.data.tokenizer import load_tokenizer
     from megatron_longvila.inference import generate, prompts
     from megatron_longvila.inference.session import load_model, start
     from megatron_longvila.models.projector import tokens_per_frame
+    from megatron_longvila.training.providers import load_tokenizer_for, media_settings
 
     start(args)
     model, mesh = load_model(args.load, args)
@@ -70,21 +70,22 @@ def run(args):
     tok_path = args.tokenizer_model
     if tok_path is None and os.path.isdir(os.path.join(args.load, "llm")):
         tok_path = os.path.join(args.load, "llm")
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer_for(tok_path, rec)  # the checkpoint's special tokens, at its ids
     if rec.tokenizer.get("vocab_size") not in (None, tok.vocab_size):
         raise SystemExit(f"the tokenizer has {tok.vocab_size} ids, the checkpoint {rec.tokenizer['vocab_size']}: "
                          f"give --tokenizer-model (the checkpoint's tokenizer)")
     template = args.template or rec.tokenizer.get("template") or "chatml"
     size = int(rec.vision["image_size"])
     tpf = tokens_per_frame(size, size, int(rec.vision["patch_size"]))
-    media = getattr(rec, "media", None) or {}
+    media = media_settings(rec, args)  # what the checkpoint's model saw in training (VILA's configs when converted)
+    pre = dict(image_mode=media["image_mode"], image_mean=media["image_mean"], image_std=media["image_std"])
     if args.video:
-        num_frames = args.num_frames or media.get("num_video_frames") or 8
         prompt = prompts.video_prompt(tok, args.prompt, args.video, template=template, tokens_per_frame=tpf,
-                                      image_size=size, num_frames=num_frames)
+                                      image_size=size, num_frames=media["num_frames"],
+                                      frame_separator=media["frame_separator"], **pre)
     elif args.image:
         prompt = prompts.image_prompt(tok, args.prompt, args.image, template=template, tokens_per_frame=tpf,
-                                      image_size=size)
+                                      image_size=size, **pre)
     else:
         prompt = prompts.text_prompt(tok, args.prompt, template=template)
     stats = []

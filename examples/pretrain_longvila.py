@@ -49,10 +49,10 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def _tokenizer():
-    from megatron_longvila.data.tokenizer import load_tokenizer
+    from megatron_longvila.training.providers import checkpoint_record, load_tokenizer_for
 
-    if "tokenizer" not in _STATE:
-        _STATE["tokenizer"] = load_tokenizer(get_args().tokenizer_model)
+    if "tokenizer" not in _STATE:  # with the special tokens (and their ids) of the checkpoint the run starts from
+        _STATE["tokenizer"] = load_tokenizer_for(get_args().tokenizer_model, checkpoint_record(get_args()))
     return _STATE["tokenizer"]
 
 

@@ -49,13 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer(args, model):
-    from megatron_longvila.data.tokenizer import load_tokenizer
+    from megatron_longvila.training.providers import load_tokenizer_for
 
     path = args.tokenizer_model
     if path is None:
         llm = os.path.join(args.load, "llm")
         path = llm if os.path.isdir(llm) else None
-    tok = load_tokenizer(path)
+    tok = load_tokenizer_for(path, model.record)  # the checkpoint's special tokens, at its ids
     rec = model.record
     want = rec.tokenizer.get("vocab_size") if rec is not None else None
     if want is not None and tok.vocab_size != want:
@@ -94,8 +94,11 @@ def run(args):
     size = int(rec.vision["image_size"])
     tpf = tokens_per_frame(size, size, int(rec.vision["patch_size"]))
     template = args.template or rec.tokenizer.get("template") or "chatml"
-    sep = bool(rec.tokenizer.get("frame_separator_in_prompt", False))
-    processor = SiglipImageProcessor(size, mode="pad")
+    from megatron_longvila.training.providers import media_settings
+
+    media = media_settings(rec, args)
+    sep = media["frame_separator"]
+    processor = SiglipImageProcessor(size, mode=media["image_mode"], mean=media["image_mean"], std=media["image_std"])
     needles_dir = args.needles or os.path.join(args.out, "needles")
     if args.needles is None:
         if rank0:

@@ -106,7 +106,7 @@ def tokenize_conversation(
     template: str | ChatTemplate = "chatml",
     *,
     tokens_per_frame: int = 1,
-    frame_separator: bool = False,
+    frame_separator: bool | str = False,
     max_seq_len: int | None = None,
     loss_weight: float = 1.0,
     sample_id: str = "",
@@ -121,7 +121,8 @@ def tokenize_conversation(
         template: a ChatTemplate or the name of one in TEMPLATES.
         tokens_per_frame: visual tokens per frame after the projector (e.g. 196 for SigLIP-384 with
             2x2 downsampling of its 27x27 patches, rounded as the projector does).
-        frame_separator: put one frame-separator id after each frame's visual tokens.
+        frame_separator: after each frame's visual tokens, True puts one frame-separator id (`<frame_sep>`); a
+            string puts that text's tokens (VILA puts "\n", one token, after every frame).
         max_seq_len: longer results raise DataError("too_long").
 
     Raises:
@@ -132,7 +133,13 @@ def tokenize_conversation(
     tpl = get_template(template)
     turns = _check_turns(conversations)
     image_id = tokenizer.token_id(IMAGE_TOKEN)
-    sep_id = tokenizer.token_id(FRAME_SEP_TOKEN) if frame_separator else None
+    if isinstance(frame_separator, str):
+        sep_ids = tokenizer.encode(frame_separator)
+        if not sep_ids:
+            raise ValueError(f"frame separator {frame_separator!r} encodes to no token")
+    else:
+        sep_ids = [tokenizer.token_id(FRAME_SEP_TOKEN)] if frame_separator else []
+    sep_id = tokenizer.token_id(FRAME_SEP_TOKEN) if frame_separator is True else None
 
     # Media without a placeholder go in front of the first user turn, one per line.
     placeholders = sum(len(PLACEHOLDER_RE.findall(text)) for role, text in turns if role == "user")
@@ -174,8 +181,7 @@ def tokenize_conversation(
                 for _ in m.frame_indices:
                     offsets.append(len(ids))
                     ids.extend([image_id] * tokens_per_frame)
-                    if sep_id is not None:
-                        ids.append(sep_id)
+                    ids.extend(sep_ids)
                 labels.extend([IGNORE_INDEX] * (len(ids) - len(labels)))
                 items.append(MediaItem(m.kind, m.path, list(m.frame_indices), offsets, tokens_per_frame, m.fps))
             else:

@@ -40,8 +40,8 @@ class DataConfig:
     """Chat template name (see conversation.TEMPLATES)."""
     tokens_per_frame: int = 196
     """Visual tokens per frame after the projector; each frame placeholder expands to this many ids."""
-    frame_separator: bool = False
-    """Put a frame-separator token after each frame's visual tokens."""
+    frame_separator: bool | str = False
+    """After each frame's visual tokens: True, the `<frame_sep>` token; a string, its tokens (VILA: "\n")."""
     num_frames: int | None = 8
     """Frames per video, spread uniformly (a manifest line's num_frames/fps overrides it)."""
     fps: float | None = None

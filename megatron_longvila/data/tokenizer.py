@@ -227,6 +227,13 @@ def load_tokenizer(path: str | os.PathLike | None, special_tokens: Sequence[str]
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):
                 return load_tokenizer(os.path.join(path, name), special_tokens)
+        if os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
+            # VILA's Qwen2 releases ship the slow tokenizer's files only; rebuilding the fast one by hand would risk
+            # ids that differ from transformers'.
+            raise FileNotFoundError(
+                f"{path} holds vocab.json and merges.txt but no tokenizer.json: write one with transformers, e.g. "
+                f"python -c \"from transformers import AutoTokenizer as T; T.from_pretrained('{path}')"
+                f".save_pretrained('{path}')\", then pass the folder again")
         raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
     if path.endswith(".json"):
         return HFTokenizerFile(path, special_tokens)

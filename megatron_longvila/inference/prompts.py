@@ -1,7 +1,7 @@
 """Prompts for generation in the training chat template: a question about a video or an image.
 
     video_prompt(tokenizer, question, path, *, template, tokens_per_frame, image_size, num_frames=None, fps=None,
-                 frame_separator=False, decode_backend="auto") -> LongVILASample
+                 frame_separator=False, decode_backend="auto", image_mode="pad", ...) -> LongVILASample
     image_prompt(tokenizer, question, path, *, template, tokens_per_frame, image_size) -> LongVILASample
     stop_ids(tokenizer, template) -> set of ids that end an answer
 
@@ -32,8 +32,9 @@ def _prompt(tokenizer, template, question, media_frames, tokens_per_frame, frame
 
 
 def video_prompt(tokenizer, question: str, path: str, *, template: str, tokens_per_frame: int, image_size: int,
-                 num_frames: Optional[int] = 8, fps: Optional[float] = None, frame_separator: bool = False,
-                 decode_backend: str = "auto", image_mode: str = "pad") -> LongVILASample:
+                 num_frames: Optional[int] = 8, fps: Optional[float] = None, frame_separator=False,
+                 decode_backend: str = "auto", image_mode: str = "pad", image_mean=(0.5, 0.5, 0.5),
+                 image_std=(0.5, 0.5, 0.5)) -> LongVILASample:
     """A question about the video at `path`, its frames sampled by count (or fps) as in training."""
     from ..data.frames import select_frame_indices
     from ..data.image_processor import SiglipImageProcessor
@@ -44,7 +45,7 @@ def video_prompt(tokenizer, question: str, path: str, *, template: str, tokens_p
     ids, items = _prompt(tokenizer, template, "<video>\n" + question, [MediaFrames("video", path, indices, info.fps)],
                          tokens_per_frame, frame_separator)
     item = items[0]
-    proc = SiglipImageProcessor(image_size, mode=image_mode)
+    proc = SiglipImageProcessor(image_size, mode=image_mode, mean=image_mean, std=image_std)
 
     def load(frames):
         return proc(decode_frames(path, [indices[k] for k in frames], backend=decode_backend))
@@ -56,14 +57,14 @@ def video_prompt(tokenizer, question: str, path: str, *, template: str, tokens_p
 
 
 def image_prompt(tokenizer, question: str, path: str, *, template: str, tokens_per_frame: int, image_size: int,
-                 image_mode: str = "pad") -> LongVILASample:
+                 image_mode: str = "pad", image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)) -> LongVILASample:
     """A question about the image at `path`."""
     from ..data.dataset import load_image
     from ..data.image_processor import SiglipImageProcessor
 
     ids, items = _prompt(tokenizer, template, "<image>\n" + question, [MediaFrames("image", path, [0])],
                          tokens_per_frame, False)
-    proc = SiglipImageProcessor(image_size, mode=image_mode)
+    proc = SiglipImageProcessor(image_size, mode=image_mode, mean=image_mean, std=image_std)
     pos = torch.tensor([list(items[0].token_positions(0))])
     return LongVILASample(input_ids=ids, labels=torch.full_like(ids, -100),
                           media=[Media(token_positions=pos, frame_size=(image_size, image_size), kind="image",

@@ -224,7 +224,7 @@ class _CachedRows:
 
 
 def build_cell_prompt(tokenizer, template: str, question: str, answer: str, *, num_frames: int, depth: int,
-                      tokens_per_frame: int, frame_separator: bool, cache_path: str, needle_embedding: torch.Tensor):
+                      tokens_per_frame: int, frame_separator, cache_path: str, needle_embedding: torch.Tensor):
     """The prompt of one cell (N haystack frames, the needle inserted at depth %) and the answer's token ids."""
     from ..data.conversation import MediaFrames, tokenize_conversation
 
@@ -248,7 +248,7 @@ def build_cell_prompt(tokenizer, template: str, question: str, answer: str, *, n
 
 def run_grid(model, tokenizer, mesh, *, cache_path: str, needles: NeedleSet, needle_embeddings: torch.Tensor,
              frame_counts: Sequence[int], depths: Sequence[int], template: str, tokens_per_frame: int,
-             frame_separator: bool = False, modes: Sequence[str] = ("teacher", "generate"),
+             frame_separator=False, modes: Sequence[str] = ("teacher", "generate"),
              progress: Optional[Callable[[int, int], None]] = None) -> List[dict]:
     """Score every (frame count, depth, needle); one row per cell with per-needle predictions."""
     cells = [(n, d) for n in frame_counts for d in depths]

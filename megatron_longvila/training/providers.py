@@ -92,6 +92,53 @@ def _tokenizer_facts(tokenizer, template: Optional[str]) -> dict:
             "eos_id": getattr(tokenizer, "eos_id", None), "template": template}
 
 
+def special_tokens_for(record: Optional[ModelRecord]):
+    """The special tokens a tokenizer must carry for a checkpoint, in the order that gives them the checkpoint's ids:
+    VILA's three (`<vila/sentinel>`, `<image>`, `<vila/video>`, appended after the stored vocabulary in that order)
+    for a converted VILA checkpoint, else the project's."""
+    from ..data.tokenizer import DEFAULT_SPECIAL_TOKENS
+
+    if record is not None and record.tokenizer.get("sentinel_token_id") is not None:
+        from ..conversion.hf_common import VILA_TOKENS
+
+        return tuple(VILA_TOKENS) + tuple(t for t in DEFAULT_SPECIAL_TOKENS if t not in VILA_TOKENS)
+    return DEFAULT_SPECIAL_TOKENS
+
+
+def load_tokenizer_for(path: Optional[str], record: Optional[ModelRecord]):
+    """`data.tokenizer.load_tokenizer(path)` with the special tokens of the checkpoint the run starts from."""
+    from ..data.tokenizer import load_tokenizer
+
+    return load_tokenizer(path, special_tokens_for(record))
+
+
+def checkpoint_record(args) -> Optional[ModelRecord]:
+    """The record of the checkpoint this run loads (any format), or None."""
+    path, _ = checkpoint_to_load(args)
+    if path is None:
+        pre = getattr(args, "pretrained_checkpoint", None)
+        if pre and os.path.isdir(pre):
+            try:
+                from ..conversion import read_record
+
+                return read_record(pre)
+            except Exception:  # not a format conversion reads: build_model reports it with the flag's name
+                return None
+        return None
+    return read_model_record(path)
+
+
+def media_settings(record: ModelRecord, args) -> dict:
+    """How this run lays out and preprocesses media: the checkpoint's (VILA's configs) unless flags say otherwise."""
+    media = getattr(record, "media", None) or {}
+    sep = media.get("frame_separator", False)
+    mode = {"resize": "resize", "pad": "pad"}.get(media.get("image_aspect_ratio"), "pad")
+    return {"frame_separator": sep if sep else False,
+            "num_frames": getattr(args, "num_frames", None) or media.get("num_video_frames") or 8,
+            "image_mode": mode, "image_mean": tuple(media.get("image_mean") or (0.5, 0.5, 0.5)),
+            "image_std": tuple(media.get("image_std") or (0.5, 0.5, 0.5))}
+
+
 def resolve_model_record(args, tokenizer) -> ModelRecord:
     """The record of the model this run builds (see the module docstring); compares it with the checkpoint's."""
     from ..models.registry import ENCODERS, LLMS, _lookup
@@ -212,7 +259,9 @@ def build_step(args, model, tokenizer) -> LongVILAStep:
     return LongVILAStep(StepConfig(
         seq_length=args.seq_length, pad_id=tokenizer.pad_id, uniform_shards=bool(state.config.uniform_shards),
         pad_to_multiple=state.config.pad_to_multiple, pipeline_parallel=args.pipeline_model_parallel_size > 1,
-        image_size=int(record.vision["image_size"]), host_cp_group=state.host_cp_group,
+        image_size=int(record.vision["image_size"]), image_mode=media_settings(record, args)["image_mode"],
+        image_mean=media_settings(record, args)["image_mean"], image_std=media_settings(record, args)["image_std"],
+        host_cp_group=state.host_cp_group,
         max_skip_fraction=getattr(args, "max_skip_fraction", 0.1),
         min_samples_for_skip_check=getattr(args, "min_samples_for_skip_check", 20)), m)
 
@@ -263,9 +312,10 @@ def build_streams(args, tokenizer, step: LongVILAStep, dp_rank: int, dp_size: in
     record = step.model.record
     size, patch = int(record.vision["image_size"]), int(record.vision["patch_size"])
     # The skip fraction is judged by the step over all data-parallel ranks (StepConfig), not per rank here.
+    media = media_settings(record, args)
     cfg = DataConfig(template=args.template, tokens_per_frame=tokens_per_frame(size, size, patch),
-                     num_frames=args.num_frames or 8, max_seq_len=args.seq_length, seed=args.seed,
-                     max_skip_fraction=1.0)
+                     num_frames=media["num_frames"], frame_separator=media["frame_separator"],
+                     max_seq_len=args.seq_length, seed=args.seed, max_skip_fraction=1.0)
 
     from megatron.core import parallel_state as ps
 

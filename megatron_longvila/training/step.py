@@ -70,6 +70,10 @@ class StepConfig:
     """Side of the encoder's input frames."""
     image_mode: str = "pad"
     """SigLIP preprocessing: "pad" (VILA's pad-to-square) or "resize"."""
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    """Per-channel mean of the normalization (the checkpoint's preprocessor; SigLIP: 0.5)."""
+    image_std: tuple = (0.5, 0.5, 0.5)
+    """Per-channel std of the normalization."""
     decode_backend: str = "auto"
     """Video decoder (data.video.decode_frames): auto, pyav, dali_cpu, dali_gpu."""
     totals_group: Optional[object] = None
@@ -134,7 +138,8 @@ class LongVILAStep:
         if self._processor is None:
             from ..data.image_processor import SiglipImageProcessor
 
-            self._processor = SiglipImageProcessor(self.config.image_size, mode=self.config.image_mode)
+            self._processor = SiglipImageProcessor(self.config.image_size, mode=self.config.image_mode,
+                                                   mean=self.config.image_mean, std=self.config.image_std)
         return self._processor
 
     def batches(self, iterator: Iterator, num_microbatches: Union[int, Callable[[], int]], dataset=None
