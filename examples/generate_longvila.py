@@ -60,20 +60,14 @@ def run(args):
     import torch.distributed as dist
 
     from megatron_longvila.inference import generate, prompts
-    from megatron_longvila.inference.session import load_model, start
+    from megatron_longvila.inference.session import load_model, start, tokenizer_for
     from megatron_longvila.models.projector import tokens_per_frame
-    from megatron_longvila.training.providers import load_tokenizer_for, media_settings
+    from megatron_longvila.training.providers import media_settings
 
     start(args)
     model, mesh = load_model(args.load, args)
     rec = model.record
-    tok_path = args.tokenizer_model
-    if tok_path is None and os.path.isdir(os.path.join(args.load, "llm")):
-        tok_path = os.path.join(args.load, "llm")
-    tok = load_tokenizer_for(tok_path, rec)  # the checkpoint's special tokens, at its ids
-    if rec.tokenizer.get("vocab_size") not in (None, tok.vocab_size):
-        raise SystemExit(f"the tokenizer has {tok.vocab_size} ids, the checkpoint {rec.tokenizer['vocab_size']}: "
-                         f"give --tokenizer-model (the checkpoint's tokenizer)")
+    tok = tokenizer_for(args.load, args.tokenizer_model, rec)  # the checkpoint's special tokens, at its ids
     template = args.template or rec.tokenizer.get("template") or "chatml"
     size = int(rec.vision["image_size"])
     tpf = tokens_per_frame(size, size, int(rec.vision["patch_size"]))

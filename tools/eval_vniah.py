@@ -49,19 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer(args, model):
-    from megatron_longvila.training.providers import load_tokenizer_for
+    from megatron_longvila.inference.session import tokenizer_for
 
-    path = args.tokenizer_model
-    if path is None:
-        llm = os.path.join(args.load, "llm")
-        path = llm if os.path.isdir(llm) else None
-    tok = load_tokenizer_for(path, model.record)  # the checkpoint's special tokens, at its ids
-    rec = model.record
-    want = rec.tokenizer.get("vocab_size") if rec is not None else None
-    if want is not None and tok.vocab_size != want:
-        raise SystemExit(f"--tokenizer-model gives {tok.vocab_size} ids, the checkpoint was trained with {want}: give "
-                         f"the checkpoint's tokenizer")
-    return tok
+    return tokenizer_for(args.load, args.tokenizer_model, model.record)  # the checkpoint's special tokens, at its ids
 
 
 def _haystack(args, n: int, size: int):

@@ -4,6 +4,7 @@
     start(args) -> None                       torch.distributed (torchrun's environment; gloo on CPU, NCCL on GPUs)
                                               and megatron.core.parallel_state
     load_model(path, args) -> (model, mesh)   any checkpoint format (conversion.load_longvila), MM-SP initialized
+    tokenizer_for(load, explicit, record)     --tokenizer-model, the checkpoint's llm/ files, or bytes
     launch(fn, args, *fn_args)                run `fn` on this rank under torchrun, or on --cpu-ranks N local gloo
                                               ranks (no launcher needed); returns rank 0's result
 """
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["add_parallel_args", "start", "load_model", "launch"]
+__all__ = ["add_parallel_args", "start", "load_model", "launch", "tokenizer_for"]
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -87,6 +88,30 @@ def load_model(path: str, args):
     model.eval()
     mesh = initialize_mmsp(model.config)
     return model, mesh
+
+
+def tokenizer_for(load: str, explicit, record):
+    """The run's tokenizer: --tokenizer-model, else the checkpoint's llm/ folder when it holds tokenizer files, else
+    the byte tokenizer when the checkpoint was trained with it; otherwise a message saying what to give."""
+    from ..training.providers import load_tokenizer_for
+
+    path = explicit
+    llm = os.path.join(load, "llm")
+    if path is None and os.path.isdir(llm) and any(
+            os.path.isfile(os.path.join(llm, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        path = llm
+    if path is None and (record.tokenizer.get("kind") not in (None, "bytes")):
+        raise SystemExit(f"{load} carries no tokenizer files and was trained with a {record.tokenizer['kind']} "
+                         f"tokenizer: give --tokenizer-model")
+    try:
+        tok = load_tokenizer_for(path, record)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--tokenizer-model: {e}") from None
+    want = record.tokenizer.get("vocab_size")
+    if want is not None and tok.vocab_size != want:
+        raise SystemExit(f"the tokenizer has {tok.vocab_size} ids, the checkpoint was trained with {want}: give the "
+                         f"checkpoint's tokenizer with --tokenizer-model")
+    return tok
 
 
 def _ranked(rank, world, fn, args, fn_args):

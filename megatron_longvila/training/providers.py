@@ -87,7 +87,9 @@ def _tokenizer_facts(tokenizer, template: Optional[str]) -> dict:
 
     from ..data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
 
-    return {"vocab_size": int(tokenizer.vocab_size), "media_token_id": special(IMAGE_TOKEN),
+    kind = {"ByteTokenizer": "bytes", "SentencePieceTokenizer": "sentencepiece", "HFTokenizerFile": "tokenizer.json"}
+    return {"vocab_size": int(tokenizer.vocab_size), "kind": kind.get(type(tokenizer).__name__),
+            "media_token_id": special(IMAGE_TOKEN),
             "frame_separator_id": special(FRAME_SEP_TOKEN), "pad_id": getattr(tokenizer, "pad_id", None),
             "eos_id": getattr(tokenizer, "eos_id", None), "template": template}
 
