@@ -73,6 +73,9 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"])
+    from .faults import add_fault_args
+
+    add_fault_args(p)  # timeouts, the watchdog, the NaN check, retention, verification on load
 
     g = p.add_argument_group("model")
     g.add_argument("--vision-encoder", default=None,
@@ -232,6 +235,9 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> None:
             raise ArgumentError(f"--global-batch-size {a.global_batch_size} is not a multiple of --micro-batch-size "
                                 f"x data-parallel size = {a.micro_batch_size * dp}")
     check_activation_memory_args(a)
+    from .faults import check_fault_args
+
+    check_fault_args(a)
     if a.save_interval is not None and a.save is None:
         raise ArgumentError("--save-interval without --save: give the checkpoint directory")
     check_load(a)

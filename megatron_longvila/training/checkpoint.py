@@ -48,7 +48,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_tracker", "checkpoint_dir", "CheckpointError",
-           "LoadedCheckpoint", "TRACKER", "DISTRIBUTED_OPTIMIZER_SHARDING", "safe_load"]
+           "LoadedCheckpoint", "TRACKER", "DISTRIBUTED_OPTIMIZER_SHARDING", "safe_load", "CorruptCheckpoint",
+           "SaveFailed"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 """Megatron's tracker file name: the iteration of the last complete checkpoint."""
@@ -57,6 +58,19 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message says which flag to change."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose files do not match its manifest (training/integrity.py); the message names the files."""
+
+
+class SaveFailed(CheckpointError):
+    """A save that failed on some rank: nothing was committed, the previous checkpoint stays the latest. Raised on
+    every rank; `reported` is True on the one rank that printed the message."""
+
+    def __init__(self, message: str, reported: bool = False):
+        super().__init__(message)
+        self.reported = reported
 
 
 @dataclass
@@ -182,7 +196,7 @@ def _barrier() -> None:
 
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, *, data_state: Optional[dict],
                     train_state: dict, model_record=None,
-                    hooks: Optional[Dict[str, Callable[[], None]]] = None) -> str:
+                    hooks: Optional[Dict[str, Callable[[], None]]] = None, retain: Optional[int] = None) -> str:
     """Save a complete checkpoint after `iteration`; every rank calls it. Returns the committed directory.
 
     Args:
@@ -194,73 +208,143 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
             model_record.json.
         hooks: test hooks by name ("after_write": after this rank wrote everything, before the commit;
             "after_move_old": on rank 0, after an existing iter_N was moved aside for a re-save).
+        retain: keep only the newest `retain` committed checkpoints (--save-retain); None keeps all.
+
+    Raises SaveFailed on every rank when any rank failed (printed once); the previous checkpoint stays the latest.
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
+
+    from . import integrity
 
     rank = dist.get_rank()
     final = checkpoint_dir(save_dir, iteration)
     partial = os.path.join(save_dir, f".iter_{iteration:07d}.partial")
     t0 = time.perf_counter()
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        _recover_interrupted_resave(save_dir)
-        for name in os.listdir(save_dir):  # leftovers of killed saves (never a committed copy)
-            if name.endswith(".partial"):
-                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
-        os.makedirs(partial)
-    _barrier()
+    # Each phase ends in a success flag reduced over ranks (not a barrier): a failure on any rank -- a full disk, a
+    # permission, a rank dying mid-write -- raises SaveFailed on every rank, and nothing is committed.
+    agree = integrity.SaveAgreement(iteration, save_dir, final)
+    algorithm = integrity.checksum_name()
+    try:
+        if rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            _recover_interrupted_resave(save_dir)
+            for name in os.listdir(save_dir):  # leftovers of killed saves (never a committed copy)
+                if name.endswith(".partial"):
+                    shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+            os.makedirs(partial)
+    except integrity.SAVE_ERRORS as e:  # reported through the agreement
+        agree.failed("preparing the folder", e)
+    agree.check("preparing the folder")
 
-    model_sd = _unwrap(model).sharded_state_dict()
-    state = {"model": model_sd,
-             # No optimizer: a weights-only checkpoint (a model for inference or for the next stage's start).
-             "optimizer": optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False) if optimizer else None,
-             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "iteration": iteration, "format_version": FORMAT_VERSION, "layout": _layout(),
-             "train_state": dict(train_state)}
-    dist_checkpointing.save(state, partial, sharded_strategy=_strategy())
-    extra = {"rng": _rng_state(), "data": data_state, "layout": _layout(),
-             "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
-             "pp_rank": ps.get_pipeline_model_parallel_rank(), "cp_rank": ps.get_context_parallel_rank()}
-    os.makedirs(os.path.join(partial, "extra"), exist_ok=True)
-    torch.save(extra, os.path.join(partial, "extra", f"rank_{rank:05d}.pt"))
+    try:
+        model_sd = _unwrap(model).sharded_state_dict()
+        state = {"model": model_sd,
+                 # No optimizer: a weights-only checkpoint (a model for inference or for the next stage's start).
+                 "optimizer": optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False) if optimizer
+                 else None,
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "iteration": iteration, "format_version": FORMAT_VERSION, "layout": _layout(),
+                 "train_state": dict(train_state)}
+        dist_checkpointing.save(state, partial, sharded_strategy=_strategy())
+        extra = {"rng": _rng_state(), "data": data_state, "layout": _layout(),
+                 "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+                 "pp_rank": ps.get_pipeline_model_parallel_rank(), "cp_rank": ps.get_context_parallel_rank()}
+        os.makedirs(os.path.join(partial, "extra"), exist_ok=True)
+        import io
+
+        buf = io.BytesIO()
+        torch.save(extra, buf)
+        rel = f"extra/rank_{rank:05d}.pt"
+        agree.add_entries(partial, {rel: integrity.write_bytes(os.path.join(partial, rel), buf.getvalue(),
+                                                               algorithm, rank)[1]})
+        # This rank's shards, re-read while they are in the page cache (the manifest's checksums, see integrity.py).
+        agree.add_entries(partial, integrity.entries_for(partial, integrity.owned_files(partial, rank), algorithm,
+                                                         rank))
+        agree.post_entries()
+    except integrity.SAVE_ERRORS as e:  # torch's CheckpointException is a BaseException
+        agree.failed("writing the shards", e)
     if hooks and "after_write" in hooks:
         hooks["after_write"]()
-    _barrier()  # every rank's files are on disk before anything is committed
+    agree.check("writing the shards")  # every rank's files are on disk before anything is committed
 
-    if rank == 0:
-        with open(os.path.join(partial, "train_state.json"), "w") as f:
-            json.dump({"iteration": iteration, "layout": _layout(), **train_state}, f, indent=1, default=str)
-        record = model_record if model_record is not None else getattr(_unwrap(model), "record", None)
-        if record is not None:
-            from ..models.record import write_model_record
+    try:
+        if rank == 0:
+            with open(os.path.join(partial, "train_state.json"), "w") as f:
+                json.dump({"iteration": iteration, "layout": _layout(), **train_state}, f, indent=1, default=str)
+            record = model_record if model_record is not None else getattr(_unwrap(model), "record", None)
+            if record is not None:
+                from ..models.record import write_model_record
 
-            write_model_record(partial, record)
-        if os.path.exists(final):  # re-saving an iteration: move the committed copy aside (see module docstring)
-            os.rename(final, final + ".old")
-            if hooks and "after_move_old" in hooks:
-                hooks["after_move_old"]()
-        os.rename(partial, final)
-        tmp = os.path.join(save_dir, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(save_dir, TRACKER))
-        shutil.rmtree(final + ".old", ignore_errors=True)
-    _barrier()
+                write_model_record(partial, record)
+            integrity.write_manifest(partial, iteration, agree.all_entries(), algorithm)
+            if os.path.exists(final):  # re-saving an iteration: move the committed copy aside (module docstring)
+                os.rename(final, final + ".old")
+                if hooks and "after_move_old" in hooks:
+                    hooks["after_move_old"]()
+            os.rename(partial, final)
+            tmp = os.path.join(save_dir, TRACKER + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(str(iteration))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(save_dir, TRACKER))
+            shutil.rmtree(final + ".old", ignore_errors=True)
+    except integrity.SAVE_ERRORS as e:
+        agree.failed("committing", e)
+    agree.check("committing")
     if rank == 0:
         print(f"[checkpoint] saved iteration {iteration} to {final} in {time.perf_counter() - t0:.2f}s", flush=True)
+        if retain:
+            try:
+                for gone in integrity.apply_retention(save_dir, retain, protect=iteration):
+                    print(f"[checkpoint] removed {gone} (--save-retain {retain})", flush=True)
+            except OSError as e:  # the save itself is committed; an old copy left behind is only disk space
+                print(f"[checkpoint] warning: --save-retain {retain}: could not remove an old checkpoint ({e})",
+                      flush=True)
     return final
 
 
+def _verified(load_dir: str, path: str, iteration: int, *, checksums: bool, newest_valid: bool) -> str:
+    """`path` when it verifies; else the newest older committed checkpoint that does (newest_valid) or an error."""
+    from . import integrity
+
+    try:
+        integrity.verify_for_load(path, checksums)
+        return path
+    except CorruptCheckpoint as e:
+        first = e
+    if not newest_valid:
+        raise CorruptCheckpoint(f"{first}. Refusing to load it: restore those files, or add --ckpt-load-newest-valid "
+                                f"to resume from the newest checkpoint that verifies (python tools/check_checkpoint.py "
+                                f"{load_dir} --all lists them)")
+    refused = [str(first)]
+    for older in reversed([i for i in integrity.committed_iterations(load_dir) if i < iteration]):
+        candidate = checkpoint_dir(load_dir, older)
+        try:
+            integrity.verify_for_load(candidate, checksums)
+        except CorruptCheckpoint as e:
+            refused.append(str(e))
+            continue
+        if dist.get_rank() == 0:
+            print("[checkpoint] " + "\n[checkpoint] ".join(refused) + f"\n[checkpoint] loading iteration {older} "
+                  f"instead, the newest checkpoint that verifies (--ckpt-load-newest-valid)", flush=True)
+        return candidate
+    raise CorruptCheckpoint("no checkpoint under " + load_dir + " verifies (--ckpt-load-newest-valid): "
+                            + " | ".join(refused) + ". Restore the files or start over with --pretrained-checkpoint")
+
+
 def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, load_rng: bool = True,
-                    iteration: Optional[int] = None) -> Optional[LoadedCheckpoint]:
+                    iteration: Optional[int] = None, verify: str = "checksums",
+                    newest_valid: bool = False) -> Optional[LoadedCheckpoint]:
     """Load the latest complete checkpoint under `load_dir` (or `iteration`); None when there is none.
 
     optimizer/scheduler None: weights only (a new training stage starting from the previous stage).
     load_rng: restore RNG states; at a different parallel layout that is impossible and raises unless False
     (Megatron's --no-load-rng).
+    verify: before any tensor is read, check the checkpoint against its manifest: "checksums" (sizes and
+    checksums, each rank a share), "sizes", or "none". A checkpoint that fails raises CorruptCheckpoint naming
+    the files, unless newest_valid (--ckpt-load-newest-valid): then the newest older one that passes is loaded.
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -274,6 +358,8 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
         path = path + ".old"  # a re-save of this iteration was interrupted: this is the committed copy
     if not os.path.isdir(path):
         raise CheckpointError(f"{os.path.join(load_dir, TRACKER)} names iteration {iteration} but {path} is missing")
+    if verify != "none":
+        path = _verified(load_dir, path, iteration, checksums=verify == "checksums", newest_valid=newest_valid)
     model_sd = _unwrap(model).sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:

@@ -63,7 +63,12 @@ class TrainResult:
     """Throughput per iteration."""
 
 
-def _init_distributed() -> None:
+def _init_distributed(timeout_minutes: int = 10) -> None:
+    from ..parallel.timeouts import set_group_timeout
+
+    # --distributed-timeout-minutes reaches every group: this one, Megatron's, and the project's (new_group does
+    # not inherit the default group's timeout).
+    set_group_timeout(datetime.timedelta(minutes=timeout_minutes))
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -72,7 +77,7 @@ def _init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def _init_megatron(args) -> None:
@@ -85,7 +90,8 @@ def _init_megatron(args) -> None:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
-        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes)
+        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
+        distributed_timeout_minutes=args.distributed_timeout_minutes)
     # Megatron's seeding: the same default seed on every rank of a pipeline stage (replicated weights agree),
     # distinct tensor-parallel seeds inside the model-parallel RNG tracker.
     seed = args.seed + 100 * ps.get_pipeline_model_parallel_rank()
@@ -255,8 +261,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     from .arguments import build_parser
 
     # --help (and flag typos) answer before any process group or launcher is needed.
-    build_parser(extra_args_provider).parse_args(argv)
-    _init_distributed()
+    pre = build_parser(extra_args_provider).parse_args(argv)
+    _init_distributed(pre.distributed_timeout_minutes)
     cpu = enable_cpu_runtime()
     args = parse_args(argv, extra_args_provider, world_size=dist.get_world_size())
     if cpu and args.bf16:
@@ -264,6 +270,9 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     _ARGS = args
     hooks = hooks or {}
     _init_megatron(args)
+    from ..planning.placement import check_node_placement
+
+    check_node_placement(args)  # TP and Ulysses groups inside one node, checked against where the ranks run
     from .arguments import check_load
     from .errors import once
 
@@ -277,6 +286,10 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
 
     model, ddp, config = _build_model(model_provider, args)
     optimizer, scheduler = _build_optimizer(ddp, args)
+    from .faults import FaultGuard
+
+    guard = FaultGuard(args, ddp=ddp, config=config)  # NaN/Inf policy, hang watchdog, failed saves
+    forward_step_func = guard.wrap_forward_step(forward_step_func)
 
     result = TrainResult()
     iteration = 0
@@ -284,9 +297,12 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     loaded = None
     if args.load and ckpt.read_tracker(args.load) is not None:
         loaded = ckpt.load_checkpoint(args.load, model, None if args.no_load_optim else optimizer,
-                                      None if args.no_load_optim else scheduler, load_rng=not args.no_load_rng)
+                                      None if args.no_load_optim else scheduler, load_rng=not args.no_load_rng,
+                                      verify="checksums" if args.ckpt_verify_checksums else "sizes",
+                                      newest_valid=args.ckpt_load_newest_valid)
         iteration = loaded.iteration
         data_state = loaded.data_state
+        guard.load_train_state(loaded.train_state)
     elif args.pretrained_checkpoint:
         from ..conversion import load_pretrained
 
@@ -321,13 +337,14 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         counting = _CountingIterator(train_iter)
         optimizer.zero_grad()
         ddp.zero_grad_buffer()
-        store = _run_schedule(forward_step_func, counting.iterator, ddp, args, num_microbatches)
-        ok, grad_norm, _ = optimizer.step()
-        if not ok:
-            raise RuntimeError(f"iteration {iteration + 1}: the optimizer skipped its step (non-finite gradients)")
-        scheduler.step(increment=args.global_batch_size)
-        iteration += 1
-        s, c, tokens = _step_figures(store, counting.tokens)
+        with guard.step(iteration + 1):  # timed by the watchdog; a lost peer becomes one message
+            store = _run_schedule(forward_step_func, guard.watch(counting.iterator), ddp, args, num_microbatches)
+            # A non-finite loss or gradient skips the update (optimizer and schedule untouched) or stops the run.
+            stepped, grad_norm = guard.optimizer_step(optimizer, store)
+            if stepped:
+                scheduler.step(increment=args.global_batch_size)
+            iteration += 1
+            s, c, tokens = _step_figures(store, counting.tokens)
         loss = s / max(c, 1.0)
         step_time = time.perf_counter() - t0
         rec = logger.log(iteration, loss=loss, tokens=tokens, step_time=step_time,
@@ -343,11 +360,14 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
             logger.message(f"validation loss at iteration {iteration}: {v:.4f}")
         if args.save and ((args.save_interval and iteration % args.save_interval == 0)
                           or iteration == args.train_iters):
-            result.saved.append(ckpt.save_checkpoint(
-                args.save, iteration, ddp, optimizer, scheduler, data_state=train_ds.state_dict(),
-                train_state={"consumed_samples": iteration * args.global_batch_size, "recipe": args.recipe},
-                model_record=getattr(model, "record", None), hooks=hooks))
+            with guard.saving(iteration):  # a failed save: reported once, every rank exits, nothing committed
+                result.saved.append(ckpt.save_checkpoint(
+                    args.save, iteration, ddp, optimizer, scheduler, data_state=train_ds.state_dict(),
+                    train_state={"consumed_samples": iteration * args.global_batch_size, "recipe": args.recipe,
+                                 **guard.train_state()},
+                    model_record=getattr(model, "record", None), hooks=hooks, retain=args.save_retain))
         if hooks.get("stop_after") == iteration:
             break
+    guard.close()
     logger.close()
     return result
