@@ -32,6 +32,7 @@ __all__ = ["pretrain", "get_args", "longvila_args_provider", "enable_megatron_tr
            "TRAINING_MODULES"]
 
 _ACTIVE = False  # megatron.training is driving this process
+_PLACEMENT_CHECKED = False
 _FINALIZED = False
 
 # megatron.training modules that call torch.cuda directly on the way through a tiny CPU run.
@@ -436,6 +437,12 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         get_args()
+        if not _PLACEMENT_CHECKED:
+            # As the project loop does: TP and Ulysses groups inside one node, checked once Megatron's groups exist.
+            from ..planning.placement import check_node_placement
+
+            check_node_placement()
+            globals()["_PLACEMENT_CHECKED"] = True
         model = model_provider(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         if getattr(model, "pg_collection", None) is None:  # megatron.training's loop reads it off the model
             model.pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
