@@ -299,3 +299,63 @@ def test_settings_refused_at_start_up():
     # Layer counts are checked when the model is built (the shape may come from a checkpoint).
     with pytest.raises(OffloadError, match="not a multiple of 3"):
         RecomputeConfig(granularity="full", method="uniform", num_layers=3).validate(28, "LLM")
+
+
+def _megatron_lm_rank(rank, world, manifest, extra):
+    """A tiny LongVILA through megatron.training (as tests/training/test_megatron_lm.py runs it); returns the losses
+    and what the built model's configs and offload hooks say."""
+    import os
+    import sys
+
+    from megatron_longvila.models.offload import offloads_of
+    from megatron_longvila.training import megatron_lm
+
+    from .example_script import load_example_script
+    from .test_megatron_lm import MEGATRON_LM, _argv
+
+    sys.path.insert(0, MEGATRON_LM)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    mod = load_example_script()
+    megatron_lm.enable_megatron_training_on_cpu()
+    import megatron.training.training as mt
+
+    losses, log = {}, mt.training_log
+
+    def record(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
+        if "lm loss" in loss_dict:
+            losses[iteration] = float(loss_dict["lm loss"])
+        return log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
+
+    mt.training_log = record
+    try:
+        mod.main(_argv(manifest) + ["--use-megatron-training"] + list(extra))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    model = mod._STATE["step"].model
+    return {"losses": losses, "llm": model.config.recompute_granularity,
+            "vision": model.vision_model.config.recompute_granularity if model.vision_model is not None else None,
+            "offload": sorted(offloads_of(model))}
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("MEGATRON_LM_PATH"),
+                    reason="needs a Megatron-LM checkout: set MEGATRON_LM_PATH (docs/TRAINING.md)")
+def test_megatron_training_takes_the_recompute_flags(tmp_path):
+    """Under --use-megatron-training Megatron's own --recompute-* flags (and LongVILA's offload flag) reach both
+    TransformerConfigs, and the losses equal the run without them; Megatron's TE-only offloading is refused."""
+    from .example_script import load_example_script
+
+    manifest = load_example_script().write_demo_dataset(str(tmp_path / "data"), num_videos=12)
+    flags = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
+             "--cpu-offload-activations"]
+    plain = run_distributed(_megatron_lm_rank, 4, manifest, [], timeout=280)
+    memory = run_distributed(_megatron_lm_rank, 4, manifest, flags, timeout=280)
+    assert all(r["llm"] is None and r["offload"] == [] for r in plain)
+    assert all(r["llm"] == "full" and r["vision"] == "full" and r["offload"] == ["llm", "vision"] for r in memory)
+    a, b = plain[-1]["losses"], memory[-1]["losses"]
+    print(f"\nwithout: {a}\nwith {' '.join(flags)}: {b}")
+    assert sorted(a) == sorted(b) and a
+    for it in a:
+        assert abs(a[it] - b[it]) <= 1e-6 * abs(a[it]), (it, a[it], b[it])
+    with pytest.raises(Exception, match="--cpu-offload-activations"):
+        run_distributed(_megatron_lm_rank, 4, manifest, ["--cpu-offloading-num-layers", "1"], timeout=200)
