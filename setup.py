@@ -26,6 +26,8 @@ setup(
         "safetensors",
         # V-NIAH's heatmap (tools/eval_vniah.py).
         "matplotlib",
+        # Checkpoint manifests' checksums in hardware (~10 GB/s); zlib's crc32 (~2 GB/s) where it does not install.
+        "crc32c",
     ],
     extras_require={
         # The GPU stack: used when importable, never required. NVIDIA apex is not on PyPI

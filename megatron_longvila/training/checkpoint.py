@@ -23,7 +23,10 @@ part is read by torch's distributed-checkpoint reader, which unpickles its `.met
 checkpoint is trusted input, like any pickle. Untrusted weights come in through the safetensors layouts of the
 conversion tools.
 
-Why commits are safe: every rank writes into `<root>/.iter_0000010.partial`; after a barrier rank 0 renames
+Why commits are safe: every rank writes into `<root>/.iter_0000010.partial`; once every rank reports success (a
+flag reduced over ranks, training/integrity.py: a failure anywhere raises SaveFailed everywhere) rank 0 writes
+`manifest.json` (each file's size and checksum, hashed by the rank that wrote it; checked on load before any
+tensor is read), renames
 it to `iter_0000010` (atomic on POSIX) and only then replaces `latest_checkpointed_iteration.txt` (written
 to a temporary file and renamed). A process killed anywhere before the rename leaves the tracker naming
 the previous checkpoint, which is untouched; the next save removes the stale partial directory. Saving an

@@ -160,6 +160,9 @@ def test_crafted_pickle_stops_a_resume(manifest, tmp_path):
     run_distributed(_save_only, 1, manifest, ckpt, timeout=200)
     target = os.path.join(checkpoint_dir(ckpt, 2), "extra", "rank_00000.pt")
     torch.save({"data": _Evil()}, target)
+    # The manifest would refuse the changed file before reading it (tests/faults); without one (an older
+    # checkpoint) the unpickler must still refuse it.
+    os.remove(os.path.join(checkpoint_dir(ckpt, 2), "manifest.json"))
     with pytest.raises(DistributedTestError, match="refused to unpickle"):
         run_distributed(_resume_only, 1, manifest, ckpt, timeout=200)
 
