@@ -29,6 +29,7 @@ SECTIONS=(
   "attention:150:python3 tools/gpu_check.py --json"
   "pytest:60:python3 -m pytest -q -rs tests/attention/test_te_backend.py tests/data/test_video.py"
   "inference:150:python3 tools/gpu_inference_check.py --json"
+  "memory:240:python3 tools/gpu_memory_check.py --json"
 )
 # Sections whose tool has a --dry-run (tiny sizes on the CPU), run by this script's --dry-run.
 DRY_RUNNABLE=" train inference memory "

@@ -39,7 +39,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ..attention.megatron_core import is_plan_rope_table
 
 __all__ = ["RecomputeConfig", "ActivationMemoryConfig", "activation_memory_from_args", "ActivationOffload",
-           "OffloadStats", "apply_activation_memory", "offloads_of", "OffloadError", "RECOMPUTE_MODULES"]
+           "OffloadStats", "apply_activation_memory", "offload_block", "offloads_of", "OffloadError",
+           "RECOMPUTE_MODULES"]
 
 
 class OffloadError(ValueError):
@@ -367,6 +368,14 @@ def _offloaded_class(base: type) -> type:
         cls = type(f"Offloaded{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
         _OFFLOADED_CLASSES[base] = cls
     return cls
+
+
+def offload_block(module: torch.nn.Module, name: str) -> ActivationOffload:
+    """Keep what `module`'s training forward saves for the backward in host memory (idempotent); returns its
+    ActivationOffload. apply_activation_memory calls it for the LLM's and the encoder's transformer blocks; tools
+    call it on a bare block."""
+    off = getattr(module, "_longvila_offload", None)
+    return off if off is not None else _install_offload(module, name)
 
 
 def _install_offload(module: torch.nn.Module, name: str) -> ActivationOffload:
