@@ -138,10 +138,13 @@ class Watchdog:
         self._seq = 0
         self._stop = threading.Event()
         self._who: Dict[int, dict] = {}
-        self._store_failed_since: Optional[float] = None
         self._exiting = False
         self._lock = threading.Lock()
+        self._store_ok_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="longvila-watchdog", daemon=True)
+        # A store whose host is stopped may leave a store call blocked for good: a second thread, which never
+        # touches the store, notices that while a step is over its limit.
+        self._sentinel = threading.Thread(target=self._watch_store, name="longvila-watchdog-store", daemon=True)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -155,6 +158,7 @@ class Watchdog:
         client.set(wd._key(f"who/{wd.rank}"), json.dumps({"host": wd.host, "pid": wd.pid}))
         wd._beat()
         wd._thread.start()
+        wd._sentinel.start()
         return wd
 
     # -- the main thread's side --------------------------------------------------------------------------
@@ -177,8 +181,9 @@ class Watchdog:
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5 * self.cfg.interval_s)
+        for t in (self._thread, self._sentinel):
+            if t.is_alive():
+                t.join(timeout=5 * self.cfg.interval_s)
         try:
             self._phase = "done"
             self._beat()
@@ -200,17 +205,21 @@ class Watchdog:
                     self._who = self._read_who()  # cached: the store may be the thing that stops answering
                 if self.client.check([self._key("abort")]):
                     self._exit()
-                self._store_failed_since = None
+                self._store_ok_at = time.monotonic()
                 over = self._over_limit()
                 if over is not None and self.client.add(self._key("report"), 1) == 1:
                     self._hang(*over)
-            except Exception as e:  # the store did not answer
+            except Exception:  # the store did not answer: the sentinel decides
                 if self._stop.is_set() or self._exiting:
                     return
-                now = time.monotonic()
-                self._store_failed_since = self._store_failed_since or now
-                if now - self._store_failed_since >= self.cfg.confirm_s and self._over_limit() is not None:
-                    self._store_lost(e)
+                time.sleep(self.cfg.interval_s)
+
+    def _watch_store(self) -> None:
+        while not self._stop.wait(self.cfg.interval_s):
+            silent = time.monotonic() - self._store_ok_at
+            if silent > self.cfg.confirm_s + 2 * self.cfg.interval_s and self._over_limit() is not None \
+                    and not self._exiting:
+                self._store_lost(TimeoutError(f"no answer for {silent:.1f} s"))
 
     def _over_limit(self):
         with self._lock:

@@ -1,5 +1,6 @@
 """Launch the example script under torchrun as a subprocess, as a user would, and read what it did.
 
+envrun(argv, procs=2, env=None) starts the ranks directly (env://, rank 0 hosts the store).
 torchrun(argv, nodes=1, procs=2, env=None) runs one torchrun with `procs` ranks, or `nodes` torchruns with one rank
 each (a multi-node job on one host: each node's agent only watches its own rank, so a rank killed on one "node"
 must be noticed by the others' own code). Returns every agent's exit status and exit time and the combined output.
@@ -128,6 +129,41 @@ def torchrun(argv: List[str], *, nodes: int = 1, procs: int = 2, env: Optional[D
         text.append(f"----- node {i} -----\n" + log.read())
         log.close()
     return Launch(rcs=[a.returncode for a in agents], ends=[e if e is not None else float("inf") for e in ends],
+                  out="\n".join(text), seconds=time.monotonic() - t0, started_at=wall0, workers_left=left)
+
+
+def envrun(argv: List[str], *, procs: int = 2, env: Optional[Dict[str, str]] = None,
+           timeout: float = 150.0) -> Launch:
+    """The ranks started directly with env:// variables (no torchrun): rank 0's own process hosts the store, as in
+    the CPU demo or `srun python ...`."""
+    port = free_port()
+    t0, wall0 = time.monotonic(), time.time()
+    logs, ranks = [], []
+    for r in range(procs):
+        run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", RANK=str(r),
+                       LOCAL_RANK=str(r), WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        run_env.pop("MEGATRON_LONGVILA_INJECT_FAULT", None)
+        run_env.update(env or {})
+        logs.append(tempfile.TemporaryFile(mode="w+"))
+        ranks.append(subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=logs[-1], stderr=subprocess.STDOUT,
+                                      env=run_env, cwd=ROOT))
+    ends: List[Optional[float]] = [None] * procs
+    while any(e is None for e in ends) and time.monotonic() - t0 < timeout:
+        for i, p in enumerate(ranks):
+            if ends[i] is None and p.poll() is not None:
+                ends[i] = time.monotonic() - t0
+        time.sleep(0.05)
+    left = [p.pid for p in ranks if p.poll() is None]
+    for p in ranks:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = []
+    for i, log in enumerate(logs):
+        log.seek(0)
+        text.append(f"----- rank {i} -----\n" + log.read())
+        log.close()
+    return Launch(rcs=[p.returncode for p in ranks], ends=[e if e is not None else float("inf") for e in ends],
                   out="\n".join(text), seconds=time.monotonic() - t0, started_at=wall0, workers_left=left)
 
 

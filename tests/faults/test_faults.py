@@ -2,6 +2,8 @@
 each one equal to the uninterrupted run, bitwise in fp32.
 
 - a rank SIGSTOPped mid-step: the watchdog ends the job within its limit, naming that rank, once;
+- rank 0 SIGSTOPped in a launch without torchrun, where rank 0's process hosts the store: the other rank says so
+  and ends it;
 - a rank SIGKILLed mid-step in a two-"node" job (each torchrun watches only its own rank): the other rank names
   the lost one and ends within seconds;
 - a NaN loss in one micro-batch and a NaN gradient on one rank: reported with the iteration, rank, micro-batch and
@@ -23,7 +25,7 @@ import sys
 
 import pytest
 
-from .launch import ROOT, losses, records, torchrun
+from .launch import ROOT, envrun, losses, records, torchrun
 
 pytest.importorskip("av")
 
@@ -86,6 +88,18 @@ def test_stopped_rank_is_named_by_the_watchdog(manifest, reference, tmp_path):
     resumed = torchrun(_argv(manifest, save, metrics, "--load", save))
     assert resumed.rc == 0, resumed.out[-4000:]
     assert losses(metrics) == reference["losses"]  # bitwise: floats compared exactly
+
+
+def test_stopped_rank0_hosting_the_store(manifest, tmp_path):
+    """Without torchrun's agent, rank 0's own process hosts the store: stopping rank 0 stops the store too. The
+    other rank notices once its step is over the limit, says so once, ends the stopped rank 0 and exits."""
+    save, metrics = str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl")
+    run = envrun(_argv(manifest, save, metrics, "--watchdog-min-seconds", "3", "--watchdog-interval", "0.5"),
+                 env={INJECT: "sigstop@5:rank=0:mb=0"}, timeout=120)
+    assert run.rcs[1] == 3 and run.rcs[0] == -9 and not run.workers_left, run.out[-4000:]
+    msg = _once(run, r"\[watchdog\] iteration 5: the job's rendezvous store at .* does not answer")
+    assert len(msg) == 1 and "rank 0 is stopped (SIGSTOP" in msg[0], run.out[-4000:]
+    assert _tracker(save) == 4
 
 
 def test_killed_rank_ends_the_others_at_once(manifest, reference, tmp_path):
