@@ -3,7 +3,8 @@
     ModelShape, Layout, RankWork, KernelSaves       what the model takes (dataclasses, one docstring per field)
     rank_work_of(planned, model) -> RankWork        this rank's actual work in a planned micro-batch (benchmarks)
     even_rank_work(shape, layout, seq_length, frames, frame_px) -> RankWork   the average rank (the planner)
-    llm_layer_saved(...), vision_layer_saved(...), outside_saved(...)   bytes autograd keeps, by named term
+    llm_layer_saved(...), vision_layer_saved(...)   bytes one layer keeps for the backward, by named term
+    stage_groups(...) -> [Group]                    what each piece of a stage's forward keeps, in forward order
     predict_rank_memory(shape, layout, work, setting, ...) -> RankMemory  activations: saved, offloaded, peak
     static_memory(shape, layout, ...) -> StaticMemory   parameters, gradient buffers, optimizer state
     rank_memory_gb(...)                              everything together, for the planner
@@ -631,9 +632,8 @@ class StaticMemory:
         return self.weights + self.gradients + self.optimizer
 
 
-def static_memory(shape: ModelShape, layout: Layout, *, param_bytes: int = 2, stage: int = 0,
-                  trains_vision: bool = True) -> StaticMemory:
-    """Weights, gradients and optimizer state of pipeline stage `stage` (all parameters train unless told)."""
+def static_memory(shape: ModelShape, layout: Layout, *, param_bytes: int = 2, stage: int = 0) -> StaticMemory:
+    """Weights, gradients and optimizer state of pipeline stage `stage` (every parameter trains)."""
     t = layout.tp
     L = _layers_on_stage(shape, layout)
     n = L * llm_layer_params(shape, t)
@@ -651,7 +651,8 @@ def static_memory(shape: ModelShape, layout: Layout, *, param_bytes: int = 2, st
 
 def ring_buffers(shape: ModelShape, layout: Layout, work: RankWork, e: int) -> int:
     """Ring forward and backward buffers alive at once in one layer (not kept across layers): the KV block in flight,
-    and in the backward the fp32 dK/dV accumulators of the held block and of the one in flight, plus dq."""
+    and in the backward the fp32 dK/dV accumulators of the held block and of the one in flight, plus dq. For
+    reporting: the peak already holds them (the ring phase of a layer's backward)."""
     if layout.ring == 1:
         return 0
     d = shape.head_dim
@@ -686,11 +687,11 @@ def rank_memory_gb(shape: ModelShape, layout: Layout, work: Workload, setting: A
                                   element_bytes=element_bytes, kernels=kernels)
         st = static_memory(shape, layout, param_bytes=element_bytes, stage=stage)
         ring = ring_buffers(shape, layout, rw, element_bytes)
-        total = st.total + act.peak_bytes + ring
+        total = st.total + act.peak_bytes
         row = {"stage": stage, "weights": st.weights / GiB, "gradients": st.gradients / GiB,
                "optimizer": st.optimizer / GiB, "activations_peak": act.peak_bytes / GiB,
                "activations_saved": act.saved_bytes * act.in_flight / GiB, "offloaded_host": act.offloaded_bytes
-               * act.in_flight / GiB, "ring_buffers": ring / GiB, "workspace": workspace_gb,
+               * act.in_flight / GiB, "ring_buffers_in_peak": ring / GiB, "workspace": workspace_gb,
                "total": total / GiB + workspace_gb}
         if worst is None or row["total"] > worst["total"]:
             worst = row

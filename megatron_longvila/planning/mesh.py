@@ -71,10 +71,15 @@ class Plan:
     """One layout with its best setting."""
 
     tp: int
+    """Tensor-parallel size."""
     ulysses: int
+    """Ulysses size U."""
     ring: int
+    """Ring size R."""
     pp: int
+    """Pipeline-parallel size."""
     dp: int
+    """Data-parallel size."""
     recompute: str
     """The recompute setting's label (none, selective(core_attn), full-uniform-1, ...)."""
     offload: bool
@@ -90,7 +95,9 @@ class Plan:
     time: Dict[str, float] = field(default_factory=dict)
     """step_time_s by part."""
     tokens_per_s_per_gpu: float = 0.0
+    """Predicted throughput."""
     head_imbalance: float = 1.0
+    """max/mean query heads per Ulysses rank (uneven splits cost time)."""
     setting: str = ""
     """The planner's name of the setting."""
 
