@@ -349,7 +349,9 @@ class FaultGuard:
             raise
         except Exception as e:
             if self.watchdog is not None and is_peer_failure(e):
-                raise self.watchdog.peer_failure(e, iteration) from None
+                lost = self.watchdog.peer_failure(e, iteration)
+                if lost is not None:
+                    raise lost from None
             raise
         finally:
             if self.watchdog is not None:

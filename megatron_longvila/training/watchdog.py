@@ -328,8 +328,9 @@ class Watchdog:
                      culprits)
         self._exit()
 
-    def peer_failure(self, error: BaseException, iteration: int) -> FaultExit:
-        """The main thread's collective failed: report once who was lost; every rank exits."""
+    def peer_failure(self, error: BaseException, iteration: int) -> Optional[FaultExit]:
+        """The main thread's collective failed: report once who was lost; every rank exits. None when no rank
+        looks lost (the error is this rank's own: the caller re-raises it, traceback and all)."""
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         try:
             elected = self.client.add(self._key("report"), 1) == 1
@@ -346,10 +347,10 @@ class Watchdog:
                 time.sleep(0.1)
             return FaultExit(first)
         culprits = self._culprits(iteration, after_error=True)
+        if not culprits:
+            return None
         head = f"[watchdog] iteration {iteration}: a collective failed on rank {self.rank} ({type(error).__name__}: {first})"
-        why = ("\n".join("  " + c for c in culprits) if culprits else
-               "  no rank looks lost (every heartbeat is alive): see the error above")
-        msg = "\n".join([head, why, self._next_steps(culprits)])
+        msg = "\n".join([head] + ["  " + c for c in culprits] + [self._next_steps(culprits)])
         self._finish(msg, culprits)
         return FaultExit(msg)
 
