@@ -46,8 +46,8 @@ where they are alive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 from ..models.offload import ActivationMemoryConfig, RecomputeConfig
 

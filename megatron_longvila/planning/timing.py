@@ -18,7 +18,7 @@ stream (no overlap) at the host link's bandwidth.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
 from ..models.offload import ActivationMemoryConfig
