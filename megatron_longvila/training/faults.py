@@ -436,11 +436,12 @@ class FaultGuard:
             if any(" loss " in line for line in lines) and any("gradients" in line for line in lines):
                 body += "\n  (a non-finite loss makes the gradients non-finite too: the loss is the first cause)"
             if stop:
-                what = (f"the update was applied already: stopping." if applied else
+                what = ("the update was applied already: stopping." if applied else
                         f"stopping: {self.skipped} non-finite step(s) in this run, over "
                         f"--max-skipped-nonfinite-steps {self.max_skipped}; this step was not applied.")
+                more = "" if applied else ", or raise --max-skipped-nonfinite-steps to skip such steps"
                 nxt = (f"Next: {resume_hint(self.args.save)}; look at the samples above (tools/check_data.py), "
-                       f"lower --lr or raise --clip-grad{'' if applied else ', or raise --max-skipped-nonfinite-steps to skip such steps'}.")
+                       f"lower --lr or raise --clip-grad{more}.")
             else:
                 what = (f"skipped: no optimizer step (optimizer state and learning-rate schedule untouched, the "
                         f"micro-batches not retried); {self.skipped} of --max-skipped-nonfinite-steps "

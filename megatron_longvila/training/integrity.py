@@ -486,7 +486,8 @@ class SaveAgreement:
         kept = (f"{os.path.join(self.save_dir, 'latest_checkpointed_iteration.txt')} still names iteration {prev}, "
                 f"which is untouched and loadable" if prev is not None else "no earlier checkpoint exists")
         try:
-            free = f" ({shutil.disk_usage(self.save_dir).free / 2**30:.1f} GiB free there now, seen from rank {self.rank})"
+            free = (f" ({shutil.disk_usage(self.save_dir).free / 2**30:.1f} GiB free there now, seen from rank "
+                    f"{self.rank})")
         except OSError:
             free = ""
         msg = (f"[checkpoint] saving iteration {self.iteration} to {self.final} failed ({phase}):\n"

@@ -349,7 +349,8 @@ class Watchdog:
         culprits = self._culprits(iteration, after_error=True)
         if not culprits:
             return None
-        head = f"[watchdog] iteration {iteration}: a collective failed on rank {self.rank} ({type(error).__name__}: {first})"
+        head = (f"[watchdog] iteration {iteration}: a collective failed on rank {self.rank} "
+                f"({type(error).__name__}: {first})")
         msg = "\n".join([head] + ["  " + c for c in culprits] + [self._next_steps(culprits)])
         self._finish(msg, culprits)
         return FaultExit(msg)

@@ -79,7 +79,8 @@ def test_stopped_rank_is_named_by_the_watchdog(manifest, reference, tmp_path):
     assert len(msg) == 1, run.out[-4000:]
     assert _once(run, r"rank 1 is stopped \(SIGSTOP"), run.out[-4000:]
     ran = float(re.search(r"has run ([\d.]+) s", msg[0]).group(1))
-    assert 5.0 <= ran < 12.0, msg  # (printed to 0.1 s) noticed just past --watchdog-min-seconds, not after the 10-minute timeout
+    # Noticed just past --watchdog-min-seconds (printed to 0.1 s), not after the 10-minute timeout.
+    assert 5.0 <= ran < 12.0, msg
     # The job ended within the watchdog's limit (plus start-up), not after --distributed-timeout-minutes.
     assert run.seconds < 90, run.seconds
     assert _tracker(save) == 4

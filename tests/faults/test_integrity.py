@@ -7,7 +7,7 @@ import pytest
 
 from megatron_longvila.training import integrity
 from megatron_longvila.training.arguments import ArgumentError, parse_args
-from megatron_longvila.training.faults import injections_from_env, INJECT_ENV
+from megatron_longvila.training.faults import INJECT_ENV, injections_from_env
 
 
 def _folder(tmp_path, sizes):
