@@ -271,34 +271,17 @@ def main(argv=None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         p.error(f"--only: unknown sections {unknown}; choose from {sorted(SECTIONS)}")
-    from gpu_train_check import _init
+    from gpu_train_check import run_sections
 
     res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "planned_s": {s: SECTIONS[s] for s in only}}
-    if a.dry_run:
-        _init("cpu")
-        res["device"] = "cpu (dry run: tiny sizes, figures mean nothing)"
-        runs = {"a": lambda: section_a("cpu", n=128, seq=128, iters=1),
-                "b": lambda: section_b("cpu", layer="tiny", layers=2, seq=128),
-                "c": lambda: section_c("cpu", layer="tiny", start=64, step=64, max_seq=512, budget_bytes=4 * 2 ** 20,
-                                       deadline_s=30)}
-        for s in only:
-            res[s] = runs[s]()
-    else:
-        if not torch.cuda.is_available():
-            print("tools/gpu_memory_check.py needs a CUDA GPU (torch.cuda.is_available() is False); use --dry-run to "
-                  "check the script on a CPU", file=sys.stderr)
-            return 2
-        _init("cuda")
-        res["device"] = torch.cuda.get_device_name(0)
-        for s in only:
-            t0 = time.perf_counter()
-            try:
-                res[s] = {"a": lambda: section_a("cuda"), "b": lambda: section_b("cuda"),
-                          "c": lambda: section_c("cuda")}[s]()
-            except Exception as e:  # one failing section must not lose the others' figures
-                res[s] = {"error": f"{type(e).__name__}: {e}"}
-            res.setdefault("seconds", {})[s] = time.perf_counter() - t0
-            torch.cuda.empty_cache()
+    dry = {"a": lambda: section_a("cpu", n=128, seq=128, iters=1),
+           "b": lambda: section_b("cpu", layer="tiny", layers=2, seq=128),
+           "c": lambda: section_c("cpu", layer="tiny", start=64, step=64, max_seq=512, budget_bytes=4 * 2 ** 20,
+                                  deadline_s=30)}
+    gpu = {"a": lambda: section_a("cuda"), "b": lambda: section_b("cuda"), "c": lambda: section_c("cuda")}
+    status = run_sections("gpu_memory_check.py", only, a.dry_run, dry, gpu, res)
+    if status:
+        return status
     if isinstance(res.get("a"), dict) and "kernel_figures" in res["a"]:
         res["kernel_figures"] = res["a"]["kernel_figures"]  # what plan_mesh.py --kernel-figures reads
     print(json.dumps(res) if a.json else json.dumps(res, indent=1))

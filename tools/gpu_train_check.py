@@ -375,6 +375,32 @@ def section_e(device: str, layer: str = "llama3_8b", seqs=(8192, 16384, 32768)) 
     return out
 
 
+def run_sections(tool: str, only, dry_run: bool, dry: dict, gpu: dict, res: dict) -> int:
+    """Run the selected sections into `res`: at tiny size on the CPU (dry run), or on the GPU, where one failing
+    section records its error and the others still run. Returns the exit status (2: no GPU)."""
+    if dry_run:
+        _init("cpu")
+        res["device"] = "cpu (dry run: tiny sizes, figures mean nothing)"
+        for s in only:
+            res[s] = dry[s]()
+        return 0
+    if not torch.cuda.is_available():
+        print(f"tools/{tool} needs a CUDA GPU (torch.cuda.is_available() is False); use --dry-run to check the "
+              f"script on a CPU", file=sys.stderr)
+        return 2
+    _init("cuda")
+    res["device"] = torch.cuda.get_device_name(0)
+    for s in only:
+        t0 = time.perf_counter()
+        try:
+            res[s] = gpu[s]()
+        except Exception as e:  # one failing section must not lose the others' figures
+            res[s] = {"error": f"{type(e).__name__}: {e}"}
+        res.setdefault("seconds", {})[s] = time.perf_counter() - t0
+        torch.cuda.empty_cache()
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -392,34 +418,17 @@ def main(argv=None):
     if unknown:
         p.error(f"--only: unknown sections {unknown}; choose from {sorted(SECTIONS)}")
     res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "planned_s": {s: SECTIONS[s] for s in only}}
-    if a.dry_run:
-        _init("cpu")
-        res["device"] = "cpu (dry run: tiny sizes, figures mean nothing)"
-        small = dict(BIG_LLM, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-                     vocab_size=500)
-        runs = {"a": lambda: section_a("cpu", tiny_only=True), "b": lambda: section_b("cpu"),
-                "c": lambda: section_c("cpu", seqs=(256,), rings=(2,), iters=1),
-                "d": lambda: section_d("cpu", seq=64, llm=small, iters=1),
-                "e": lambda: section_e("cpu", layer="tiny", seqs=(64,))}
-        for s in only:
-            res[s] = runs[s]()
-    else:
-        if not torch.cuda.is_available():
-            print("tools/gpu_train_check.py needs a CUDA GPU (torch.cuda.is_available() is False); use --dry-run "
-                  "to check the script on a CPU", file=sys.stderr)
-            return 2
-        _init("cuda")
-        res["device"] = torch.cuda.get_device_name(0)
-        for s in only:
-            t0 = time.perf_counter()
-            try:
-                res[s] = {"a": lambda: section_a("cuda", False), "b": lambda: section_b("cuda"),
-                          "c": lambda: section_c("cuda"), "d": lambda: section_d("cuda"),
-                          "e": lambda: section_e("cuda")}[s]()
-            except Exception as e:  # one failing section must not lose the others' figures
-                res[s] = {"error": f"{type(e).__name__}: {e}"}
-            res.setdefault("seconds", {})[s] = time.perf_counter() - t0
-            torch.cuda.empty_cache()
+    small = dict(BIG_LLM, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                 vocab_size=500)
+    dry = {"a": lambda: section_a("cpu", tiny_only=True), "b": lambda: section_b("cpu"),
+           "c": lambda: section_c("cpu", seqs=(256,), rings=(2,), iters=1),
+           "d": lambda: section_d("cpu", seq=64, llm=small, iters=1),
+           "e": lambda: section_e("cpu", layer="tiny", seqs=(64,))}
+    gpu = {"a": lambda: section_a("cuda", False), "b": lambda: section_b("cuda"), "c": lambda: section_c("cuda"),
+           "d": lambda: section_d("cuda"), "e": lambda: section_e("cuda")}
+    status = run_sections("gpu_train_check.py", only, a.dry_run, dry, gpu, res)
+    if status:
+        return status
     print(json.dumps(res) if a.json else json.dumps(res, indent=1))
     return 0
 
