@@ -186,7 +186,12 @@ class VideoTextDataset:
             before = self.ok
             yield from self
             if self.ok == before:
-                raise SkipThresholdExceeded(f"a whole epoch of {len(self.source)} samples gave no usable sample: {self.summary()}")
+                from megatron_longvila.data.errors import advice
+
+                top = max(self.skipped, key=self.skipped.get) if self.skipped else None
+                hint = f"; most are {top!r}: {advice(top)}" if top else ""
+                raise SkipThresholdExceeded(f"a whole epoch of {len(self.source)} samples gave no usable sample: "
+                                            f"{self.summary()}{hint}")
 
     def _skip(self, index: int, error: DataError) -> None:
         self.skipped[error.reason] += 1

@@ -24,6 +24,20 @@ REASONS = {
 }
 
 
+ADVICE = {
+    "too_long": "raise --seq-length, or lower --num-frames / --max-frames",
+    "missing_file": "check the manifest's paths (relative paths are relative to the manifest's folder)",
+    "unsupported_codec": "re-encode the videos (H.264 decodes everywhere) or pick another --video-backend",
+    "malformed_manifest": "fix the manifest lines (tools/check_data.py --list names them)",
+}
+"""What to change for the common skip reasons."""
+
+
+def advice(reason: str) -> str:
+    """What to change for a skip reason (the rest: tools/check_data.py --list names every bad sample)."""
+    return ADVICE.get(reason, "tools/check_data.py --list names the bad samples")
+
+
 class DataError(Exception):
     """One bad sample. `reason` is a key of `REASONS`; `message` says what and where."""
 

@@ -12,6 +12,7 @@ keeps every warning. Each filter matches a message and the module that raises it
 | megatron.core.transformer.transformer_config | "full scope is deprecated" | megatron-core's own default (cuda_graph_scope) |
 | torch.distributed.checkpoint | "Please use DTensor instead and we are deprecating ShardedTensor" | megatron-core's dist_checkpointing uses ShardedTensor |
 | torch.distributed.checkpoint | "torch.distributed is disabled, unavailable or uninitialized" | single-process conversion writes torch_dist on purpose |
+| megatron.core.dist_checkpointing | "`load_state_dict` is deprecated and will be removed" | megatron-core 0.16.1 calls torch's older loader |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FILTERS = [
     (r"full scope is deprecated", UserWarning, r"megatron\.core\.transformer"),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning, r"torch\.distributed"),
     (r"torch\.distributed is disabled, unavailable or uninitialized", UserWarning, r"torch\.distributed"),
+    (r"`load_state_dict` is deprecated and will be removed", FutureWarning, r"megatron\.core\.dist_checkpointing"),
 ]
 """(message regex, category, module regex) of each filtered warning."""
 

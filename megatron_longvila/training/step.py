@@ -259,15 +259,6 @@ class LongVILAStep:
         return loss_sum, count, {"lm loss": report}
 
 
-SKIP_ADVICE = {
-    "too_long": "raise --seq-length, or lower --num-frames / --max-frames",
-    "missing_file": "check the manifest's paths (relative paths are relative to the manifest's folder)",
-    "unsupported_codec": "re-encode the videos (H.264 decodes everywhere) or pick another --video-backend",
-    "malformed_manifest": "fix the manifest lines (tools/check_data.py --list names them)",
-}
-"""What to change for the common skip reasons (the rest: tools/check_data.py --list names every bad sample)."""
-
-
 def _check_skips(ok: float, by_reason: dict, cfg: StepConfig) -> None:
     from ..data.errors import SkipThresholdExceeded
 
@@ -275,8 +266,10 @@ def _check_skips(ok: float, by_reason: dict, cfg: StepConfig) -> None:
     seen = ok + bad
     if seen < cfg.min_samples_for_skip_check or bad <= cfg.max_skip_fraction * seen:
         return
+    from ..data.errors import advice as advice_for
+
     top = max(by_reason, key=by_reason.get)
-    advice = SKIP_ADVICE.get(top, "tools/check_data.py --list names the bad samples")
+    advice = advice_for(top)
     raise SkipThresholdExceeded(
         f"{bad:.0f} of {seen:.0f} samples read so far (all data-parallel ranks) were skipped ({bad / seen:.0%} > "
         f"--max-skip-fraction {cfg.max_skip_fraction:g}); reasons: {by_reason}. Most are {top!r}: {advice}; or "
