@@ -26,7 +26,7 @@ from ..models.vision import VisionConfig
 from .hf_common import FolderWeights, collect_assets, media_facts, read_json, tokenizer_facts
 from .mappings import (PROJ, ConversionError, hf_sources_of, hf_specs, hf_to_canonical, padded_vocab_size,
                        parse_llm_config, parse_vision_config)
-from .source import Source, check_layout, problems_error
+from .source import Source, check_layout, check_shapes
 
 __all__ = ["HFBaseSource", "init_projector", "PLACEHOLDER_ROOM"]
 
@@ -126,13 +126,7 @@ class HFBaseSource(Source):
     def _check(self) -> None:
         want = {(t.component, t.name): t.shape for t in hf_specs(self.record) if t.component != "mm_projector"}
         have = {(c, n): self.weights[c].shape(n) for c in self.weights for n in self.weights[c].where}
-        missing = [f"{c}/{n} {list(s)}" for (c, n), s in sorted(want.items()) if (c, n) not in have]
-        unexpected = [f"{c}/{n} {list(s)}" for (c, n), s in sorted(have.items()) if (c, n) not in want]
-        misshaped = [f"{c}/{n}: {list(have[(c, n)])}, the configs say {list(s)}" for (c, n), s in sorted(want.items())
-                     if (c, n) in have and tuple(have[(c, n)]) != tuple(s)]
-        err = problems_error(self.path, missing, unexpected, misshaped)
-        if err is not None:
-            raise err
+        check_shapes(self.path, want, have)
 
     def _get(self, component: str, name: str) -> torch.Tensor:
         return self.weights[component].read(name)

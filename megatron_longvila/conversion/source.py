@@ -66,6 +66,18 @@ class Source:
         self.close()
 
 
+def check_shapes(what: str, want: dict, have: dict) -> None:
+    """Raise one ConversionError naming every tensor of `want` ({(component, name): shape}) that `have` lacks, has
+    extra, or has in another shape."""
+    missing = [f"{c}/{n} {list(s)}" for (c, n), s in sorted(want.items()) if (c, n) not in have]
+    unexpected = [f"{c}/{n} {list(s)}" for (c, n), s in sorted(have.items()) if (c, n) not in want]
+    misshaped = [f"{c}/{n}: {list(have[(c, n)])}, the configs say {list(s)}" for (c, n), s in sorted(want.items())
+                 if (c, n) in have and tuple(have[(c, n)]) != tuple(s)]
+    err = problems_error(what, missing, unexpected, misshaped)
+    if err is not None:
+        raise err
+
+
 def problems_error(what: str, missing: Sequence[str], unexpected: Sequence[str],
                    misshaped: Sequence[str], hint: str = "") -> Optional[ConversionError]:
     """One error naming every missing, unexpected and misshaped tensor of `what` (None when all fit)."""

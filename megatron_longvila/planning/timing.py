@@ -187,7 +187,7 @@ def step_time(shape: ModelShape, layout: Layout, seq_length: int, frames: int, g
     t, cp = layout.tp, layout.cp
     gemm = profile.bf16_tflops * 1e12 * profile.gemm_efficiency
     attn_rate = profile.bf16_tflops * 1e12 * profile.attention_efficiency
-    h, f, d = shape.hidden, shape.ffn, shape.head_dim
+    h, f = shape.hidden, shape.ffn
     layer_params = h * h * (shape.heads + 2 * shape.kv_heads) / shape.heads + h * h + 3 * h * f  # QKV, proj, MLP
     re_full = setting.llm.granularity == "full"
     re_core = setting.llm.granularity == "selective" and "core_attn" in setting.llm.modules

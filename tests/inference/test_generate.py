@@ -20,7 +20,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_longvila.testing import run_distributed
 

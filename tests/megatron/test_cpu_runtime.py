@@ -11,7 +11,6 @@ def _train_local_gpt(rank, world_size, tp, pp):
 
     assert enable_cpu_runtime() is True
     assert enable_cpu_runtime() is True and cpu_runtime_active()  # idempotent
-    from functools import partial
 
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
