@@ -40,6 +40,14 @@ def test_inference_and_loading_signatures():
     assert list(inspect.signature(score).parameters)[:4] == ["model", "prompts", "answers", "mesh"]
     assert {"input_ids", "visual_positions", "visual_rows"} <= set(EmbeddingPrompt.__dataclass_fields__)
 
+    import torch
+
+    from megatron_longvila.conversion import load_longvila
+
+    lp = inspect.signature(load_longvila).parameters
+    assert list(lp)[0] == "path" and lp["params_dtype"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert lp["params_dtype"].default is torch.float32
+
 
 EXAMPLES = ["pretrain_longvila.py", "generate_longvila.py", "vniah_demo.py"]
 
