@@ -31,7 +31,7 @@ from .mappings import LLM, PROJ, VISION, ConversionError, canonical_specs, extra
 from .source import Repadded, Source, check_layout, problems_error
 from .storage import DcpReader, write_dcp
 
-__all__ = ["MCoreSource", "write_mcore", "is_mcore", "resolve_iteration_dir", "rows_needed", "for_layout",
+__all__ = ["MCoreSource", "write_mcore", "is_mcore", "resolve_iteration_dir", "rows_needed", "for_layout", "laid_out",
            "MODEL_PREFIXES"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -81,6 +81,15 @@ def for_layout(source: Source, tp: int, pp: int, divisible_by: int) -> Source:
         source = Repadded(source, padded_vocab_size(rows_needed(source.record), divisible_by, tp))
     check_layout(source.record, tp, pp, f"{source.path}: ")
     return source
+
+
+def laid_out(source: Source, tp: int, pp: int, divisible_by: int):
+    """(`for_layout(source, ...)`, a copy of its record whose default_layout is this TP x PP): what a writer saves."""
+    source = for_layout(source, tp, pp, divisible_by)
+    record = copy.copy(source.record)
+    record.default_layout = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                             "make_vocab_size_divisible_by": divisible_by}
+    return source, record
 
 
 class MCoreSource(Source):
@@ -133,10 +142,7 @@ def write_mcore(source: Source, root: str, *, tensor_model_parallel_size: int = 
                 dtype: Optional[torch.dtype] = None, progress=None, hooks=None) -> ModelRecord:
     """Write `source` as a project checkpoint under `root` (module docstring); returns the record written."""
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    source = for_layout(source, tp, pp, make_vocab_size_divisible_by)
-    record = copy.copy(source.record)
-    record.default_layout = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                             "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
+    source, record = laid_out(source, tp, pp, make_vocab_size_divisible_by)
     iter_dir = os.path.join(root, "iter_0000000")
     specs = [(s.key, s.shape, dtype if dtype is not None else source.dtype(s.key)) for s in canonical_specs(record)]
     out_dtype = {k: d for k, _, d in specs}

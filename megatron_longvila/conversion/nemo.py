@@ -26,7 +26,6 @@ for several frames; this project does not rely on it (docs/CONVERSION.md).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from typing import Optional
@@ -35,7 +34,7 @@ import torch
 
 from ..models.record import ModelRecord, read_model_record, write_model_record
 from .mappings import LLM, PROJ, VISION, ConversionError, canonical_specs, extra_state_keys
-from .mcore import for_layout, rows_needed
+from .mcore import laid_out, rows_needed
 from .source import Source, problems_error
 from .storage import DcpReader, write_dcp
 
@@ -191,10 +190,7 @@ def write_nemo(source: Source, root: str, *, tensor_model_parallel_size: int = 1
                dtype: Optional[torch.dtype] = None, progress=None, hooks=None) -> ModelRecord:
     """Write `source` as a NeMo 2 checkpoint under `root` (module docstring); returns the record written."""
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    source = for_layout(source, tp, pp, make_vocab_size_divisible_by)
-    record = copy.copy(source.record)
-    record.default_layout = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                             "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
+    source, record = laid_out(source, tp, pp, make_vocab_size_divisible_by)
     specs = []
     canon_of = {}
     for s in canonical_specs(record):
