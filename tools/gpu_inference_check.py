@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -70,14 +68,9 @@ def _cpu_reference(path):
 
 
 def check_bf16_vs_cpu(device):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "ref.pt")
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--cpu-reference", path], env=env,
-                           capture_output=True, text=True, timeout=300)
-        if r.returncode:
-            return {"error": r.stderr[-2000:]}
-        ref = torch.load(path, weights_only=True)
+    ref, error = g.cpu_reference(__file__)
+    if error is not None:
+        return {"error": error}
     kernel = g._KERNEL[device]
     tokens, logits = _generate(device, torch.bfloat16 if device == "cuda" else torch.float32, kernel, True)
     verdict, compared = "equal", 0

@@ -200,15 +200,22 @@ def _cpu_reference(path: str) -> None:
     torch.save({"ce": ce.cpu(), "grads": _grads(model)}, path)
 
 
-def section_b(device: str) -> dict:
+def cpu_reference(script: str):
+    """Run `script --cpu-reference PATH` with CUDA hidden; (its saved tensors, None) or (None, its stderr's tail)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "cpu_ref.pt")
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--cpu-reference", path], env=env,
+        r = subprocess.run([sys.executable, os.path.abspath(script), "--cpu-reference", path], env=env,
                            capture_output=True, text=True, timeout=300)
         if r.returncode:
-            return {"error": r.stderr[-2000:]}
-        ref = torch.load(path, weights_only=True)
+            return None, r.stderr[-2000:]
+        return torch.load(path, weights_only=True), None
+
+
+def section_b(device: str) -> dict:
+    ref, error = cpu_reference(__file__)
+    if error is not None:
+        return {"error": error}
     mb = _micro_batch(4, 56, 14, 200, TINY_LLM["vocab_size"])
     fp32 = _build(TINY_LLM, TINY_VISION, torch.float32, device, "math")
     ce32, _ = _step(fp32, _planned(fp32, mb, device))
