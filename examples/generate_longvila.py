@@ -61,8 +61,8 @@ def run(args):
 
     from megatron_longvila.inference import generate, prompts
     from megatron_longvila.inference.session import load_model, start, tokenizer_for
-    from megatron_longvila.models.projector import tokens_per_frame
-    from megatron_longvila.training.providers import media_settings
+    from megatron_longvila.plan.frames import tokens_per_frame
+    from megatron_longvila.models.record import media_settings
 
     start(args)
     model, mesh = load_model(args.load, args)

@@ -29,9 +29,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
 
 from megatron_longvila.training.loop import pretrain  # noqa: E402
-from megatron_longvila.training.megatron_lm import get_args  # noqa: E402  (either trainer's arguments)
 
 _STATE = {}
+
+
+def get_args():
+    """The run's arguments, from whichever trainer runs (imported here: megatron_lm loads megatron-core's models,
+    which --help does not need)."""
+    from megatron_longvila.training.megatron_lm import get_args as either_trainers_args
+
+    return either_trainers_args()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -49,7 +56,8 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def _tokenizer():
-    from megatron_longvila.training.providers import checkpoint_record, load_tokenizer_for
+    from megatron_longvila.training.providers import checkpoint_record
+    from megatron_longvila.data.tokenizer import load_tokenizer_for
 
     if "tokenizer" not in _STATE:  # with the special tokens (and their ids) of the checkpoint the run starts from
         _STATE["tokenizer"] = load_tokenizer_for(get_args().tokenizer_model, checkpoint_record(get_args()))
@@ -163,7 +171,7 @@ def _demo_rank(rank: int, world: int, port: int, argv: list, threads: int) -> No
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    from megatron_longvila.training.errors import run_main
+    from megatron_longvila.runtime.entry import run_main
 
     holder = {}
     status = run_main(lambda: holder.setdefault("result", main(argv)))
@@ -226,7 +234,7 @@ def main(argv=None):
     pre, _ = extra_args_provider(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
     if pre.use_megatron_training:  # needs a Megatron-LM checkout on PYTHONPATH (docs/TRAINING.md)
         from megatron_longvila.training import megatron_lm
-        from megatron_longvila.training.arguments import ArgumentError
+        from megatron_longvila.errors import ArgumentError
 
         try:
             import megatron.training  # noqa: F401
@@ -246,7 +254,7 @@ if __name__ == "__main__":
         sys.exit(run_demo([a for a in sys.argv[1:] if a != "--demo"]))
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from megatron_longvila.training.errors import run_main
+    from megatron_longvila.runtime.entry import run_main
 
     # record: a rank's unexpected failure reaches torchrun's summary with its traceback; configuration errors are
     # reported once by run_main instead.

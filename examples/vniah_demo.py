@@ -69,7 +69,7 @@ def train(out: str, minutes: float, steps: int, seed: int = 7) -> str:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
+    from megatron_longvila.parallel.state import initialize_mmsp
     from megatron_longvila.data.image_processor import SiglipImageProcessor
     from megatron_longvila.data.tokenizer import load_tokenizer
     from megatron_longvila.inference import vniah
@@ -78,7 +78,7 @@ def train(out: str, minutes: float, steps: int, seed: int = 7) -> str:
     from megatron_longvila.models.registry import ENCODERS, LLMShape, build_longvila
     from megatron_longvila.parallel.mesh import single_rank_mesh
     from megatron_longvila.runtime.cpu import enable_cpu_runtime
-    from megatron_longvila.training.checkpoint import save_checkpoint
+    from megatron_longvila.checkpoint.distributed import save_checkpoint
 
     enable_cpu_runtime()
     torch.set_num_threads(2)  # fixed: the same thread count gives the same run

@@ -8,12 +8,13 @@ Public API:
     validate_mmsp(config, mmsp=None, *, seq_length=None, micro_batch_size=None, packed=False) -> MMSPConfig
         check every combination before any model is built; raise MMSPConfigError naming the fix
 
-How a Megatron user switches MM-SP on (the flags they know):
+How a Megatron user switches MM-SP on for a plain GPT (the flags they know):
     --context-parallel-size C --hierarchical-context-parallel-sizes U R --cp-comm-type a2a+p2p
-    --spec megatron_longvila.models.specs gpt_mmsp_layer_spec
-The spec is the switch: `gpt_mmsp_layer_spec` puts MM-SP's core attention in the layer, `gpt_te_cp_layer_spec`
-keeps Transformer Engine's own a2a+p2p context parallelism (the baseline, same model otherwise). Both read
-the same hierarchical sizes, so `--cp-comm-type a2a+p2p` means "Ulysses over U, ring over R" for either.
+    --spec megatron_longvila.models.specs gpt_mmsp        (or gpt_mmsp_local: Megatron's own layers, no TE)
+The spec is the switch: `gpt_mmsp` puts MM-SP's core attention in the layer, `gpt_te_cp` keeps Transformer
+Engine's own a2a+p2p context parallelism (the baseline, same model otherwise). Both read the same hierarchical
+sizes, so `--cp-comm-type a2a+p2p` means "Ulysses over U, ring over R" for either. LongVILA's own training
+(training/, examples/pretrain_longvila.py) builds its layers itself and needs no --spec.
 Unlike Megatron-Core's TE path, missing or inconsistent hierarchical sizes are an error, never a silent
 fallback to plain ring CP.
 """
@@ -23,14 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .errors import MMSPConfigError
+from .runtime.probes import te_available
+
 __all__ = ["MMSPConfig", "MMSPConfigError", "mmsp_config_from_megatron", "validate_mmsp", "CP_ATTENTION_CHOICES"]
 
 CP_ATTENTION_CHOICES = ("mmsp", "te_a2a_p2p")
 _BACKENDS = ("auto", "cpu", "torch_cuda", "te", "te_fp8", "math")
-
-
-class MMSPConfigError(ValueError):
-    """An MM-SP configuration that cannot run; the message names the flag (or argument) to change."""
 
 
 @dataclass(kw_only=True)
@@ -87,12 +87,6 @@ def mmsp_config_from_megatron(config, *, cp_attention: str = "mmsp", attention_b
                       pad_to_multiple=tp if (sp and uniform_shards) else 1)
 
 
-def _te_importable() -> bool:
-    from .attention.backends import te_available
-
-    return te_available()
-
-
 def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Optional[int] = None,
                   micro_batch_size: Optional[int] = None, packed: bool = False) -> MMSPConfig:
     """Check a TransformerConfig and MM-SP settings together; return the (filled-in) MMSPConfig.
@@ -117,8 +111,7 @@ def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Opti
 
     if mmsp.cp_attention not in CP_ATTENTION_CHOICES:
         raise MMSPConfigError(f"cp_attention={mmsp.cp_attention!r}: choose one of {CP_ATTENTION_CHOICES} (pick the "
-                              f"layer spec: --spec megatron_longvila.models.specs gpt_mmsp_layer_spec or "
-                              f"gpt_te_cp_layer_spec)")
+                              f"layer spec: --spec megatron_longvila.models.specs gpt_mmsp or gpt_te_cp)")
     if mmsp.attention_backend not in _BACKENDS:
         raise MMSPConfigError(f"attention_backend={mmsp.attention_backend!r}: choose one of {_BACKENDS}")
 
@@ -170,7 +163,7 @@ def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Opti
         if heads_tp % mmsp.ulysses_size or kv_tp % mmsp.ulysses_size:
             raise MMSPConfigError(
                 f"TE's a2a+p2p needs query heads ({heads_tp}) and KV heads ({kv_tp}) per TP rank divisible by U="
-                f"{mmsp.ulysses_size}: lower U in --hierarchical-context-parallel-sizes, or use gpt_mmsp_layer_spec "
+                f"{mmsp.ulysses_size}: lower U in --hierarchical-context-parallel-sizes, or use the gpt_mmsp spec "
                 f"(MM-SP splits any head count)")
 
     # --- attention features MM-SP does not implement -----------------------------------------------------
@@ -191,7 +184,7 @@ def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Opti
     fp8_attn = bool(getattr(config, "fp8", None)) and bool(getattr(config, "fp8_dot_product_attention", False))
     if getattr(config, "fp8_dot_product_attention", False) and not getattr(config, "fp8", None):
         raise MMSPConfigError("--fp8-dot-product-attention needs --fp8-format (FP8 training) as well")
-    if fp8_attn and not _te_importable():
+    if fp8_attn and not te_available():
         raise MMSPConfigError("--fp8-dot-product-attention needs Transformer Engine, which does not import here; "
                               "drop the flag or install transformer-engine on a CUDA machine")
     if fp8_attn and mmsp.cp_attention == "mmsp" and mmsp.attention_backend not in ("auto", "te_fp8"):
@@ -199,9 +192,9 @@ def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Opti
         raise MMSPConfigError(f"--fp8-dot-product-attention runs the ring's blocks with the te_fp8 kernel, but "
                               f"attention_backend={mmsp.attention_backend!r} was set; use 'auto' or 'te_fp8', or drop "
                               f"the flag")
-    if mmsp.cp_attention == "te_a2a_p2p" and not _te_importable():
-        raise MMSPConfigError("the TE a2a+p2p baseline (gpt_te_cp_layer_spec) needs Transformer Engine, which does "
-                              "not import here; use --spec megatron_longvila.models.specs gpt_mmsp_layer_spec")
+    if mmsp.cp_attention == "te_a2a_p2p" and not te_available():
+        raise MMSPConfigError("the TE a2a+p2p baseline (gpt_te_cp) needs Transformer Engine, which does not import "
+                              "here; use --spec megatron_longvila.models.specs gpt_mmsp_local")
 
     # --- shapes: pipeline, sequence parallelism, packing ------------------------------------------------
     if sp and tp == 1:
@@ -233,5 +226,6 @@ def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Opti
         raise MMSPConfigError(
             "--context-parallel-size > 1 without --calculate-per-token-loss: MM-SP shards give CP ranks different "
             "numbers of loss tokens, and only per-token loss scaling makes the loss the exact global token mean; "
-            "add --calculate-per-token-loss (and use megatron_longvila.training.loss.loss_func)")
+            "add --calculate-per-token-loss (LongVILA's training sets it; a plain GPT's forward step uses "
+            "megatron_longvila.batch.gpt.loss_func)")
     return mmsp

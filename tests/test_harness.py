@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from megatron_longvila.testing import DistributedTestError, run_distributed
+from megatron_longvila.errors import DistributedRunError
+from megatron_longvila.parallel.launch import run_distributed
 
 
 def _ok(rank, world, x):
@@ -34,12 +35,12 @@ def test_results_per_rank():
 
 
 def test_exception_reports_rank_and_traceback():
-    with pytest.raises(DistributedTestError, match=r"(?s)rank 1 of 2 raised.*ValueError: rank one is unhappy"):
+    with pytest.raises(DistributedRunError, match=r"(?s)rank 1 of 2 raised.*ValueError: rank one is unhappy"):
         run_distributed(_raise_on_rank_1, 2)
 
 
 def test_timeout_instead_of_hang():
     t0 = time.monotonic()
-    with pytest.raises(DistributedTestError, match="timed out"):
+    with pytest.raises(DistributedRunError, match="timed out"):
         run_distributed(_hang_on_rank_0, 2, timeout=5)
     assert time.monotonic() - t0 < 30

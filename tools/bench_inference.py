@@ -99,7 +99,7 @@ def _rank(rank, world, a, mode):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
+    from megatron_longvila.parallel.state import initialize_mmsp
     from megatron_longvila.attention.ring import ATTENTION_STATS, reset_attention_stats
     from megatron_longvila.inference.attention import DECODE_STATS
     from megatron_longvila.models.registry import build_longvila
@@ -156,7 +156,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.ulysses * a.ring != a.ranks or a.layers % a.ranks:
         p.error("--ulysses x --ring must equal --ranks, and --layers must divide by --ranks (pipeline stages)")
-    from megatron_longvila.testing import run_distributed
+    from megatron_longvila.parallel.launch import run_distributed
 
     res = {"date": time.strftime("%Y-%m-%d"), "ranks": a.ranks, "mesh": f"{a.ulysses}x{a.ring}",
            "threads_per_rank": 1, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,

@@ -50,7 +50,7 @@ def _micro_batch(args, patch: int):
     import torch
 
     from megatron_longvila.models.longvila import IGNORE_INDEX, LongVILASample, Media, MicroBatch
-    from megatron_longvila.models.projector import tokens_per_frame
+    from megatron_longvila.plan.frames import tokens_per_frame
 
     g = torch.Generator().manual_seed(0)
     media_id, sep = 5, 7
@@ -103,9 +103,10 @@ def _rank(rank, world, args):
     mb, media_id = _micro_batch(args, ENCODERS[args.encoder].patch_size)
     model.media_token_id = media_id
 
-    from megatron_longvila.training.microbatch import model_device, plan_microbatch
+    from megatron_longvila.runtime.modules import model_device
+    from megatron_longvila.batch.microbatch import plan_microbatch
 
-    step = plan_microbatch(model, mb, mesh).to(model_device(model))
+    step = plan_microbatch(model.visual_spec, mb, mesh).to(model_device(model))
     comm.reset_counters()
     loss = model(step)
     fwd = comm.counters()["bytes"].get("cp/mmsp_route", 0)
@@ -132,7 +133,7 @@ def _rank(rank, world, args):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    from megatron_longvila.testing import run_distributed
+    from megatron_longvila.parallel.launch import run_distributed
 
     U, R = args.hierarchical_context_parallel_sizes
     P = U * R

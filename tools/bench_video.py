@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_longvila.data import video  # noqa: E402
-from megatron_longvila.data.errors import BackendUnavailableError, DataError  # noqa: E402
+from megatron_longvila.errors import BackendUnavailableError, DataError
 from megatron_longvila.data.frames import select_frame_indices  # noqa: E402
 
 ENCODERS = {"h264": ("libx264", ".mp4"), "vp9": ("libvpx-vp9", ".webm")}

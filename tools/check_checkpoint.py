@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def _targets(path: str, all_: bool, iteration):
-    from megatron_longvila.training.integrity import committed_iterations
+    from megatron_longvila.checkpoint.layout import committed_iterations
 
     tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
     if iteration is not None:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON report on stdout")
     a = p.parse_args(argv)
 
-    from megatron_longvila.training.integrity import check_checkpoint
+    from megatron_longvila.checkpoint.integrity import check_checkpoint
 
     if not os.path.isdir(a.checkpoint):
         print(f"error: {a.checkpoint} does not exist", file=sys.stderr)

@@ -20,7 +20,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_longvila.data.dataset import DataConfig, VideoTextDataset, decode_media  # noqa: E402
-from megatron_longvila.data.errors import DataError  # noqa: E402
+from megatron_longvila.errors import DataError
 from megatron_longvila.data.tokenizer import load_tokenizer  # noqa: E402
 
 

@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from megatron_longvila.conversion import ConversionError, convert
+    from megatron_longvila.errors import ConversionError
+    from megatron_longvila.conversion import convert
 
     try:
         summary = convert(source=args.source, source_format=args.source_format, llm=args.llm,

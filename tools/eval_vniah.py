@@ -74,7 +74,7 @@ def run(args):
     from megatron_longvila.data.image_processor import SiglipImageProcessor
     from megatron_longvila.inference import vniah
     from megatron_longvila.inference.session import load_model, start
-    from megatron_longvila.models.projector import tokens_per_frame
+    from megatron_longvila.plan.frames import tokens_per_frame
 
     start(args)
     model, mesh = load_model(args.load, args)
@@ -84,7 +84,7 @@ def run(args):
     size = int(rec.vision["image_size"])
     tpf = tokens_per_frame(size, size, int(rec.vision["patch_size"]))
     template = args.template or rec.tokenizer.get("template") or "chatml"
-    from megatron_longvila.training.providers import media_settings
+    from megatron_longvila.models.record import media_settings
 
     media = media_settings(rec, args)
     sep = media["frame_separator"]

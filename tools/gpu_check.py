@@ -28,7 +28,9 @@ def _rel(a, b):
 
 
 def check_kernels(names, device):
-    from megatron_longvila.attention.backends import BackendUnavailable, Segments, get_backend
+    from megatron_longvila.errors import BackendUnavailable
+    from megatron_longvila.plan.segments import Segments
+    from megatron_longvila.attention.backends import get_backend
 
     g = torch.Generator(device="cpu").manual_seed(0)
     results = []
@@ -111,8 +113,10 @@ def _time(fn, iters):
 
 def bench_schedule(device, backend, T, R, heads, kv_heads, d, iters, rank):
     """One ring rank's zigzag schedule (all KV buffers local) vs one fused causal call on all T tokens."""
-    from megatron_longvila.attention.backends import Segments, get_backend
-    from megatron_longvila.attention.ring import _merge, _take, ring_step_block
+    from megatron_longvila.plan.segments import Segments
+    from megatron_longvila.attention.backends import get_backend
+    from megatron_longvila.attention.ring import _merge, _take
+    from megatron_longvila.plan.ring import ring_step_block
     from megatron_longvila.parallel.mesh import MMSPMesh
     from megatron_longvila.parallel.sharding import plan_sequence
 
@@ -166,7 +170,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("tools/gpu_check.py needs a CUDA GPU: torch.cuda.is_available() is False", file=sys.stderr)
         sys.exit(2)
-    from megatron_longvila.attention.backends import te_available
+    from megatron_longvila.runtime.probes import te_available
 
     dev = torch.device("cuda")
     res = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -76,7 +76,7 @@ def _settings():
 
 def _stack(shape, layers: int, setting, device: str, dtype):
     """A bare stack of `layers` LLM layers (no embedding, no output) with the setting's recompute and offload."""
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
+    from megatron_longvila.parallel.state import initialize_mmsp
     from megatron_longvila.config import mmsp_config_from_megatron
     from megatron_longvila.models.gpt import build_gpt_model
     from megatron_longvila.models.offload import offload_block
@@ -98,7 +98,7 @@ def _stack(shape, layers: int, setting, device: str, dtype):
 
 def _stack_step(model, cfg, seq: int, hidden: int, device: str, dtype) -> int:
     """Forward + backward of one sequence through the stack; the peak bytes above the input's."""
-    from megatron_longvila.training.batch import shard_batch
+    from megatron_longvila.batch.gpt import shard_batch
 
     b = shard_batch(torch.zeros(1, seq, dtype=torch.long), config=cfg)
     b.packed_seq_params.plan.to(device)
@@ -180,13 +180,13 @@ def section_b(device: str, layer: str = "llama3_8b", layers: int = 4, seq: int =
 def _full_model_fits(shape, seq: int, setting, device: str, dtype, budget_bytes=None) -> bool:
     """One forward + backward of the whole LLM (embedding and loss included) at `seq` tokens; False on OOM (or,
     in a dry run, when the tracked peak exceeds `budget_bytes`)."""
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
+    from megatron_longvila.parallel.state import initialize_mmsp
     from megatron_longvila.config import mmsp_config_from_megatron
     from megatron_longvila.models.gpt import build_gpt_model
     from megatron_longvila.models.offload import offload_block
     from megatron_longvila.models.registry import llm_transformer_config
     from megatron_longvila.models.specs import get_gpt_mmsp_layer_spec
-    from megatron_longvila.training.batch import shard_batch
+    from megatron_longvila.batch.gpt import shard_batch
 
     model = None
     try:

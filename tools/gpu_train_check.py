@@ -70,7 +70,7 @@ def _init(device: str) -> None:
 
 
 def _build(llm: dict, vision: dict, dtype: torch.dtype, device: str, backend: str):
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
+    from megatron_longvila.parallel.state import initialize_mmsp
     from megatron_longvila.config import mmsp_config_from_megatron
     from megatron_longvila.models.registry import LLMShape, build_longvila
     from megatron_longvila.models.vision import VisionConfig
@@ -93,7 +93,7 @@ def _build(llm: dict, vision: dict, dtype: torch.dtype, device: str, backend: st
 
 def _micro_batch(frames: int, size: int, patch: int, text: int, vocab: int, seed: int = 0):
     from megatron_longvila.models.longvila import IGNORE_INDEX, LongVILASample, Media, MicroBatch
-    from megatron_longvila.models.projector import tokens_per_frame
+    from megatron_longvila.plan.frames import tokens_per_frame
 
     g = torch.Generator().manual_seed(seed)
     tpf = tokens_per_frame(size, size, patch)
@@ -114,9 +114,9 @@ def _micro_batch(frames: int, size: int, patch: int, text: int, vocab: int, seed
 
 def _planned(model, mb, device):
     from megatron_longvila.parallel.mesh import single_rank_mesh
-    from megatron_longvila.training.microbatch import plan_microbatch
+    from megatron_longvila.batch.microbatch import plan_microbatch
 
-    p = plan_microbatch(model, mb, single_rank_mesh())
+    p = plan_microbatch(model.visual_spec, mb, single_rank_mesh())
     p.step_scale = 1.0
     return p.to(device, model.vision_model.conv1.weight.dtype)
 
@@ -252,7 +252,7 @@ class _FlashCoreAttention(torch.nn.Module):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        from megatron_longvila.attention.backends.base import Segments
+        from megatron_longvila.plan.segments import Segments
 
         s, b, h, d = query.shape
         assert b == 1, "the baseline runs one sequence"
@@ -305,13 +305,13 @@ def section_d(device: str, seq: int = 8192, llm: dict = BIG_LLM, iters: int = 10
     from megatron_longvila.models.gpt import build_gpt_model
     from megatron_longvila.models.registry import LLMShape, llm_transformer_config
     from megatron_longvila.models.specs import get_gpt_mmsp_layer_spec
-    from megatron_longvila.training.batch import shard_batch
+    from megatron_longvila.batch.gpt import shard_batch
 
     shape = LLMShape(**{**llm, "num_layers": 4})
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = llm_transformer_config(shape, params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                  use_cpu_initialization=device != "cuda")
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
+    from megatron_longvila.parallel.state import initialize_mmsp
 
     initialize_mmsp(cfg)
     mmsp = build_gpt_model(cfg, vocab_size=shape.vocab_size, max_sequence_length=seq, rotary_base=shape.rotary_base,
@@ -349,8 +349,8 @@ def section_e(device: str, layer: str = "llama3_8b", seqs=(8192, 16384, 32768)) 
     from megatron_longvila.models.registry import LLMS, llm_transformer_config
     from megatron_longvila.models.gpt import build_gpt_model
     from megatron_longvila.models.specs import get_gpt_mmsp_layer_spec
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
-    from megatron_longvila.training.batch import shard_batch
+    from megatron_longvila.parallel.state import initialize_mmsp
+    from megatron_longvila.batch.gpt import shard_batch
     from dataclasses import replace
 
     out = []

@@ -25,7 +25,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_longvila.data.errors import DataError  # noqa: E402
+from megatron_longvila.errors import DataError
 from megatron_longvila.data.manifest import ManifestRecord, MediaRef, write_manifest  # noqa: E402
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")

@@ -40,7 +40,7 @@ def load_shape(model: str, encoder: str):
         path = model
         record = read_model_record(path)
         if record is None:
-            from megatron_longvila.training.checkpoint import checkpoint_dir, read_tracker
+            from megatron_longvila.checkpoint.layout import checkpoint_dir, read_tracker
 
             it = read_tracker(path)
             if it is not None:
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
 
-    from megatron_longvila.models.projector import tokens_per_frame
+    from megatron_longvila.plan.frames import tokens_per_frame
     from megatron_longvila.planning.mesh import PAPER, Cluster, paper_comparison, plan_mesh
     from megatron_longvila.planning.timing import load_kernel_figures
 

@@ -15,6 +15,14 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from ..parallel import comm
+from ..parallel.launch import run_distributed
+from ..parallel.mesh import build_mmsp_mesh
+from ..parallel.sharding import plan_sequence
+from .cost import comm_bytes_min
+from .mmsp import mmsp_attention, reference_attention
+from .ring import ATTENTION_STATS, reset_attention_stats
+
 
 @dataclass
 class AttentionCheckConfig:
@@ -52,13 +60,6 @@ class AttentionCheckConfig:
 
 
 def attention_check_worker(rank: int, world: int, cfg_dict: dict) -> dict:
-    from ..parallel import comm
-    from ..parallel.mesh import build_mmsp_mesh
-    from ..parallel.sharding import plan_sequence
-    from . import mmsp_attention, reference_attention
-    from .cost import comm_bytes_min
-    from .ring import ATTENTION_STATS, reset_attention_stats
-
     cfg = AttentionCheckConfig(**cfg_dict)
     dtype = getattr(torch, cfg.dtype)
     mesh = build_mmsp_mesh(cfg.ulysses, cfg.ring, ring_first=cfg.ring_first)
@@ -131,7 +132,5 @@ def summarize(cfg: AttentionCheckConfig, per_rank: List[dict]) -> dict:
 
 
 def run_attention_check(cfg: AttentionCheckConfig, timeout: float = 600.0) -> dict:
-    from ..testing import run_distributed
-
     per_rank = run_distributed(attention_check_worker, cfg.ulysses * cfg.ring, asdict(cfg), timeout=timeout)
     return summarize(cfg, per_rank)

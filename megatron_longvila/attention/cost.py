@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..parallel.mesh import coords_of
 from ..parallel.sharding import SequencePlan
-from .ulysses import head_layout
+from ..plan.sequence import coords_of
+from ..plan.ulysses import head_layout
 
 ACC_BYTES = 4
 

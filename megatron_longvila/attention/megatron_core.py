@@ -1,14 +1,10 @@
 """MM-SP attention inside Megatron-Core's GPT layer: the core-attention module and its plumbing.
 
+The mesh and settings a model's layers use are attached to its TransformerConfig by
+`parallel.state.initialize_mmsp`; the micro-batch's plan reaches the layers in `batch.packed_seq_params.
+MMSPPackedSeqParams`.
+
 Public API:
-    initialize_mmsp(config, mmsp=None, *, seq_length=None, micro_batch_size=None, packed=False) -> MMSPMesh
-        validate (config.validate_mmsp) and build the U x R mesh inside Megatron's CP group (the Ulysses and ring
-        groups are Megatron's own hierarchical CP groups). Collective: every rank calls it, after
-        parallel_state.initialize_model_parallel. The mesh and settings are attached to `config` (the model's
-        TransformerConfig), not kept in module globals: two models with their own configs never share them, and
-        a model built before initialize_mmsp sees them at its first forward.
-    mmsp_state(config) -> MMSPState | None, get_mmsp_mesh(config), get_mmsp_config(config)
-    MMSPPackedSeqParams(PackedSeqParams)   Megatron's packed-sequence parameters plus the sharding `plan`
     plan_for(packed_seq_params, local_len, config=None) -> SequencePlan   the plan a forward pass uses
     MMSPCoreAttention                      Megatron core_attention (sbhd and thd) on top of mmsp_attention
     MMSPSelfAttention(SelfAttention)       applies RoPE at the plan's per-document positions
@@ -28,7 +24,6 @@ the host or already on the device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -37,100 +32,17 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..config import MMSPConfig, MMSPConfigError, validate_mmsp
-from ..parallel.mesh import MMSPMesh, build_mmsp_mesh, host_group_of, single_rank_mesh
+from ..batch.packed_seq_params import MMSPPackedSeqParams
+from ..errors import MMSPConfigError, MMSPRuntimeError
+from ..parallel.mesh import single_rank_mesh
 from ..parallel.sharding import SequencePlan, plan_sequence
+from ..parallel.state import mmsp_state
 from .mmsp import mmsp_attention
 
-__all__ = ["initialize_mmsp", "mmsp_state", "get_mmsp_mesh", "get_mmsp_config", "reset_mmsp", "MMSPState",
-           "MMSPPackedSeqParams", "plan_for", "MMSPCoreAttention", "MMSPSelfAttention", "mark_plan_rope_table",
+__all__ = ["plan_for", "MMSPCoreAttention", "MMSPSelfAttention", "mark_plan_rope_table", "is_plan_rope_table",
            "MMSPRuntimeError"]
-
-
-class MMSPRuntimeError(RuntimeError):
-    """A forward pass that does not match the MM-SP setup (wrong batch sharding, missing plan, ...)."""
-
-
-@dataclass(frozen=True)
-class MMSPState:
-    """What `initialize_mmsp` set up for one model (attached to its TransformerConfig)."""
-
-    mesh: MMSPMesh
-    """The U x R mesh of this rank."""
-    config: MMSPConfig
-    """The validated MM-SP settings (kernel, shard padding, ...)."""
-    host_cp_group: Optional[object] = None
-    """A gloo group over the CP group, for host-side agreement while planning (None when CP is 1)."""
-
-    def __deepcopy__(self, memo):  # process groups cannot be copied; a copied config shares its mesh
-        return self
-
-
-_STATE_ATTR = "_mmsp_state"
-
-
-def initialize_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Optional[int] = None,
-                    micro_batch_size: Optional[int] = None, packed: bool = False) -> MMSPMesh:
-    """Validate the configuration, build the MM-SP mesh in Megatron's CP group (collective, all ranks) and
-    attach both to `config`."""
-    mmsp = validate_mmsp(config, mmsp, seq_length=seq_length, micro_batch_size=micro_batch_size, packed=packed)
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        raise MMSPRuntimeError("initialize_mmsp needs Megatron's parallel state: call "
-                               "parallel_state.initialize_model_parallel(...) first")
-    if ps.get_context_parallel_world_size() != mmsp.cp_size:
-        raise MMSPConfigError(f"parallel_state has context-parallel size {ps.get_context_parallel_world_size()} but "
-                              f"the config says {mmsp.cp_size}: pass the same --context-parallel-size to both")
-    host = None
-    if mmsp.cp_size == 1:
-        mesh = single_rank_mesh()
-    else:
-        mesh = build_mmsp_mesh(mmsp.ulysses_size, mmsp.ring_size, ps.get_context_parallel_group(),
-                               ring_first=mmsp.ring_first)
-        host = host_group_of(mesh.cp_group)
-    setattr(config, _STATE_ATTR, MMSPState(mesh=mesh, config=mmsp, host_cp_group=host))
-    return mesh
-
-
-def mmsp_state(config) -> Optional[MMSPState]:
-    """What initialize_mmsp attached to `config`, or None."""
-    return getattr(config, _STATE_ATTR, None) if config is not None else None
-
-
-def get_mmsp_mesh(config) -> MMSPMesh:
-    state = mmsp_state(config)
-    if state is None:
-        raise MMSPRuntimeError("MM-SP is not initialized for this model: call megatron_longvila.attention."
-                               "megatron_core.initialize_mmsp(model.config) after initialize_model_parallel")
-    return state.mesh
-
-
-def get_mmsp_config(config) -> MMSPConfig:
-    get_mmsp_mesh(config)
-    return mmsp_state(config).config
-
-
-def reset_mmsp(config=None) -> None:
-    """Detach the MM-SP state from `config` (tests that reuse a config)."""
-    if config is not None and hasattr(config, _STATE_ATTR):
-        delattr(config, _STATE_ATTR)
-
-
-@dataclass
-class MMSPPackedSeqParams(PackedSeqParams):
-    """Megatron's PackedSeqParams plus the MM-SP sharding plan of the micro-batch.
-
-    Built by `training.batch.shard_batch`. `qkv_format` is "sbhd" ([s, b, h] hidden states; several documents
-    may still be packed: the plan knows them) or "thd" (b == 1). `max_seqlen_q/kv` hold the longest document,
-    which is what GPTModel asks the rotary embedding for.
-    """
-
-    plan: Optional[SequencePlan] = None
-    inference: Optional[object] = None
-    """`inference.InferenceState` during MM-SP inference: prefill stores each layer's K/V in the sharded cache, decode
-    runs one replicated token against it (megatron_longvila.inference)."""
 
 
 _PLAN_ATTR = "_mmsp_plan"
@@ -160,14 +72,14 @@ def plan_for(packed_seq_params: Optional[PackedSeqParams], local_len: int, confi
         else:
             raise MMSPRuntimeError(
                 "MM-SP attention with context parallelism needs the micro-batch's sharding plan: build the batch "
-                "with megatron_longvila.training.batch.shard_batch and pass its packed_seq_params to the model")
+                "with megatron_longvila.batch.gpt.shard_batch and pass its packed_seq_params to the model")
         plan = plan_sequence(mesh, seq_lens, uniform=uniform, pad_to_multiple=multiple if uniform else 1)
         if packed_seq_params is not None:
             setattr(packed_seq_params, _PLAN_ATTR, plan)
     if plan.local_len != local_len:
         raise MMSPRuntimeError(
             f"this rank holds {local_len} tokens but the sharding plan gives it {plan.local_len} (documents "
-            f"{plan.seq_lens}): shard tokens, labels and position ids with training.batch.shard_batch (not "
+            f"{plan.seq_lens}): shard tokens, labels and position ids with batch.gpt.shard_batch (not "
             f"Megatron's get_batch_on_this_cp_rank)")
     return plan
 
@@ -180,8 +92,6 @@ _PLAN_ROPE_STORAGES: dict = {}
 
 def mark_plan_rope_table(table: torch.Tensor) -> torch.Tensor:
     """Flag a rotary table as covering positions 0..n-1 un-sliced (what MMSPSelfAttention indexes by plan)."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
     setattr(table, _PLAN_ROPE_FLAG, True)
     # Full activation recompute hands each layer a detach()ed copy of its checkpoint inputs: same storage, but
     # without Python attributes. The storage (weakly held) identifies the table there too.
@@ -210,9 +120,8 @@ class MMSPSelfAttention(SelfAttention):
                                    "not Megatron's inference contexts")
         state = getattr(packed_seq_params, "inference", None)
         if state is not None and state.mode == "decode":
-            from ..inference.attention import decode_self_attention
-
-            return decode_self_attention(self, hidden_states, rotary_pos_emb, state)
+            # The inference state brings its own decode step (one replicated token against the sharded KV cache).
+            return state.decode_self_attention(self, hidden_states, rotary_pos_emb)
         if rotary_pos_cos is not None or rotary_pos_sin is not None or rotary_pos_cos_sin is not None:
             raise MMSPRuntimeError("MM-SP layers take RoPE as a rotary table (rotary_pos_emb), not cos/sin")
         local_len = hidden_states.shape[0]

@@ -10,7 +10,8 @@ import torch
 from ..parallel.sharding import SequencePlan
 from .backends import get_backend
 from .ring import RingAttention
-from .ulysses import head_layout, heads_to_seq, seq_to_heads
+from ..plan.ulysses import head_layout
+from .ulysses import heads_to_seq, seq_to_heads
 
 
 def mmsp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SequencePlan, *, causal: bool = True,

@@ -1,113 +1,25 @@
 """Zigzag ring attention over the ring group, per document, with a ring backward.
 
-Each ring rank r holds, for every document, the zigzag chunks r and 2R-1-r (its "ring buffer", see
-parallel/sharding.py). At step s it holds the KV buffer of ring rank j = r - s and computes, per document:
-- j == r: causal attention of its buffer on itself (the two chunks are in position order);
-- j <  r: all its queries against chunk j only (chunk 2R-1-j lies after both of its chunks);
-- j >  r: only its late chunk's queries against both of j's chunks (its early chunk precedes them).
-So every rank does the same work at every step. Without a causal mask every step is all-against-all.
-Partial results are merged by log-sum-exp. The next KV buffer is in flight while the current one is
-computed. The backward is also a ring: KV travels again, and the dK/dV accumulator of each block follows
-one hop behind it, starting at the first non-owner and arriving home after R-1 hops.
+The blocks each ring step computes (which query rows of this rank's ring buffer meet which key rows of the held
+KV buffer, per document, balanced over the ring) are planned in plan.ring. Partial results are merged by
+log-sum-exp. The next KV buffer is in flight while the current one is computed. The backward is also a ring: KV
+travels again, and the dK/dV accumulator of each block follows one hop behind it, starting at the first non-owner
+and arriving home after R-1 hops.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Tuple, Union
+from typing import Dict
 
 import torch
 
 from ..parallel import comm
-from ..parallel.sharding import SequencePlan, host_to_device
-from .backends import AttentionBackend, Segments
+from ..parallel.sharding import SequencePlan
+from ..plan.ring import Rows, ring_step_block
+from .backends import AttentionBackend
 from .backends.base import acc_dtype
 
-
-Rows = Union[None, slice, torch.Tensor]
-"""Rows of a buffer taking part in a block: None (all, in order), a slice (one contiguous range: a view, no
-copy) or a LongTensor of row indices (several documents)."""
-
-
-@dataclass
-class Block:
-    """The work of one ring step: which query rows meet which key rows, in varlen segments."""
-
-    q_rows: Rows
-    """Rows of the local ring buffer taking part."""
-    k_rows: Rows
-    """Rows of the held KV buffer taking part."""
-    seg: Segments
-    """Segment boundaries inside the gathered rows."""
-    nq: int
-    """Number of query rows taking part."""
-    _device_rows: Dict[tuple, Tuple[Rows, Rows]] = field(default_factory=dict, repr=False)
-
-    @property
-    def empty(self) -> bool:
-        return len(self.seg.cu_q) <= 1
-
-    def rows_on(self, device) -> Tuple[Rows, Rows]:
-        """(q_rows, k_rows) with index tensors on `device` (copied once; the block lives in its plan's cache)."""
-        device = torch.device(device)
-        key = (device.type, device.index)
-        hit = self._device_rows.get(key)
-        if hit is None:
-            def move(rows):
-                return host_to_device(rows, device) if isinstance(rows, torch.Tensor) else rows
-
-            hit = self._device_rows[key] = (move(self.q_rows), move(self.k_rows))
-        return hit
-
-
-def _rows(ranges, total) -> Rows:
-    """The cheapest description of the rows covered by `ranges` (sorted, disjoint)."""
-    if len(ranges) == 1:
-        a, b = ranges[0]
-        return None if (a, b) == (0, total) else slice(a, b)
-    idx = torch.cat([torch.arange(a, b) for a, b in ranges]) if ranges else torch.zeros(0, dtype=torch.long)
-    if idx.numel() == total and torch.equal(idx, torch.arange(total)):
-        return None
-    return idx
-
-
-def _ranges_to_block(q_ranges, k_ranges, q_total, k_total, causal) -> Block:
-    cu_q, cu_k, qr, kr = [0], [0], [], []
-    for (qa, qb), (ka, kb) in zip(q_ranges, k_ranges):
-        if qb <= qa or kb <= ka:
-            continue
-        qr.append((qa, qb))
-        kr.append((ka, kb))
-        cu_q.append(cu_q[-1] + qb - qa)
-        cu_k.append(cu_k[-1] + kb - ka)
-    return Block(_rows(qr, q_total), _rows(kr, k_total), Segments(cu_q, cu_k, causal), cu_q[-1])
-
-
-def ring_step_block(plan: SequencePlan, r: int, j: int, causal: bool) -> Block:
-    """The block ring rank r computes against the KV buffer of ring rank j (cached on the plan)."""
-    key = ("ring_block", r, j, causal)
-    cache = plan._block_cache
-    if key in cache:
-        return cache[key]
-    mine = {d.doc: d for d in plan.ring_docs[r]}
-    theirs = {d.doc: d for d in plan.ring_docs[j]}
-    q_ranges, k_ranges = [], []
-    for doc, dq in mine.items():
-        dk = theirs.get(doc)
-        if dk is None:
-            continue
-        if not causal or j == r:
-            q_ranges.append((dq.offset, dq.offset + dq.length))
-            k_ranges.append((dk.offset, dk.offset + dk.length))
-        elif j < r:
-            q_ranges.append((dq.offset, dq.offset + dq.length))
-            k_ranges.append((dk.offset, dk.offset + dk.len_a))
-        else:
-            q_ranges.append((dq.offset + dq.len_a, dq.offset + dq.length))
-            k_ranges.append((dk.offset, dk.offset + dk.length))
-    blk = _ranges_to_block(q_ranges, k_ranges, plan.ring_lens[r], plan.ring_lens[j], causal and j == r)
-    cache[key] = blk
-    return blk
+__all__ = ["RingAttention", "ATTENTION_STATS", "reset_attention_stats"]
 
 
 # Attention work actually computed by this rank (query-key pairs x heads x head dim), for benchmarks.
@@ -117,17 +29,6 @@ ATTENTION_STATS: Dict[str, int] = {"fwd_flops": 0, "bwd_flops": 0}
 def reset_attention_stats() -> None:
     ATTENTION_STATS["fwd_flops"] = 0
     ATTENTION_STATS["bwd_flops"] = 0
-
-
-def prepare_ring_blocks(plan: SequencePlan, device) -> None:
-    """Build this rank's ring blocks (both masks) and put their index tensors on `device` (plan.to does this)."""
-    r = plan.mesh.ring_rank
-    for j in range(plan.ring_size):
-        for causal in (True, False):
-            blk = ring_step_block(plan, r, j, causal)
-            blk.rows_on(device)
-            if not blk.empty and torch.device(device).type != "cpu":
-                blk.seg.device_tensors(device)
 
 
 def _take(x: torch.Tensor, rows: Rows, dim: int = 0) -> torch.Tensor:

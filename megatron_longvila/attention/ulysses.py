@@ -1,50 +1,20 @@
 """Ulysses all-to-all: sequence-sharded [s, b, H, d] <-> head-sharded ring buffer [S_ring, b, h, d].
 
-Heads are split over the U ranks of a Ulysses group as evenly as possible (H need not divide by U). For
-GQA, each rank receives exactly the KV heads its query heads use; a KV head used by several ranks is sent
-to each of them, and the backward sums its gradients (autograd does, through the index selection).
+Heads are split over the U ranks of a Ulysses group as evenly as possible (H need not divide by U; the split is
+plan.ulysses.head_layout). For GQA, each rank receives exactly the KV heads its query heads use; a KV head used by
+several ranks is sent to each of them, and the backward sums its gradients (autograd does, through the index
+selection).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
-
 import torch
 
 from ..parallel import comm
-from ..parallel.sharding import SequencePlan, _split_even
+from ..parallel.sharding import SequencePlan
+from ..plan.ulysses import compact_index, head_layout
 
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """How query and KV heads are spread over a Ulysses group."""
-
-    q_ranges: Tuple[Tuple[int, int], ...]
-    """Query heads [start, end) of each Ulysses rank."""
-    kv_heads: Tuple[Tuple[int, ...], ...]
-    """KV head indices each Ulysses rank receives (repeats allowed), ordered so that local query head i
-    uses local KV head i // (local query heads / local KV heads)."""
-
-
-def head_layout(num_q: int, num_kv: int, ulysses_size: int) -> HeadLayout:
-    if num_kv < 1 or num_q % num_kv:
-        raise ValueError(f"query heads ({num_q}) must be a multiple of KV heads ({num_kv})")
-    group = num_q // num_kv
-    sizes = _split_even(num_q, ulysses_size)
-    q_ranges, kv_heads, start = [], [], 0
-    for n in sizes:
-        needed = [h // group for h in range(start, start + n)]
-        uniq = sorted(set(needed))
-        runs = [needed.count(x) for x in uniq]
-        if runs and all(c == runs[0] for c in runs):
-            kv = tuple(uniq)  # uniform local grouping: send each KV head once
-        else:
-            kv = tuple(needed)  # ragged grouping: one KV head per local query head
-        q_ranges.append((start, start + n))
-        kv_heads.append(kv)
-        start += n
-    return HeadLayout(tuple(q_ranges), tuple(kv_heads))
+__all__ = ["seq_to_heads", "heads_to_seq", "head_layout"]
 
 
 def _select_heads(x: torch.Tensor, heads) -> torch.Tensor:
@@ -59,23 +29,6 @@ def _select_heads(x: torch.Tensor, heads) -> torch.Tensor:
     if len(runs) == 1:
         return runs[0]
     return torch.cat(runs, dim=2) if runs else x[:, :, :0]
-
-
-def compact_index(plan: SequencePlan, ring_rank: int, device) -> Optional[torch.Tensor]:
-    """Rows of the received (pad-interleaved) ring buffer that hold real tokens; None when nothing is padded."""
-    if not plan.padded:
-        return None
-
-    def build():
-        real, local = plan.ring_pad_layout(ring_rank)
-        idx, base = [], 0
-        for n, m in zip(real, local):
-            idx.append(torch.arange(base, base + n))
-            base += m
-        return torch.cat(idx)
-
-    return plan.on_device(f"compact_{ring_rank}", device, build)
-
 
 
 def seq_to_heads(x: torch.Tensor, heads_per_rank, plan: SequencePlan, group, kind: str) -> torch.Tensor:

@@ -12,10 +12,10 @@ stage-1 start), mcore (this project's checkpoints), nemo (NeMo 2's NeVA layout),
 load, convert. docs/CONVERSION.md describes the formats, the mappings and what was guessed.
 """
 
+from ..errors import ConversionError
 from .convert import convert
 from .load import FORMATS, apply_record, detect_format, load_longvila, load_pretrained, load_weights, open_source, \
     read_record
-from .mappings import ConversionError
 
 __all__ = ["load_longvila", "convert", "detect_format", "open_source", "read_record", "load_weights",
            "load_pretrained", "apply_record", "ConversionError", "FORMATS"]

@@ -15,7 +15,7 @@ from typing import Optional
 
 from .hf_common import write_hf_vila
 from .load import FORMATS, open_source
-from .mappings import ConversionError
+from ..errors import ConversionError
 from .mcore import write_mcore
 from .nemo import write_nemo
 from .storage import AtomicTarget, Progress, parse_dtype

@@ -16,16 +16,15 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..data.tokenizer import VILA_TOKENS
+from ..errors import ConversionError
 from ..models.record import ModelRecord
-from .mappings import COMPONENTS, ConversionError, canonical_specs, canonical_to_hf, hf_sources_of, hf_specs, \
-    llm_config_v4
+from .mappings import canonical_specs, canonical_to_hf, COMPONENTS, hf_sources_of, hf_specs, llm_config_v4
 from .storage import SafetensorsFile, SafetensorsWriter, tensor_nbytes
 
 __all__ = ["FolderWeights", "collect_assets", "tokenizer_facts", "media_facts", "write_hf_vila", "read_json",
-           "VILA_TOKENS", "SHARD_BYTES", "dump_json"]
+           "SHARD_BYTES", "dump_json"]
 
-VILA_TOKENS = ("<vila/sentinel>", "<image>", "<vila/video>")
-"""Tokens VILA adds after the stored vocabulary at load, in this order (ids = len(tokenizer), +1, +2)."""
 SHARD_BYTES = 5 * 10**9
 """Largest LLM shard written when the source's own layout is not reused (transformers 4.x's default 5GB)."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")

@@ -30,8 +30,9 @@ from ..models.record import ModelRecord, record_of
 from ..models.registry import LLMShape
 from ..models.vision import VisionConfig
 from .hf_common import FolderWeights, collect_assets, media_facts, read_json, tokenizer_facts
-from .mappings import (COMPONENTS, ConversionError, hf_sources_of, hf_specs, hf_to_canonical,
-                       padded_vocab_size, parse_llm_config, parse_vision_config)
+from .mappings import (COMPONENTS, hf_sources_of, hf_specs, hf_to_canonical, padded_vocab_size, parse_llm_config,
+                       parse_vision_config)
+from ..errors import ConversionError
 from .source import Source, check_layout, check_shapes
 
 __all__ = ["HFVilaSource", "is_hf_vila", "SUPPORTED_PROJECTORS"]

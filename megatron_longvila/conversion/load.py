@@ -23,10 +23,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..checkpoint.distributed import LoadedCheckpoint, load_checkpoint
+from ..checkpoint.layout import TRACKER, read_tracker
+from ..errors import ArgumentError, ConversionError
 from ..models.record import ModelRecord
+from ..models.registry import build_longvila
 from .hf_base import HFBaseSource
 from .hf_vila import HFVilaSource, is_hf_vila
-from .mappings import ConversionError
 from .mcore import MCoreSource, is_mcore
 from .nemo import NeMoSource, is_nemo, to_nemo_key
 from .source import Repadded, Source, check_layout
@@ -121,7 +124,6 @@ def load_longvila(path: str, *, params_dtype: torch.dtype = torch.float32, sourc
     Its `forward(MicroBatch, mesh, reduction="none")` gives per-token losses as in training. token_order overrides
     the recorded projector order (announced once); llm_overrides go to the LLM's TransformerConfig.
     """
-    from ..models.registry import build_longvila
 
     tp, pp, cp = _parallel_sizes()
     src = open_source(path, source_format, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -185,7 +187,7 @@ def _load_dist(model, ckpt_dir: str, rename) -> None:
                     del sd[k]
                 else:
                     v.key = new
-    # Nested under "model" as training.checkpoint saves it: the common state (iteration, ...) stays beside it.
+    # Nested under "model" as checkpoint.distributed saves it: the common state (iteration, ...) stays beside it.
     loaded = dist_checkpointing.load({"model": sd}, ckpt_dir)["model"]
     loaded.update(kept)
     model.load_state_dict(loaded, strict=True)
@@ -223,21 +225,17 @@ def _fill_from_source(model, src: Source) -> None:
 def load_pretrained(path: str, model):
     """--pretrained-checkpoint PATH of any format into the training run's model (weights only, iteration 0).
 
-    A project checkpoint with a tracker goes through training.checkpoint.load_checkpoint as before; Hugging Face
+    A project checkpoint with a tracker goes through checkpoint.distributed.load_checkpoint as before; Hugging Face
     VILA folders, NeMo checkpoints and bare iteration folders through load_weights.
     """
-    from ..training import checkpoint as ckpt
-
-    from ..training.arguments import ArgumentError
-
-    if os.path.isdir(path) and ckpt.read_tracker(path) is not None:
-        return ckpt.load_checkpoint(path, model)
+    if os.path.isdir(path) and read_tracker(path) is not None:
+        return load_checkpoint(path, model)
     try:
         fmt = detect_format(path)
     except ConversionError as e:
-        raise ArgumentError(f"--pretrained-checkpoint {path}: no {ckpt.TRACKER} there (the previous stage has not "
+        raise ArgumentError(f"--pretrained-checkpoint {path}: no {TRACKER} there (the previous stage has not "
                             f"saved a checkpoint), and not a converted checkpoint: {e}") from None
     src = load_weights(model, path, source_format=fmt)
-    return ckpt.LoadedCheckpoint(iteration=0, train_state={"converted_from": path, "format": fmt}, data_state=None,
+    return LoadedCheckpoint(iteration=0, train_state={"converted_from": path, "format": fmt}, data_state=None,
                                  rng_restored=False, layout=dict(src.record.default_layout))
 

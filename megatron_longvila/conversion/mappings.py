@@ -38,6 +38,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..errors import ConversionError
 from ..models.record import ModelRecord
 
 __all__ = ["ConversionError", "TensorSpec", "HFTensor", "canonical_specs", "extra_state_keys", "hf_specs",
@@ -53,10 +54,6 @@ PROJ = "projector."
 """Canonical prefix of the projector."""
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
 """The sub-folders of the Hugging Face VILA layout."""
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted or loaded as asked; the message names the key, file or flag."""
 
 
 # ----------------------------------------------------------------------------------------------------

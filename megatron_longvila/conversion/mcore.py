@@ -1,6 +1,6 @@
 """This project's Megatron-Core checkpoints (torch_dist + model record), read and written without a model.
 
-Layout (Megatron-LM's, as `training.checkpoint.save_checkpoint` writes it):
+Layout (Megatron-LM's, as `checkpoint.distributed.save_checkpoint` writes it):
     <root>/latest_checkpointed_iteration.txt        "0" for a conversion
     <root>/iter_0000000/.metadata, __0_0.distcp     torch_dist: every canonical tensor whole (global shape)
     <root>/iter_0000000/metadata.json, common.pt    megatron's backend tag; iteration / layout / train state
@@ -26,36 +26,27 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint.layout import TRACKER, iteration_folder, write_tracker
+from ..errors import CheckpointError, ConversionError
 from ..models.record import ModelRecord, read_model_record, write_model_record
-from .mappings import LLM, PROJ, VISION, ConversionError, canonical_specs, extra_state_keys, padded_vocab_size
+from .mappings import canonical_specs, extra_state_keys, LLM, padded_vocab_size, PROJ, VISION
 from .source import Repadded, Source, check_layout, problems_error
 from .storage import DcpReader, write_dcp
 
 __all__ = ["MCoreSource", "write_mcore", "is_mcore", "resolve_iteration_dir", "rows_needed", "for_layout", "laid_out",
            "MODEL_PREFIXES"]
 
-TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_PREFIXES = (VISION, PROJ, LLM)
 """Prefixes of the model's tensors inside a project checkpoint (the optimizer's live elsewhere)."""
 
 
 def resolve_iteration_dir(path: str) -> Optional[str]:
-    """The iteration folder of a project checkpoint: `path` itself when it holds a torch_dist checkpoint, else
-    the one its tracker names (or that iteration's committed `.old` copy); None when neither."""
-    if os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, "metadata.json")):
-        return path
-    tracker = os.path.join(path, TRACKER)
-    if not os.path.isfile(tracker):
-        return None
-    text = open(tracker).read().strip()
-    if not text.isdigit():
-        raise ConversionError(f"{tracker} holds {text!r}, not an iteration number")
-    d = os.path.join(path, f"iter_{int(text):07d}")
-    if not os.path.isdir(d) and os.path.isdir(d + ".old"):
-        d += ".old"
-    if not os.path.isdir(d):
-        raise ConversionError(f"{tracker} names iteration {text} but {d} is missing")
-    return d
+    """The iteration folder of a project checkpoint (checkpoint.layout.iteration_folder), refusals as
+    ConversionError."""
+    try:
+        return iteration_folder(path)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
 
 
 def is_mcore(path: str) -> bool:
@@ -129,7 +120,7 @@ class MCoreSource(Source):
 
 
 def write_common(iter_dir: str, record: ModelRecord, source: Source, layout: dict) -> None:
-    """megatron's common.pt (what training.checkpoint.load_checkpoint reads for a weights-only load)."""
+    """megatron's common.pt (what checkpoint.distributed.load_checkpoint reads for a weights-only load)."""
     train_state = {"converted_from": source.path, "source_format": source.format}
     torch.save({"iteration": 0, "format_version": 1, "layout": dict(layout), "train_state": train_state,
                 "scheduler": None}, os.path.join(iter_dir, "common.pt"))
@@ -161,6 +152,5 @@ def write_mcore(source: Source, root: str, *, tensor_model_parallel_size: int = 
     layout = {"tp": tp, "pp": pp, "cp": 1, "dp": 1, "world_size": tp * pp}
     write_common(iter_dir, record, source, layout)
     write_model_record(iter_dir, record)
-    with open(os.path.join(root, TRACKER), "w") as f:
-        f.write("0")
+    write_tracker(root, 0)
     return record

@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 
 from ..models.record import ModelRecord, read_model_record, write_model_record
-from .mappings import LLM, PROJ, VISION, ConversionError, canonical_specs, extra_state_keys
+from .mappings import canonical_specs, extra_state_keys, LLM, PROJ, VISION
+from ..errors import ConversionError
 from .mcore import laid_out, rows_needed
 from .source import Source, problems_error
 from .storage import DcpReader, write_dcp

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..models.record import ModelRecord
-from .mappings import LLM, ConversionError, TensorSpec, canonical_specs
+from .mappings import canonical_specs, LLM, TensorSpec
+from ..errors import ConversionError
 
 __all__ = ["Source", "check_layout", "Repadded", "problems_error", "VOCAB_KEYS"]
 

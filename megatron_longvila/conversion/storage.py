@@ -32,7 +32,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .mappings import ConversionError
+from ..errors import ConversionError
+from ..runtime.versions import applying
 
 __all__ = ["SafetensorsFile", "SafetensorsWriter", "safetensors_header", "DcpReader", "write_dcp", "AtomicTarget",
            "Progress", "DTYPES", "dtype_name", "parse_dtype", "tensor_nbytes"]
@@ -311,6 +312,7 @@ def _dcp_read_whole(reader: "DcpReader", key: str) -> Optional[torch.Tensor]:
     import re
     import zipfile
 
+    applying("torch_save_zip_layout")
     with open(os.path.join(reader.path, info.relative_path), "rb") as f:
         # The item is a torch.save zip: its pickle (read onto the meta device, no data) says the tensor is whole
         # and contiguous; its one storage record is then read straight into a fresh tensor.

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_longvila.data.errors import DataError
+from megatron_longvila.errors import DataError
 from megatron_longvila.data.sample import IGNORE_INDEX, MediaItem, Sample
 from megatron_longvila.data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
 

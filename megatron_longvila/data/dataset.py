@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megatron_longvila.data.conversation import MediaFrames, tokenize_conversation
-from megatron_longvila.data.errors import DataError, SkipThresholdExceeded
+from megatron_longvila.errors import DataError, SkipThresholdExceeded
 from megatron_longvila.data.frames import select_frame_indices
 from megatron_longvila.data.manifest import Manifest, ManifestRecord
 from megatron_longvila.data.packing import PackedSequence, concat_samples

@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 from typing import Sequence
 
-from megatron_longvila.data.errors import DataError
+from megatron_longvila.errors import DataError
 from megatron_longvila.data.manifest import ManifestRecord, parse_record
 
 

@@ -28,7 +28,7 @@ from collections import Counter
 from megatron.energon import Cooker, DefaultTaskEncoder, Sample, SkipSample, basic_sample_keys, stateless
 
 from megatron_longvila.data.energon import ENERGON_SUBFLAVORS
-from megatron_longvila.data.errors import DataError
+from megatron_longvila.errors import DataError
 from megatron_longvila.data.manifest import ManifestRecord, parse_record
 
 logger = logging.getLogger(__name__)

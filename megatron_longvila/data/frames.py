@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from megatron_longvila.data.errors import DataError
+from megatron_longvila.errors import DataError
 
 
 def select_frame_indices(

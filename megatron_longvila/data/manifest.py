@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from megatron_longvila.data.errors import DataError
+from megatron_longvila.errors import DataError
 
 OPTIONAL_NUMBER_KEYS = ("num_frames", "fps", "max_frames", "start_s", "end_s", "loss_weight")
 

@@ -16,13 +16,15 @@ import os
 import re
 from typing import Iterable, Sequence
 
-from megatron_longvila.data.errors import DataError
+from megatron_longvila.errors import DataError
 
 IMAGE_TOKEN = "<image>"
 """The token every visual-token position carries; the model replaces its embedding."""
 FRAME_SEP_TOKEN = "<frame_sep>"
 """Optional token after each frame's visual tokens."""
 DEFAULT_SPECIAL_TOKENS = (IMAGE_TOKEN, FRAME_SEP_TOKEN, "<|im_start|>", "<|im_end|>")
+VILA_TOKENS = ("<vila/sentinel>", "<image>", "<vila/video>")
+"""VILA's three special tokens, appended after the stored vocabulary in this order by VILA's loader."""
 
 
 class _SpecialTokenMixin:
@@ -238,6 +240,21 @@ def load_tokenizer(path: str | os.PathLike | None, special_tokens: Sequence[str]
     if path.endswith(".json"):
         return HFTokenizerFile(path, special_tokens)
     return SentencePieceTokenizer(path, special_tokens)
+
+
+def special_tokens_for(record=None) -> tuple:
+    """The special tokens a tokenizer must carry for a checkpoint (its models.record.ModelRecord, or None), in the
+    order that gives them the checkpoint's ids: VILA's three (`<vila/sentinel>`, `<image>`, `<vila/video>`,
+    appended after the stored vocabulary in that order) for a converted VILA checkpoint, else the project's."""
+    facts = getattr(record, "tokenizer", None) or {}
+    if facts.get("sentinel_token_id") is not None:
+        return tuple(VILA_TOKENS) + tuple(t for t in DEFAULT_SPECIAL_TOKENS if t not in VILA_TOKENS)
+    return DEFAULT_SPECIAL_TOKENS
+
+
+def load_tokenizer_for(path: str | os.PathLike | None, record=None):
+    """`load_tokenizer(path)` with the special tokens of the checkpoint (its record, or None) the run starts from."""
+    return load_tokenizer(path, special_tokens_for(record))
 
 
 def train_sentencepiece(lines: Iterable[str], model_prefix: str | os.PathLike, *, vocab_size: int = 256,

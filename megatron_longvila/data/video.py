@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_longvila.data.errors import BackendUnavailableError, DataError
+from megatron_longvila.errors import BackendUnavailableError, DataError
 
 BACKENDS = ("auto", "pyav", "dali_cpu", "dali_gpu")
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..attention.backends import Segments, get_backend
+from ..attention.backends import get_backend
 from ..parallel import comm
+from ..plan.segments import Segments
 
 __all__ = ["decode_self_attention", "decode_bytes_per_layer", "merge_partials", "DECODE_STATS"]
 

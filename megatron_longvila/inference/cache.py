@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .attention import decode_self_attention
+
 __all__ = ["ShardedKVCache", "InferenceState"]
 
 
@@ -116,3 +118,8 @@ class InferenceState:
         self.position = 0
         self.owner = 0
         self.segments = None
+
+    def decode_self_attention(self, module, hidden_states, rotary_pos_emb):
+        """MMSPSelfAttention's forward in decode mode: this state's token against the sharded cache (the attention
+        layer asks the state, so attention/ needs nothing of inference/)."""
+        return decode_self_attention(module, hidden_states, rotary_pos_emb, self)

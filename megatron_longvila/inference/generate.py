@@ -36,20 +36,19 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from ..attention.backends import Segments
-from ..attention.megatron_core import MMSPPackedSeqParams
-from ..models.longvila import IGNORE_INDEX, LongVILASample, MicroBatch
+from ..batch.microbatch import plan_microbatch
+from ..batch.packed_seq_params import MMSPPackedSeqParams
+from ..batch.sample import IGNORE_INDEX, LongVILASample, MicroBatch
+from ..errors import InferenceError
 from ..parallel import comm
 from ..parallel.mesh import MMSPMesh
-from ..parallel.sharding import host_to_device, plan_sequence
-from ..training.microbatch import model_device, plan_microbatch, unwrap_model
+from ..parallel.sharding import plan_sequence
+from ..plan.segments import Segments
+from ..runtime.device import host_to_device
+from ..runtime.modules import model_device, unwrap_model
 from .cache import InferenceState, ShardedKVCache
 
 __all__ = ["generate", "score", "prefill", "EmbeddingPrompt", "AnswerScore", "Prefilled", "InferenceError"]
-
-
-class InferenceError(ValueError):
-    """A model, layout or prompt that MM-SP inference cannot serve; the message says what to change."""
 
 
 @dataclass
@@ -191,7 +190,7 @@ def _planned_prompt(m, prompt: Prompt, mesh: MMSPMesh, device):
     if isinstance(prompt, EmbeddingPrompt):
         ids = prompt.input_ids.long()
         plan = plan_sequence(mesh, [int(ids.numel())])
-        if min(plan.real_lens) == 0:  # no rank may be empty (see training.microbatch.plan_microbatch)
+        if min(plan.real_lens) == 0:  # no rank may be empty (see batch.microbatch.plan_microbatch)
             plan = plan_sequence(mesh, [int(ids.numel())], uniform=True)
         plan.to(device)
         local_ids = plan.shard(ids)
@@ -208,7 +207,7 @@ def _planned_prompt(m, prompt: Prompt, mesh: MMSPMesh, device):
     if not isinstance(prompt, LongVILASample):
         raise InferenceError(f"a prompt is a LongVILASample or an EmbeddingPrompt, got {type(prompt).__name__}")
     mb = MicroBatch.from_samples([prompt])
-    planned = plan_microbatch(m, mb, mesh)
+    planned = plan_microbatch(m.visual_spec, mb, mesh)
     wanted = {}  # decode only this rank's frames (stage 1), one loader call per media item
     for f in planned.frames_encoded:
         slot = planned.batch.frames[f]

@@ -19,12 +19,14 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
-from ..attention.backends import Segments
-from ..attention.megatron_core import MMSPPackedSeqParams
-from ..models.longvila import MicroBatch
+from ..batch.microbatch import plan_microbatch
+from ..batch.packed_seq_params import MMSPPackedSeqParams
+from ..batch.sample import MicroBatch
 from ..parallel import comm
 from ..parallel.mesh import single_rank_mesh
-from ..training.microbatch import model_device, plan_microbatch, unwrap_model
+from ..parallel.sharding import plan_sequence
+from ..plan.segments import Segments
+from ..runtime.modules import model_device, unwrap_model
 from .cache import InferenceState, ShardedKVCache
 from .generate import _logits
 
@@ -76,12 +78,11 @@ def pipeline_generate(model, prompt, *, max_new_tokens: int) -> Tuple[List[int],
     plan = None
     hidden = None
     if m.pre_process:
-        planned = plan_microbatch(m, MicroBatch.from_samples([prompt]), mesh).to(device, m.vision_model.conv1.weight.dtype)
+        planned = plan_microbatch(m.visual_spec, MicroBatch.from_samples([prompt]), mesh).to(
+            device, m.vision_model.conv1.weight.dtype)
         plan = planned.plan
         hidden = m.embed_inputs(planned)
     else:
-        from ..parallel.sharding import plan_sequence
-
         plan = plan_sequence(mesh, [n]).to(device)
     params = MMSPPackedSeqParams(qkv_format="sbhd", plan=plan, max_seqlen_q=n, max_seqlen_kv=n, inference=state)
     out = _stage(m, gpt, hidden, params, n, n, device, dtype)

@@ -17,8 +17,12 @@ from typing import Optional, Set
 
 import torch
 
+from ..batch.sample import LongVILASample, Media
 from ..data.conversation import MediaFrames, get_template, tokenize_conversation
-from ..models.longvila import LongVILASample, Media
+from ..data.dataset import load_image
+from ..data.frames import select_frame_indices
+from ..data.image_processor import SiglipImageProcessor
+from ..data.video import decode_frames, probe_video
 
 __all__ = ["video_prompt", "image_prompt", "text_prompt", "stop_ids"]
 
@@ -36,9 +40,6 @@ def video_prompt(tokenizer, question: str, path: str, *, template: str, tokens_p
                  decode_backend: str = "auto", image_mode: str = "pad", image_mean=(0.5, 0.5, 0.5),
                  image_std=(0.5, 0.5, 0.5)) -> LongVILASample:
     """A question about the video at `path`, its frames sampled by count (or fps) as in training."""
-    from ..data.frames import select_frame_indices
-    from ..data.image_processor import SiglipImageProcessor
-    from ..data.video import decode_frames, probe_video
 
     info = probe_video(path)
     indices = select_frame_indices(info.num_frames, info.fps, num_frames=None if fps else num_frames, fps=fps)
@@ -59,8 +60,6 @@ def video_prompt(tokenizer, question: str, path: str, *, template: str, tokens_p
 def image_prompt(tokenizer, question: str, path: str, *, template: str, tokens_per_frame: int, image_size: int,
                  image_mode: str = "pad", image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)) -> LongVILASample:
     """A question about the image at `path`."""
-    from ..data.dataset import load_image
-    from ..data.image_processor import SiglipImageProcessor
 
     ids, items = _prompt(tokenizer, template, "<image>\n" + question, [MediaFrames("image", path, [0])],
                          tokens_per_frame, False)

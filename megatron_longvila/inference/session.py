@@ -19,6 +19,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..data.tokenizer import load_tokenizer_for
+from ..parallel.launch import run_distributed
+from ..parallel.state import initialize_mmsp
+from ..runtime.cpu import enable_cpu_runtime
+
 __all__ = ["add_parallel_args", "start", "load_model", "launch", "tokenizer_for"]
 
 
@@ -54,8 +59,6 @@ def start(args) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from ..runtime.cpu import enable_cpu_runtime
-
     cpu = enable_cpu_runtime()
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -75,7 +78,7 @@ def start(args) -> None:
 
 def load_model(path: str, args):
     """The checkpoint's LongVILA model on this rank, MM-SP initialized; returns (model, mesh)."""
-    from ..attention.megatron_core import initialize_mmsp
+    # Here, not at the top: conversion/ loads megatron-core's models (seconds); the tools' --help answers first.
     from ..conversion import load_longvila
 
     tp, cp, hier = args._sizes
@@ -93,8 +96,6 @@ def load_model(path: str, args):
 def tokenizer_for(load: str, explicit, record):
     """The run's tokenizer: --tokenizer-model, else the checkpoint's llm/ folder when it holds tokenizer files, else
     the byte tokenizer when the checkpoint was trained with it; otherwise a message saying what to give."""
-    from ..training.providers import load_tokenizer_for
-
     path = explicit
     llm = os.path.join(load, "llm")
     if path is None and os.path.isdir(llm) and any(
@@ -122,8 +123,6 @@ def _ranked(rank, world, fn, args, fn_args):
 def launch(fn: Callable, args, *fn_args):
     """Run `fn(args, *fn_args)` on every rank; with --cpu-ranks N spawn N gloo ranks here; returns rank 0's value."""
     if getattr(args, "cpu_ranks", None):
-        from ..testing import run_distributed
-
         threads = max(1, (os.cpu_count() or 1) // args.cpu_ranks)
         return run_distributed(_ranked, args.cpu_ranks, fn, args, fn_args, timeout=24 * 3600, threads=threads)[0]
     return fn(args, *fn_args)

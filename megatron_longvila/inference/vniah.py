@@ -35,6 +35,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..data.conversation import MediaFrames, tokenize_conversation
+from ..plan.frames import patch_grid
+from ..runtime.modules import model_device, unwrap_model
 from .generate import EmbeddingPrompt, generate, score
 
 __all__ = ["Needle", "NeedleSet", "write_default_needles", "haystack_embeddings", "encode_frames_projected",
@@ -150,8 +153,6 @@ def normalize_answer(text: str) -> str:
 @torch.no_grad()
 def encode_frames_projected(model, pixels: torch.Tensor) -> torch.Tensor:
     """Encoder + projector of preprocessed frames [n, 3, S, S] -> [n, tokens_per_frame, llm hidden] (float32)."""
-    from ..models.vision import patch_grid
-    from ..training.microbatch import model_device, unwrap_model
 
     m = unwrap_model(model)
     dev = model_device(m)
@@ -226,7 +227,6 @@ class _CachedRows:
 def build_cell_prompt(tokenizer, template: str, question: str, answer: str, *, num_frames: int, depth: int,
                       tokens_per_frame: int, frame_separator, cache_path: str, needle_embedding: torch.Tensor):
     """The prompt of one cell (N haystack frames, the needle inserted at depth %) and the answer's token ids."""
-    from ..data.conversation import MediaFrames, tokenize_conversation
 
     idx = depth * num_frames // 100
     order = list(range(idx)) + [-1] + list(range(idx, num_frames))

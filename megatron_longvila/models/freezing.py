@@ -18,9 +18,7 @@ from typing import Dict, Union
 
 import torch
 
-
-class FreezingError(ValueError):
-    """An unknown stage or a model without the expected parts."""
+from ..errors import FreezingError
 
 
 @dataclass(kw_only=True, frozen=True)

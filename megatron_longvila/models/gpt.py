@@ -14,7 +14,7 @@ Public API:
         multiple of make-vocab-size-divisible-by x TP) are -inf: they never enter the softmax, so a real
         token's probability equals the unpadded model's, in the loss and in generation
 
-Packed micro-batches from `training.batch.shard_batch` (qkv_format "thd") need no rotary swap: Megatron does
+Packed micro-batches from `batch.gpt.shard_batch` (qkv_format "thd") need no rotary swap: Megatron does
 not slice the table for thd. The swap matters for sbhd micro-batches (micro-batch size > 1) under CP.
 """
 
@@ -26,9 +26,9 @@ import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 
-from ..attention.megatron_core import mark_plan_rope_table
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from ..attention.megatron_core import mark_plan_rope_table
 from .specs import LocalNorm, get_gpt_mmsp_layer_spec, validate_layer_spec
 
 __all__ = ["build_gpt_model", "PlanRotaryEmbedding", "use_plan_rope", "mask_padded_vocab"]
@@ -70,7 +70,7 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec=N
 
     cp_attention="te_a2a_p2p" builds the same model as the baseline instead: Megatron's TE layer spec with TE's
     hierarchical a2a+p2p context parallelism and Megatron's own RoPE slicing (shard its batches with
-    training.batch.shard_batch_te_cp). Needs Transformer Engine.
+    batch.gpt.shard_batch_te_cp). Needs Transformer Engine.
     """
     from megatron.core import parallel_state as ps
 

@@ -37,26 +37,16 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..attention.megatron_core import is_plan_rope_table
+from ..errors import OffloadError
+from ..runtime.probes import te_available
 
 __all__ = ["RecomputeConfig", "ActivationMemoryConfig", "activation_memory_from_args", "ActivationOffload",
            "OffloadStats", "apply_activation_memory", "offload_block", "offloads_of", "OffloadError",
            "RECOMPUTE_MODULES"]
 
 
-class OffloadError(ValueError):
-    """Recompute or offload settings that cannot work; the message names the flag to change."""
-
-
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 """Megatron's selective-recompute modules that exist in LongVILA's dense layers (the MoE and MLA ones do not)."""
-
-
-def _te_importable() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # TE raises several error types when CUDA/cuDNN are missing
-        return False
-    return True
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -101,7 +91,7 @@ class RecomputeConfig:
                 # the checkpoint then makes that parameter one of its outputs and the backward recurses forever.
                 raise OffloadError(f"{f}-modules mlp: the {what}'s MLP has a bias, which megatron-core 0.16.1's MLP "
                                    f"recompute cannot take (its backward never ends); use core_attn or full recompute")
-            if "layernorm" in self.modules and not _te_importable():
+            if "layernorm" in self.modules and not te_available():
                 # megatron-core 0.16.1's CheckpointWithoutOutput() takes fp8=False for "fp8 on" (`fp8 is not None`)
                 # and then calls Transformer Engine's FP8GlobalStateManager: without TE the first forward fails.
                 raise OffloadError(f"{f}-modules layernorm needs Transformer Engine with megatron-core 0.16.1 (its "

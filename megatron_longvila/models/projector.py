@@ -27,22 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-
-class ProjectorError(ValueError):
-    """A projector configuration or input that cannot work."""
-
-
-def downsampled_grid(rows: int, cols: int) -> tuple:
-    """Token grid after the 2x2 space-to-channel (odd sides are padded up)."""
-    return (rows + 1) // 2, (cols + 1) // 2
-
-
-def tokens_per_frame(height: int, width: int, patch_size: int) -> int:
-    """LLM tokens one frame of height x width px becomes (e.g. 196 at 384 px with 14 px patches)."""
-    if height < patch_size or width < patch_size:
-        raise ProjectorError(f"frame {height}x{width} px is smaller than one {patch_size} px patch")
-    r, c = downsampled_grid(height // patch_size, width // patch_size)
-    return r * c
+from ..errors import ProjectorError
 
 
 TOKEN_ORDERS = ("row_major", "column_major")

@@ -18,6 +18,7 @@ safetensors files, so any checkpoint the project saves, after any training, expo
     compare_records(saved, built, ...)        raise RecordMismatch naming every difference; return notes
     read_model_record(ckpt_dir) -> ModelRecord | None
     write_model_record(ckpt_dir, record)
+    media_settings(record, args=None) -> dict   frames, separator, image mode, mean, std (flags win over the record)
     RECORD_FILE, RECORD_VERSION
 
 Versions: 1 (the model's shape, RoPE, token order, tokenizer facts), 2 (adds media, default_layout, source, hf and
@@ -33,11 +34,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ..errors import RecordMismatch
+from ..runtime.files import write_text_atomic
 from .registry import LLMShape
 from .vision import VisionConfig
 
 __all__ = ["ModelRecord", "RecordMismatch", "record_of", "compare_records", "read_model_record",
-           "write_model_record", "RECORD_FILE", "RECORD_VERSION", "TOKEN_ORDERS", "ASSETS_DIR"]
+           "write_model_record", "media_settings", "RECORD_FILE", "RECORD_VERSION", "TOKEN_ORDERS", "ASSETS_DIR"]
 
 RECORD_FILE = "model_record.json"
 """File name of the record inside a checkpoint directory (iter_N/)."""
@@ -47,10 +50,6 @@ ASSETS_DIR = "model_assets"
 """Folder beside the record holding `ModelRecord.assets`, one file per asset at its relative path."""
 TOKEN_ORDERS = ("row_major", "column_major")
 """Order of the projector's output tokens over the 2x2-downsampled grid (VILA since Dec 2024: row-major)."""
-
-
-class RecordMismatch(ValueError):
-    """A checkpoint whose model differs from the one this run builds; the message lists every difference."""
 
 
 @dataclass(kw_only=True)
@@ -262,13 +261,7 @@ def write_model_record(ckpt_dir: str, record: ModelRecord) -> str:
         os.makedirs(os.path.dirname(p), exist_ok=True)
         with open(p, "wb") as f:
             f.write(data)
-    path = os.path.join(ckpt_dir, RECORD_FILE)
-    with open(path + ".tmp", "w") as f:
-        f.write(record.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    return path
+    return write_text_atomic(os.path.join(ckpt_dir, RECORD_FILE), record.to_json())
 
 
 def read_model_record(ckpt_dir: str) -> Optional[ModelRecord]:
@@ -285,3 +278,15 @@ def read_model_record(ckpt_dir: str) -> Optional[ModelRecord]:
             with open(full, "rb") as f:
                 record.assets[os.path.relpath(full, root).replace(os.sep, "/")] = f.read()
     return record
+
+
+def media_settings(record: ModelRecord, args=None) -> dict:
+    """How a run lays out and preprocesses media for the model `record` describes: the checkpoint's (VILA's configs
+    when converted) unless `args` (a run's flags: --num-frames) says otherwise. Training and generation both use it."""
+    media = getattr(record, "media", None) or {}
+    sep = media.get("frame_separator", False)
+    mode = {"resize": "resize", "pad": "pad"}.get(media.get("image_aspect_ratio"), "pad")
+    return {"frame_separator": sep if sep else False,
+            "num_frames": getattr(args, "num_frames", None) or media.get("num_video_frames") or 8,
+            "image_mode": mode, "image_mean": tuple(media.get("image_mean") or (0.5, 0.5, 0.5)),
+            "image_std": tuple(media.get("image_std") or (0.5, 0.5, 0.5))}

@@ -15,17 +15,11 @@ import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..errors import RegistryError
 from .longvila import GPTAdapter, LongVILAModel
 from .offload import ActivationMemoryConfig, apply_activation_memory
 from .projector import ProjectorConfig, mlp_downsample_spec, projector_transformer_config
 from .vision import SiglipVisionModel, VisionConfig, vision_process_groups, vision_transformer_config, vit_layer_spec
-
-
-class RegistryError(KeyError):
-    """An unknown name."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0])
 
 
 ENCODERS: Dict[str, VisionConfig] = {
@@ -117,7 +111,7 @@ def build_mlp_downsample(vision: VisionConfig, llm_hidden: int, *, tensor_model_
 PROJECTORS: Dict[str, Callable] = {"mlp_downsample": build_mlp_downsample}
 
 
-def _lookup(table: dict, name: str, what: str):
+def lookup(table: dict, name: str, what: str):
     if name not in table:
         raise RegistryError(f"unknown {what} {name!r}: choose one of {sorted(table)}")
     return table[name]
@@ -127,7 +121,7 @@ def _vision_config(encoder: Union[str, VisionConfig]) -> VisionConfig:
     if isinstance(encoder, VisionConfig):
         return encoder
     if isinstance(encoder, str):
-        return _lookup(ENCODERS, encoder, "vision encoder")
+        return lookup(ENCODERS, encoder, "vision encoder")
     raise TypeError(f"vision encoder: give a name in ENCODERS or a VisionConfig, got {type(encoder).__name__}")
 
 
@@ -171,11 +165,11 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
     if isinstance(llm, LLMShape):
         shape = llm
     elif isinstance(llm, str):
-        shape = _lookup(LLMS, llm, "LLM shape")
+        shape = lookup(LLMS, llm, "LLM shape")
     else:
         raise TypeError(f"build_longvila(llm=...): give a name in LLMS or an LLMShape, got {type(llm).__name__}")
     vis_cfg = _vision_config(encoder)
-    build_proj = _lookup(PROJECTORS, projector, "projector")
+    build_proj = lookup(PROJECTORS, projector, "projector")
     memory = activation_memory or ActivationMemoryConfig()
     if memory.llm.granularity == "full" and shape.num_layers % pipeline_model_parallel_size:
         raise ValueError(f"--recompute-granularity full: the LLM's {shape.num_layers} layers do not split evenly "

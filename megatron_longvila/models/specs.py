@@ -36,9 +36,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from ..attention.backends import te_available
 from ..attention.megatron_core import MMSPCoreAttention, MMSPSelfAttention
-from ..config import MMSPConfigError
+from ..errors import MMSPConfigError
+from ..runtime.probes import te_available
 
 __all__ = ["get_gpt_mmsp_layer_spec", "get_gpt_te_cp_layer_spec", "validate_layer_spec", "LocalNorm",
            "MMSPTECoreAttention", "SPECS", "gpt_mmsp", "gpt_mmsp_local", "gpt_te_cp"]

@@ -43,24 +43,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from ..errors import VisionConfigError
+from ..plan.frames import patch_grid
+from ..runtime.probes import te_available
 from .vision_attention import BidirectionalSDPA
 
 
-class VisionConfigError(ValueError):
-    """A vision-encoder configuration or input that cannot work."""
-
-
-def have_te() -> bool:
-    """Whether Transformer Engine's PyTorch extension imports."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # TE raises several error types when CUDA/cuDNN are missing
-        return False
-    return True
-
-
 def _require_te(what: str) -> None:
-    if not have_te():
+    if not te_available():
         raise VisionConfigError(f"{what} needs Transformer Engine (transformer_engine.pytorch), which is not "
                                 f"importable here: use use_te=False (megatron-core local layers) or install TE "
                                 f"on a CUDA machine")
@@ -288,14 +278,6 @@ def vision_process_groups(tp_group=None, pp_group=None) -> ProcessGroupCollectio
     pgs.pp = pp_group
     pgs.cp = None
     return pgs
-
-
-def patch_grid(height: int, width: int, patch_size: int) -> Tuple[int, int]:
-    """(rows, cols) of patches of a frame. As in SigLIP, the patch convolution is "valid": pixels past the last
-    whole patch are ignored (384 px -> 27 patches of 14 px)."""
-    if height < patch_size or width < patch_size:
-        raise VisionConfigError(f"frame of {height}x{width} px is smaller than one {patch_size} px patch")
-    return height // patch_size, width // patch_size
 
 
 class SiglipVisionModel(VisionModule):

@@ -14,12 +14,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from ..errors import MeshError
+from ..plan.sequence import coords_of, cp_rank_of
 from . import comm
 from .timeouts import group_timeout
 
-
-class MeshError(ValueError):
-    """An MM-SP mesh that cannot be built from the given sizes and groups."""
+__all__ = ["MMSPMesh", "build_mmsp_mesh", "single_rank_mesh", "validate_mesh_sizes", "cp_rank_of", "coords_of",
+           "MeshError"]
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,6 @@ class MMSPMesh:
     def coords_of(self, cp_rank: int) -> Tuple[int, int]:
         """Mesh coordinate (r, u) of a CP-group index."""
         return coords_of(cp_rank, self.ulysses_size, self.ring_size, self.ring_first)
-
-
-def cp_rank_of(r: int, u: int, ulysses_size: int, ring_size: int, ring_first: bool = False) -> int:
-    return u * ring_size + r if ring_first else r * ulysses_size + u
-
-
-def coords_of(cp_rank: int, ulysses_size: int, ring_size: int, ring_first: bool = False) -> Tuple[int, int]:
-    if ring_first:
-        return cp_rank % ring_size, cp_rank // ring_size
-    return cp_rank // ulysses_size, cp_rank % ulysses_size
 
 
 def validate_mesh_sizes(ulysses_size: int, ring_size: int, cp_size: int) -> None:
@@ -191,24 +182,3 @@ def single_rank_mesh() -> MMSPMesh:
     """A 1x1 mesh that needs no process group (single-process reference and CP=1 runs)."""
     return MMSPMesh(ulysses_group=None, ring_group=None, cp_group=None, ulysses_size=1, ring_size=1,
                     cp_rank=0, ulysses_rank=0, ring_rank=0)
-
-
-_HOST_GROUPS: Dict[Tuple[int, ...], dist.ProcessGroup] = {}
-
-
-def host_group_of(group) -> Optional[dist.ProcessGroup]:
-    """A gloo group with the same ranks as `group`, for host-side metadata (planning, decode failures, step
-    totals): the group itself when it is gloo already (CPU runs), else one built once for every peer group of the
-    world (collective over the world, like new_group). None for a missing (single-rank) group."""
-    if group is None:
-        return None
-    if dist.get_backend(group) == "gloo":
-        return group
-    ranks = tuple(dist.get_process_group_ranks(group))
-    if ranks not in _HOST_GROUPS:
-        gathered: List[Optional[Tuple[int, ...]]] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, ranks)
-        for peer in sorted(set(gathered)):
-            if peer not in _HOST_GROUPS:
-                _HOST_GROUPS[peer] = dist.new_group(list(peer), backend="gloo", timeout=group_timeout())
-    return _HOST_GROUPS[ranks]

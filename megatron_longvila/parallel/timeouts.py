@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..runtime.versions import applying
+
 __all__ = ["set_group_timeout", "group_timeout", "DEFAULT_TIMEOUT_MINUTES"]
 
 DEFAULT_TIMEOUT_MINUTES = 10
@@ -33,6 +35,7 @@ def _default_group_timeout() -> Optional[datetime.timedelta]:
     """The default group's timeout (a private attribute of torch's backends; None where it is not readable)."""
     if not dist.is_initialized():
         return None
+    applying("pg_backend_options")
     pg = dist.group.WORLD
     for device in ((torch.device("cuda"),) if torch.cuda.is_available() else ()) + (torch.device("cpu"),):
         try:

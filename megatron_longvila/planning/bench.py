@@ -2,7 +2,7 @@
 
     BENCH_SHAPES, BENCH_SETTINGS, BENCH_MESHES    the matrix tools/bench_memory.py runs
     run_matrix(shapes, settings, meshes, world_cap=8) -> list of rows     (one launch per mesh)
-    bench_rank(rank, world, ...)                  one rank's measurements (run by megatron_longvila.testing)
+    bench_rank(rank, world, ...)                  one rank's measurements (run by megatron_longvila.parallel.launch)
 
 Each case runs Megatron's schedule (DDP, 1F1B under PP, fp32, gloo) over MICRO micro-batches of one synthetic
 packed sequence with video frames, and measures on every rank, independently of the model:
@@ -23,7 +23,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models.offload import ActivationMemoryConfig, RecomputeConfig
+from ..batch.gpt import loss_func
+from ..batch.microbatch import plan_microbatch
+from ..batch.sample import IGNORE_INDEX, LongVILASample, Media, MicroBatch
+from ..models.offload import ActivationMemoryConfig, RecomputeConfig, offloads_of
+from ..models.registry import LLMShape, build_longvila
+from ..models.vision import VisionConfig
+from ..parallel.launch import run_distributed
+from ..parallel.mesh import build_mmsp_mesh
+from ..plan.frames import tokens_per_frame
+from ..runtime.cpu import enable_cpu_runtime
+from ..runtime.modules import model_device
+from . import memory as mm
+from .measure import LiveTensorTracker, SavedTensorMeter, max_rss_bytes, rss_bytes
 
 MICRO = 2
 """Micro-batches per step (1F1B at PP=2 then holds two micro-batches on the first stage)."""
@@ -87,9 +99,6 @@ BENCH_MESHES = {"1x1": (1, 1, 1, 1), "2x2": (1, 1, 2, 2), "2x2_pp2": (1, 2, 2, 2
 
 def synthetic_microbatch(shape: BenchShape, seed: int):
     """A packed sequence: a video sample (frames, a prompt, an answer) and a text-only sample after it."""
-    from ..models.longvila import IGNORE_INDEX, LongVILASample, Media, MicroBatch
-    from ..models.projector import tokens_per_frame
-
     g = torch.Generator().manual_seed(seed)
     v = shape.vision
     tpf = tokens_per_frame(v["image_size"], v["image_size"], v["patch_size"])
@@ -114,8 +123,6 @@ def synthetic_microbatch(shape: BenchShape, seed: int):
 
 def _meter_blocks(model, meters: Dict[str, object], active: List[bool]):
     """Separate saved-tensor meters around the LLM's and the encoder's transformer blocks (breakdown only)."""
-    from .measure import SavedTensorMeter
-
     params = list(model.parameters()) + list(model.buffers())
     blocks = {"llm": model.language_model.model.decoder}
     if model.vision_model is not None:
@@ -143,16 +150,6 @@ def bench_rank(rank, world, mesh: Tuple[int, int, int, int], cases: Sequence[Tup
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from ..models.offload import offloads_of
-    from ..models.registry import LLMShape, build_longvila
-    from ..models.vision import VisionConfig
-    from ..parallel.mesh import build_mmsp_mesh
-    from ..runtime.cpu import enable_cpu_runtime
-    from ..training.loss import loss_func
-    from ..training.microbatch import model_device, plan_microbatch
-    from . import memory as mm
-    from .measure import LiveTensorTracker, SavedTensorMeter, max_rss_bytes, rss_bytes
-
     tp, pp, u, r = mesh
     enable_cpu_runtime()
     cp = u * r
@@ -174,7 +171,7 @@ def bench_rank(rank, world, mesh: Tuple[int, int, int, int], cases: Sequence[Tup
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.no_sync_func = ddp.no_sync
         batches = [synthetic_microbatch(shape, seed=10 + m) for m in range(MICRO)]
-        planned = [plan_microbatch(model, b, mmsp, seq_length=shape.seq_length).to(model_device(model))
+        planned = [plan_microbatch(model.visual_spec, b, mmsp, seq_length=shape.seq_length).to(model_device(model))
                    for b in batches]
         meters: Dict[str, object] = {}
         active = [False]
@@ -243,8 +240,6 @@ def bench_rank(rank, world, mesh: Tuple[int, int, int, int], cases: Sequence[Tup
 def run_matrix(shapes: Sequence[str] = tuple(BENCH_SHAPES), settings: Sequence[str] = tuple(BENCH_SETTINGS),
                meshes: Sequence[str] = tuple(BENCH_MESHES), timeout: float = 600.0) -> List[dict]:
     """Every case, one launch of CPU ranks per mesh; rows from every rank."""
-    from ..testing import run_distributed
-
     out = []
     cases = [(s, t) for s in shapes for t in settings]
     for mesh_name in meshes:

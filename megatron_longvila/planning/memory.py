@@ -50,6 +50,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..models.offload import ActivationMemoryConfig, RecomputeConfig
+from ..models.registry import ENCODERS, LLMS
+from ..plan.ulysses import head_layout
+from ..runtime.modules import unwrap_model
 
 GiB = 1024 ** 3
 
@@ -109,15 +112,11 @@ class ModelShape:
 
     @classmethod
     def from_names(cls, llm: str, encoder: str) -> "ModelShape":
-        from ..models.registry import ENCODERS, LLMS
-
         return cls.from_configs(LLMS[llm], ENCODERS[encoder])
 
     @classmethod
     def of(cls, model) -> "ModelShape":
         """From a built LongVILAModel (any pipeline stage: the LLM's full depth is read from its config)."""
-        from ..training.microbatch import unwrap_model
-
         m = unwrap_model(model)
         c = m.language_model.model.config
         gpt = m.language_model.model
@@ -239,9 +238,6 @@ def _heads_per_tp(n: int, tp: int) -> int:
 
 def rank_work_of(planned, model) -> RankWork:
     """This rank's work in a PlannedMicroBatch (its real token and frame counts)."""
-    from ..attention.ulysses import head_layout
-    from ..training.microbatch import unwrap_model
-
     m = unwrap_model(model)
     plan = planned.plan
     c = m.language_model.model.config
@@ -266,8 +262,6 @@ def rank_work_of(planned, model) -> RankWork:
 def even_rank_work(shape: ModelShape, layout: Layout, seq_length: int, frames: int, frame_px: Optional[int] = None,
                    max_doc: Optional[int] = None) -> RankWork:
     """The average CP rank of a micro-batch of `seq_length` tokens holding `frames` video frames (the planner)."""
-    from ..attention.ulysses import head_layout
-
     s = -(-seq_length // layout.cp)
     hq, hkv = _heads_per_tp(shape.heads, layout.tp), _heads_per_tp(shape.kv_heads, layout.tp)
     lay = head_layout(hq, hkv, layout.ulysses)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
 from ..models.offload import ActivationMemoryConfig
-from .memory import Layout, ModelShape, RankWork, even_rank_work, _heads_per_tp
+from ..plan.ulysses import head_layout
+from .memory import Layout, ModelShape, RankWork, _heads_per_tp, even_rank_work, static_memory
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,6 @@ def load_kernel_figures(path: str, profile: GpuProfile) -> GpuProfile:
 
 def attention_comm_bytes(shape: ModelShape, layout: Layout, work: RankWork, e: int) -> Dict[str, int]:
     """MM-SP attention's bytes per rank per layer, forward + backward, as attention/cost.py counts them (even plan)."""
-    from ..attention.ulysses import head_layout
-
     U, R = layout.ulysses, layout.ring
     hq, hkv = _heads_per_tp(shape.heads, layout.tp), _heads_per_tp(shape.kv_heads, layout.tp)
     lay = head_layout(hq, hkv, U)
@@ -142,8 +141,6 @@ def comm_bytes(shape: ModelShape, layout: Layout, work: RankWork, e: int, micro_
     out["pp"] = (2 * work.tokens * shape.hidden * e * micro_batches) if layout.pp > 1 else 0
     out["routing"] = 2 * work.rows_sent * shape.hidden * e * micro_batches if layout.cp > 1 else 0
     g = layout.dp * layout.cp
-    from .memory import static_memory
-
     params = static_memory(shape, layout, param_bytes=e).params
     out["grad_reduce"] = 2 * (g - 1) / g * params * 4 if g > 1 else 0  # fp32 gradients over DP x CP
     return out
@@ -178,8 +175,6 @@ def step_time(shape: ModelShape, layout: Layout, seq_length: int, frames: int, g
               setting: ActivationMemoryConfig, profile: GpuProfile, *, domain: Optional[int] = None,
               offloaded_bytes: float = 0.0, frame_px: Optional[int] = None, e: int = 2) -> StepTime:
     """Seconds per step for `global_batch` sequences of `seq_length` tokens (`frames` video frames each)."""
-    from ..attention.ulysses import head_layout
-
     domain = domain or profile.domain
     m = max(global_batch // layout.dp, 1)  # micro-batches per replica per step
     work = even_rank_work(shape, layout, seq_length, frames, frame_px)

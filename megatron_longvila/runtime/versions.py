@@ -1,10 +1,13 @@
 """The fence around compatibility code: every workaround of a dependency says where it was verified.
 
-Workarounds of megatron-core, torch and Transformer Engine behaviour live in `megatron_longvila.runtime`
-(the CPU runtime, the distributed optimizer's Adam `step` repair, TE's fused-attention signature probing).
-Each is registered here with the versions it was verified on; `applying(name)` is called where it takes
-effect and warns once per process when the installed version is not one of them, so a silent behaviour
-change upstream shows up in the log instead of as wrong numbers.
+Every piece of code that leans on a dependency's private or undocumented behaviour is registered here with the
+versions it was verified on, whichever folder it lives in (the folder whose layer it needs): the CPU runtime and
+the distributed optimizer's Adam `step` repair (runtime/), TE's fused-attention signature probing (runtime/),
+the private process-group options read for timeouts (parallel/timeouts.py), torch_dist's shard file names
+(checkpoint/integrity.py), the torch.save zip layout read by conversion (conversion/storage.py), the rendezvous
+store the watchdog reaches (training/watchdog.py), and megatron.training's patches (training/megatron_lm.py).
+`applying(name)` is called where it takes effect and warns once per process when the installed version is not
+one of them, so a silent behaviour change upstream shows up in the log instead of as wrong numbers.
 
     WORKAROUNDS                    name -> Workaround
     applying(name) -> bool         True when the installed versions are verified (else one warning)
@@ -52,6 +55,20 @@ WORKAROUNDS: Dict[str, Workaround] = {w.name: w for w in (
                "fused_attn_fwd/bwd keyword lists that grew over TE 2.x (runtime/te_compat.py)"),
     Workaround("megatron_lm_cpu", "megatron.core", ("0.16.1",),
                "megatron.training on a CPU build of torch (training/megatron_lm.py)"),
+    Workaround("megatron_lm_save_hook", "megatron.core", ("0.16.1",),
+               "megatron.training.training.save_checkpoint wrapped to write the data position first "
+               "(training/megatron_lm.py)"),
+    Workaround("pg_backend_options", "torch", ("2.13",),
+               "the default group's timeout read from ProcessGroup._get_backend(device).options._timeout "
+               "(parallel/timeouts.py)"),
+    Workaround("dcp_shard_names", "torch", ("2.13",),
+               "torch_dist's writer names a rank's shard files __<rank>_<n>.distcp (checkpoint/integrity.py)"),
+    Workaround("torch_save_zip_layout", "torch", ("2.13",),
+               "a torch.save file is a stored (uncompressed) zip whose <name>/data/<n> record holds the storage "
+               "(conversion/storage.py)"),
+    Workaround("default_store_access", "torch", ("2.13",),
+               "distributed_c10d._get_default_store() and PrefixStore.underlying_store reach the rendezvous "
+               "TCPStore (training/watchdog.py)"),
 )}
 
 _WARNED: set = set()

@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional, Sequence
 
-from .recipes import CONTEXT_EXTENSION_ROPE_BASES, get_recipe, RECIPES
+from ..checkpoint.layout import read_tracker
+from ..errors import ArgumentError, CheckpointError, OffloadError
+from ..runtime.entry import ProjectArgumentParser
+from .faults import add_fault_args, check_fault_args
+from .recipes import get_recipe, recipe_rope, RECIPES
 
 __all__ = ["build_parser", "parse_args", "ArgumentError"]
 
 
-class ArgumentError(ValueError):
-    """Flags that cannot run together; the message names the one to change."""
-
-
 def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.ArgumentParser:
-    from .errors import ProjectArgumentParser
-
     p = ProjectArgumentParser(description="LongVILA training on Megatron-Core (MM-SP)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
                                 fromfile_prefix_chars="@")
@@ -73,8 +71,6 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"])
-    from .faults import add_fault_args
-
     add_fault_args(p)  # timeouts, the watchdog, the NaN check, retention, verification on load
 
     g = p.add_argument_group("model")
@@ -150,7 +146,8 @@ def add_activation_memory_args(p: argparse.ArgumentParser, megatron_has_recomput
 
 def check_activation_memory_args(a: argparse.Namespace) -> None:
     """Flag combinations that cannot work, before any model exists (layer counts are checked at build time)."""
-    from ..models.offload import OffloadError, activation_memory_from_args
+    # Here, not at the top: models/ loads megatron-core (seconds), and --help and flag errors answer without it.
+    from ..models.offload import activation_memory_from_args
 
     if getattr(a, "recompute_activations", False) and a.recompute_granularity is None:
         a.recompute_granularity = "selective"
@@ -169,15 +166,7 @@ def _apply_recipe(a: argparse.Namespace) -> None:
         if getattr(a, flag) is None:
             setattr(a, flag, value)
     # --rotary-base stays what the user gave (None if not): providers.resolve_model_record ranks the sources.
-    a.rotary_base_explicit = a.rotary_base
-    a.recipe_changes_rope = r.name == "context_extension"
-    if a.recipe_changes_rope:
-        if a.rotary_base is None and a.seq_length not in CONTEXT_EXTENSION_ROPE_BASES:
-            raise ArgumentError(f"--recipe context_extension with --seq-length {a.seq_length}: LongVILA's RoPE bases "
-                                f"exist for {sorted(CONTEXT_EXTENSION_ROPE_BASES)}; pick one or give --rotary-base")
-        a.recipe_rotary_base = CONTEXT_EXTENSION_ROPE_BASES.get(a.seq_length)
-    else:
-        a.recipe_rotary_base = r.rotary_base  # later stages keep stage 4's base; None keeps the LLM's own
+    a.recipe_changes_rope, a.recipe_rotary_base, a.rotary_base_explicit = recipe_rope(r, a.seq_length, a.rotary_base)
     a.freeze = r.freeze
     a.template = r.template
 
@@ -187,8 +176,6 @@ def check_load(a: argparse.Namespace) -> Optional[str]:
     iteration 0), except where starting fresh is meant -- --load equal to --save (resume or start) or combined with
     --pretrained-checkpoint. Returns the start-up note to print (once) when a run starts fresh that way."""
     import os
-
-    from .checkpoint import CheckpointError, read_tracker
 
     load = getattr(a, "load", None)
     if not load:
@@ -235,8 +222,6 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> None:
             raise ArgumentError(f"--global-batch-size {a.global_batch_size} is not a multiple of --micro-batch-size "
                                 f"x data-parallel size = {a.micro_batch_size * dp}")
     check_activation_memory_args(a)
-    from .faults import check_fault_args
-
     check_fault_args(a)
     if a.save_interval is not None and a.save is None:
         raise ArgumentError("--save-interval without --save: give the checkpoint directory")

@@ -9,8 +9,10 @@
         .optimizer_step(optimizer, store) -> (stepped, grad_norm)   the NaN/Inf check and skip policy
         .saving(iteration)          context around a save: a failed save ends the run with its one message
         .close()
-    FaultExit                       SystemExit of every rank after a fault was reported (status FAULT_EXIT_CODE)
-    report(message, since=None)     print a fault message once (the caller is the rank that knows it)
+    FaultExit                       SystemExit of every rank after a fault was reported (status FAULT_EXIT_CODE;
+                                    both in megatron_longvila.errors)
+    report(message, since=None)     print a fault message once (the caller is the rank that knows it;
+                                    runtime.entry.report)
     INJECT_ENV                      the test-only fault injection variable
 
 Non-finite losses and gradients (Megatron's --check-for-nan-in-loss-and-grad, on by default): after the
@@ -35,59 +37,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
-__all__ = ["FaultGuard", "FaultExit", "FAULT_EXIT_CODE", "report", "add_fault_args", "check_fault_args",
-           "INJECT_ENV", "Injection", "injections_from_env", "is_peer_failure", "run_prefix", "resume_hint"]
+from ..checkpoint.layout import read_tracker
+from ..errors import ArgumentError, CheckpointError, FaultExit, SaveFailed
+from ..runtime.entry import report, run_prefix
+from .watchdog import Watchdog, WatchdogConfig
 
-FAULT_EXIT_CODE = 3
-"""Exit status of every rank of a job ended by a fault (a hang, a lost rank, a non-finite step, a failed save)."""
+__all__ = ["FaultGuard", "add_fault_args", "check_fault_args", "INJECT_ENV", "Injection", "injections_from_env",
+           "is_peer_failure", "resume_hint"]
 
 INJECT_ENV = "MEGATRON_LONGVILA_INJECT_FAULT"
 """Test-only: faults to inject (see the module docstring)."""
 
 
-class FaultExit(SystemExit):
-    """Ends this rank after a fault: the message was printed once already, by the rank that knew it, so this exits
-    with FAULT_EXIT_CODE and prints nothing (no traceback on any rank)."""
-
-    def __init__(self, message: str = ""):
-        super().__init__(FAULT_EXIT_CODE)
-        self.message = message
-
-
-def report(message: str, since: Optional[float] = None) -> None:
-    """Print a fault message on stderr and hand it to torchrun as this rank's error, so that torchrun's failure
-    summary shows it as the root cause (its first failure is the one with the earliest timestamp: `since`, the time
-    the fault began, when known)."""
-    print(message, file=sys.stderr, flush=True)
-    err_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if err_file:
-        stamp = str(int(since if since is not None else time.time()))
-        try:
-            with open(err_file, "w") as f:
-                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
-                                                                          "timestamp": stamp}}}, f)
-        except OSError:
-            pass
-
-
-def run_prefix() -> str:
-    """A store-key prefix unique to this launch attempt (torchrun's agent store outlives restarts)."""
-    return f"longvila/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
-
-
 def resume_hint(save_dir: Optional[str]) -> str:
     """Where a stopped run resumes from, in words."""
-    from .checkpoint import CheckpointError, read_tracker
-
     if not save_dir:
         return "this run saves no checkpoints (no --save): it restarts from the beginning"
     try:
@@ -134,8 +104,6 @@ def add_fault_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def check_fault_args(a: argparse.Namespace) -> None:
-    from .arguments import ArgumentError
-
     if a.distributed_timeout_minutes < 1:
         raise ArgumentError(f"--distributed-timeout-minutes {a.distributed_timeout_minutes}: give at least 1")
     if a.max_skipped_nonfinite_steps < 0:
@@ -264,8 +232,6 @@ class FaultGuard:
             self._wrap_finalize(config)
         self.watchdog = None
         if getattr(args, "watchdog", True) and self.world > 1:
-            from .watchdog import Watchdog, WatchdogConfig
-
             self.watchdog = Watchdog.start(
                 WatchdogConfig(step_factor=args.watchdog_step_factor, min_seconds=args.watchdog_min_seconds,
                                interval_s=args.watchdog_interval,
@@ -457,8 +423,6 @@ class FaultGuard:
     def saving(self, iteration: int):
         """A save: injected write limits (tests); a failed save (reported once inside save_checkpoint) ends the
         run on every rank."""
-        from .checkpoint import SaveFailed
-
         inj = self._injected("fsize", iteration)
         restore = None
         if inj is not None:

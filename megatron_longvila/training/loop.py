@@ -29,9 +29,15 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .arguments import ArgumentError, parse_args
-from .logging import TrainLogger
+from ..checkpoint.layout import read_tracker
+from ..errors import ArgumentError, CheckpointError
+from ..parallel.placement import check_node_placement
+from ..parallel.timeouts import set_group_timeout
+from ..runtime.cpu import enable_cpu_runtime
+from ..runtime.entry import once
+from .arguments import build_parser, check_load, parse_args
+from .faults import FaultGuard
+from .logging import TrainLogger, model_flops_per_token
 
 __all__ = ["pretrain", "get_args", "TrainResult"]
 
@@ -64,8 +70,6 @@ class TrainResult:
 
 
 def _init_distributed(timeout_minutes: int = 10) -> None:
-    from ..parallel.timeouts import set_group_timeout
-
     # --distributed-timeout-minutes reaches every group: this one, Megatron's, and the project's (new_group does
     # not inherit the default group's timeout).
     set_group_timeout(datetime.timedelta(minutes=timeout_minutes))
@@ -157,8 +161,6 @@ def _build_optimizer(ddp, args):
 def _flops_per_token(model, args) -> float:
     """Model FLOPs per token for MFU, from parameter counts summed over the model-parallel group."""
     from megatron.core import parallel_state as ps
-
-    from .logging import model_flops_per_token
 
     def count(part):
         return sum(p.numel() for p in part.parameters()) if part is not None else 0
@@ -256,12 +258,12 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     global _ARGS
     from megatron.core import parallel_state as ps
 
-    from ..runtime.cpu import enable_cpu_runtime
-
-    from .arguments import build_parser
-
     # --help (and flag typos) answer before any process group or launcher is needed.
     pre = build_parser(extra_args_provider).parse_args(argv)
+    # Here, not at the top: checkpoint/ and conversion/ load megatron-core's models (seconds); --help answers first.
+    from ..checkpoint import distributed as ckpt
+    from ..conversion import load_pretrained
+
     _init_distributed(pre.distributed_timeout_minutes)
     cpu = enable_cpu_runtime()
     args = parse_args(argv, extra_args_provider, world_size=dist.get_world_size())
@@ -270,12 +272,7 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     _ARGS = args
     hooks = hooks or {}
     _init_megatron(args)
-    from ..planning.placement import check_node_placement
-
     check_node_placement(args)  # TP and Ulysses groups inside one node, checked against where the ranks run
-    from .arguments import check_load
-    from .errors import once
-
     note = check_load(args)  # validated by parse_args; here only its note
     if note:
         once(f"[checkpoint] {note}")
@@ -286,8 +283,6 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
 
     model, ddp, config = _build_model(model_provider, args)
     optimizer, scheduler = _build_optimizer(ddp, args)
-    from .faults import FaultGuard
-
     guard = FaultGuard(args, ddp=ddp, config=config)  # NaN/Inf policy, hang watchdog, failed saves
     forward_step_func = guard.wrap_forward_step(forward_step_func)
 
@@ -295,7 +290,7 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     iteration = 0
     data_state = None
     loaded = None
-    if args.load and ckpt.read_tracker(args.load) is not None:
+    if args.load and read_tracker(args.load) is not None:
         loaded = ckpt.load_checkpoint(args.load, model, None if args.no_load_optim else optimizer,
                                       None if args.no_load_optim else scheduler, load_rng=not args.no_load_rng,
                                       verify="checksums" if args.ckpt_verify_checksums else "sizes",
@@ -304,8 +299,6 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         data_state = loaded.data_state
         guard.load_train_state(loaded.train_state)
     elif args.pretrained_checkpoint:
-        from ..conversion import load_pretrained
-
         # A project checkpoint (tracker) as before, or a converted one (HF VILA, NeMo 2, an iteration folder).
         loaded = load_pretrained(args.pretrained_checkpoint, model)
         if hasattr(optimizer, "reload_model_params"):
@@ -318,7 +311,7 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     if data_state is not None:
         train_ds.load_state_dict(data_state)
     elif iteration > 0 and not args.no_load_optim:
-        raise ckpt.CheckpointError(f"{args.load} has no data position for this rank; cannot resume exactly")
+        raise CheckpointError(f"{args.load} has no data position for this rank; cannot resume exactly")
 
     logger = TrainLogger(args, flops_per_token=_flops_per_token(model, args),
                          world_size=dist.get_world_size(), is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)

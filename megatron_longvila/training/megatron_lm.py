@@ -26,7 +26,18 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .arguments import ArgumentError
+from ..checkpoint.data_state import data_state_path, read_data_state, writes_data_state
+from ..errors import ArgumentError
+from ..models.record import write_model_record
+from ..models.registry import LLMS
+from ..parallel.placement import check_node_placement
+from ..runtime import cpu as cpu_runtime
+from ..runtime.cpu import enable_cpu_runtime
+from ..runtime.probes import te_available
+from ..runtime.versions import applying
+from .arguments import add_activation_memory_args, check_activation_memory_args, check_load
+from .loop import get_args as loop_args
+from .recipes import RECIPES, get_recipe, recipe_rope
 
 __all__ = ["pretrain", "get_args", "longvila_args_provider", "enable_megatron_training_on_cpu",
            "TRAINING_MODULES"]
@@ -83,12 +94,8 @@ def enable_megatron_training_on_cpu() -> bool:
     random stream the model is initialised from) and the compilation of the indexed-dataset helpers and
     fused kernels (LongVILA reads JSONL manifests, not Megatron's indexed datasets).
     """
-    from ..runtime.cpu import enable_cpu_runtime
-
     if not enable_cpu_runtime():
         return False
-    from ..runtime.versions import applying
-
     applying("megatron_lm_cpu")
     _no_triton_stand_in()
     base = importlib.import_module("megatron.core.utils").torch  # the CPU runtime's per-module torch
@@ -114,8 +121,6 @@ def enable_megatron_training_on_cpu() -> bool:
         if getattr(mod, "torch", None) is torch:
             mod.torch = view
 
-    from ..runtime import cpu as cpu_runtime
-
     if "megatron.training." not in cpu_runtime.CUDA_CALLERS:  # Module/Tensor.cuda() from Megatron-LM stays on CPU
         cpu_runtime.CUDA_CALLERS.append("megatron.training.")
 
@@ -132,8 +137,6 @@ def enable_megatron_training_on_cpu() -> bool:
 
 def _preparse(argv: List[str]) -> argparse.Namespace:
     """The few flags LongVILA's defaults depend on, read before Megatron parses the command line."""
-    from .recipes import RECIPES
-
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--recipe", default="short_sft", choices=list(RECIPES))
     p.add_argument("--llm", default="qwen2_7b")
@@ -143,20 +146,8 @@ def _preparse(argv: List[str]) -> argparse.Namespace:
     return p.parse_known_args(argv)[0]
 
 
-def _te_importable() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """LongVILA's flags on Megatron's parser; LongVILA's values as the defaults of Megatron's own flags."""
-    from ..models.registry import LLMS
-    from .arguments import CONTEXT_EXTENSION_ROPE_BASES
-    from .recipes import RECIPES, get_recipe
-
     g = parser.add_argument_group("LongVILA")
     g.add_argument("--recipe", default="short_sft", choices=list(RECIPES),
                    help="LongVILA stage: freezing, template, lengths and learning rates")
@@ -167,8 +158,6 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--loss-weighting", default="token", choices=["token", "sample"])
     g.add_argument("--max-skip-fraction", type=float, default=0.1)
     g.add_argument("--min-samples-for-skip-check", type=int, default=20)
-    from .arguments import add_activation_memory_args
-
     # Megatron's --recompute-* flags are its own (TransformerConfig fields); LongVILA adds the encoder's and offload.
     add_activation_memory_args(parser, megatron_has_recompute=True)
 
@@ -178,11 +167,7 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
         raise ArgumentError(f"--llm {pre.llm}: unknown; one of {sorted(LLMS)}")
     shape = LLMS[pre.llm]
     seq = pre.seq_length or r.seq_length
-    rope = None
-    if r.name == "context_extension":
-        rope = CONTEXT_EXTENSION_ROPE_BASES.get(seq)
-    elif r.rotary_base is not None:
-        rope = r.rotary_base
+    rope = recipe_rope(r, seq, given=0)[1]  # the recipe's base (given=0: no refusal here; _finalize refuses)
     defaults = dict(
         # The recipe's values (the project loop's rule: a recipe fills every flag left unset).
         seq_length=r.seq_length, global_batch_size=r.global_batch_size, lr=r.lr, min_lr=r.min_lr,
@@ -206,7 +191,7 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
         defaults["lr_warmup_iters"] = int(r.lr_warmup_fraction * pre.train_iters)
     if pre.hierarchical_context_parallel_sizes:
         defaults["cp_comm_type"] = ["a2a+p2p"]  # MM-SP is Ulysses (a2a) x ring (p2p)
-    if not _te_importable():
+    if not te_available():
         defaults["transformer_impl"] = "local"
     if not torch.cuda.is_available():
         defaults.update(distributed_backend="gloo", use_cpu_initialization=True, masked_softmax_fusion=False,
@@ -219,9 +204,6 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def _finalize(args) -> None:
     """Adapt Megatron's parsed arguments to what the providers read (once, on first use)."""
-    from ..models.registry import LLMS
-    from .recipes import CONTEXT_EXTENSION_ROPE_BASES, get_recipe
-
     shape = LLMS[args.llm]
     for flag, want in (("num_layers", shape.num_layers), ("hidden_size", shape.hidden_size),
                        ("num_attention_heads", shape.num_attention_heads)):
@@ -243,32 +225,25 @@ def _finalize(args) -> None:
         raise ArgumentError(f"--micro-batch-size {args.micro_batch_size}: a micro-batch is one packed sequence; "
                             f"set --micro-batch-size 1 and raise --seq-length to pack more")
     r = get_recipe(args.recipe)
-    if r.name == "context_extension" and args.rotary_base is None:
-        raise ArgumentError(f"--recipe context_extension with --seq-length {args.seq_length}: LongVILA's RoPE bases "
-                            f"exist for other lengths; pick one or give --rotary-base")
+    # Megatron's --rotary-base defaults to the recipe's base here (see longvila_args_provider): only a different
+    # value was given on purpose.
+    base = recipe_rope(r, args.seq_length, given=0)[1]
+    given = args.rotary_base if args.rotary_base != base else None
+    args.recipe_changes_rope, args.recipe_rotary_base, args.rotary_base_explicit = recipe_rope(r, args.seq_length,
+                                                                                               given)
     _check_activation_memory(args)
     # Megatron-LM's --load only warns when it finds no checkpoint and trains from iteration 0; here, as in the
     # project's loop, that is an error unless starting fresh is meant (--load == --save, or a pretrained start).
-    from .arguments import check_load
-
     note = check_load(args)
     if note and torch.distributed.get_rank() == 0:
         print(f"[checkpoint] {note}", flush=True)
     args.freeze = r.freeze
     args.template = r.template
-    # Megatron's --rotary-base defaults to the recipe's base here (see longvila_args_provider): only a different
-    # value was given on purpose.
-    args.recipe_changes_rope = r.name == "context_extension"
-    args.recipe_rotary_base = (CONTEXT_EXTENSION_ROPE_BASES.get(args.seq_length) if args.recipe_changes_rope
-                               else r.rotary_base)
-    args.rotary_base_explicit = args.rotary_base if args.rotary_base != args.recipe_rotary_base else None
 
 
 def _check_activation_memory(args) -> None:
     """Megatron's recompute flags reach LongVILA's TransformerConfigs through the model provider
     (models.offload.activation_memory_from_args); the memory flags that could not are refused here."""
-    from .arguments import check_activation_memory_args
-
     if getattr(args, "distribute_saved_activations", False):
         raise ArgumentError("--distribute-saved-activations: LongVILA's model provider does not split checkpoint "
                             "inputs over TP; drop it (MM-SP already shards the sequence over CP)")
@@ -285,8 +260,6 @@ def get_args():
     """The arguments of whichever trainer is running (the providers work under both)."""
     global _FINALIZED
     if not _ACTIVE:
-        from .loop import get_args as loop_args
-
         return loop_args()
     from megatron.training import get_args as megatron_args
 
@@ -301,17 +274,14 @@ def get_args():
 # pretrain
 # ------------------------------------------------------------------------------------------------------
 
-DATA_STATE_DIR = "longvila_data"
-"""Folder inside Megatron's `iter_N` checkpoint folder holding the training stream's position per DP rank."""
-
 _TRAIN_STREAM = None  # the training dataset object the provider returned (its state_dict is saved)
 
 
-def data_state_path(root: str, iteration: int, dp_rank: int) -> str:
+def _iteration_dir(root: str, iteration: int) -> str:
+    """Megatron's iter_N folder for a save or load (its own naming, checkpoint/data_state.py's layout inside)."""
     from megatron.training.checkpointing import get_checkpoint_name
 
-    return os.path.join(get_checkpoint_name(root, iteration, return_base_dir=True), DATA_STATE_DIR,
-                        f"dp_rank_{dp_rank:04d}.pt")
+    return get_checkpoint_name(root, iteration, return_base_dir=True)
 
 
 def _save_data_state(iteration: int) -> None:
@@ -329,20 +299,16 @@ def _save_data_state(iteration: int) -> None:
         # The model record (models.record) beside Megatron's files: a later --load compares it before loading.
         record = getattr(getattr(getattr(_TRAIN_STREAM, "step", None), "model", None), "record", None)
         if record is not None:
-            from megatron.training.checkpointing import get_checkpoint_name
-
-            from ..models.record import write_model_record
-
-            base = get_checkpoint_name(args.save, iteration, return_base_dir=True)
+            base = _iteration_dir(args.save, iteration)
             os.makedirs(base, exist_ok=True)
             write_model_record(base, record)
     state = getattr(_TRAIN_STREAM, "state_dict", None)
     if not args.save or state is None:
         return
     # The ranks of one data-parallel replica read identical streams: one of them writes.
-    if ps.get_tensor_model_parallel_rank() or ps.get_context_parallel_rank() or ps.get_pipeline_model_parallel_rank():
+    if not writes_data_state():
         return
-    path = data_state_path(args.save, iteration, ps.get_data_parallel_rank())
+    path = data_state_path(_iteration_dir(args.save, iteration), ps.get_data_parallel_rank())
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state(), path + ".tmp")
     os.replace(path + ".tmp", path)  # never a half-written state under the final name
@@ -351,6 +317,7 @@ def _save_data_state(iteration: int) -> None:
 def _hook_checkpoint_saves() -> None:
     import megatron.training.training as mt
 
+    applying("megatron_lm_save_hook")
     if getattr(mt.save_checkpoint, "_longvila_data_state", False):
         return
     save = mt.save_checkpoint
@@ -373,11 +340,10 @@ def _resume_stream(stream, args) -> None:
     """
     from megatron.core import parallel_state as ps
 
-    path = data_state_path(args.load, args.iteration, ps.get_data_parallel_rank())
-    if os.path.isfile(path) and hasattr(stream, "load_state_dict"):
-        from .checkpoint import safe_load
-
-        stream.load_state_dict(safe_load(path))
+    path = data_state_path(_iteration_dir(args.load, args.iteration), ps.get_data_parallel_rank())
+    state = read_data_state(_iteration_dir(args.load, args.iteration), ps.get_data_parallel_rank())
+    if state is not None and hasattr(stream, "load_state_dict"):
+        stream.load_state_dict(state)
         return None
     # micro-batch = one packed sequence; each DP replica consumed its 1/DP share of the global samples
     skip = args.consumed_train_samples // ps.get_data_parallel_world_size()
@@ -439,8 +405,6 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
         get_args()
         if not _PLACEMENT_CHECKED:
             # As the project loop does: TP and Ulysses groups inside one node, checked once Megatron's groups exist.
-            from ..planning.placement import check_node_placement
-
             check_node_placement()
             globals()["_PLACEMENT_CHECKED"] = True
         model = model_provider(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)

@@ -29,7 +29,18 @@ import os
 from dataclasses import replace
 from typing import Optional, Tuple
 
-from ..models.record import ModelRecord, compare_records, read_model_record, record_of
+from ..checkpoint.layout import checkpoint_dir, read_tracker
+from ..conversion import apply_record, detect_format, read_record
+from ..data.dataset import DataConfig, PackedIterator, VideoTextDataset
+from ..data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
+from ..errors import ConversionError
+from ..models.freezing import apply_freezing
+from ..models.offload import activation_memory_from_args
+from ..models.record import ModelRecord, compare_records, media_settings, read_model_record, record_of
+from ..models.registry import ENCODERS, LLMS, build_longvila, lookup
+from ..parallel.state import initialize_mmsp, mmsp_state
+from ..plan.frames import tokens_per_frame
+from ..runtime.modules import unwrap_model
 from .step import LongVILAStep, StepBatches, StepConfig
 
 __all__ = ["checkpoint_to_load", "resolve_model_record", "build_model", "build_step", "build_streams",
@@ -46,8 +57,6 @@ DEFAULT_VISION_ENCODER = "siglip_so400m_patch14_384"
 def checkpoint_to_load(args) -> Tuple[Optional[str], Optional[str]]:
     """The iteration directory this run loads and why ("--load" resumes, "--pretrained-checkpoint" starts a stage
     from weights), or (None, None)."""
-    from .checkpoint import checkpoint_dir, read_tracker
-
     load = getattr(args, "load", None)
     if load and os.path.isdir(load) and read_tracker(load) is not None:
         return checkpoint_dir(load, read_tracker(load)), "--load"
@@ -55,8 +64,6 @@ def checkpoint_to_load(args) -> Tuple[Optional[str], Optional[str]]:
     if pre and os.path.isdir(pre) and read_tracker(pre) is not None:
         return checkpoint_dir(pre, read_tracker(pre)), "--pretrained-checkpoint"
     if pre and os.path.isdir(pre):
-        from ..conversion import ConversionError, detect_format
-
         try:
             detect_format(pre)  # HF VILA, NeMo 2, or a bare iteration folder
         except ConversionError:
@@ -71,8 +78,6 @@ def _saved_record(path: str, args) -> Optional[ModelRecord]:
         return read_model_record(path + ".old") if os.path.isdir(path + ".old") else None
     if os.path.isfile(os.path.join(path, "model_record.json")) or os.path.isfile(os.path.join(path, "metadata.json")):
         return read_model_record(path)
-    from ..conversion import read_record
-
     return read_record(path, tensor_model_parallel_size=args.tensor_model_parallel_size,
                        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
@@ -85,33 +90,11 @@ def _tokenizer_facts(tokenizer, template: Optional[str]) -> dict:
         except KeyError:
             return None
 
-    from ..data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
-
     kind = {"ByteTokenizer": "bytes", "SentencePieceTokenizer": "sentencepiece", "HFTokenizerFile": "tokenizer.json"}
     return {"vocab_size": int(tokenizer.vocab_size), "kind": kind.get(type(tokenizer).__name__),
             "media_token_id": special(IMAGE_TOKEN),
             "frame_separator_id": special(FRAME_SEP_TOKEN), "pad_id": getattr(tokenizer, "pad_id", None),
             "eos_id": getattr(tokenizer, "eos_id", None), "template": template}
-
-
-def special_tokens_for(record: Optional[ModelRecord]):
-    """The special tokens a tokenizer must carry for a checkpoint, in the order that gives them the checkpoint's ids:
-    VILA's three (`<vila/sentinel>`, `<image>`, `<vila/video>`, appended after the stored vocabulary in that order)
-    for a converted VILA checkpoint, else the project's."""
-    from ..data.tokenizer import DEFAULT_SPECIAL_TOKENS
-
-    if record is not None and record.tokenizer.get("sentinel_token_id") is not None:
-        from ..conversion.hf_common import VILA_TOKENS
-
-        return tuple(VILA_TOKENS) + tuple(t for t in DEFAULT_SPECIAL_TOKENS if t not in VILA_TOKENS)
-    return DEFAULT_SPECIAL_TOKENS
-
-
-def load_tokenizer_for(path: Optional[str], record: Optional[ModelRecord]):
-    """`data.tokenizer.load_tokenizer(path)` with the special tokens of the checkpoint the run starts from."""
-    from ..data.tokenizer import load_tokenizer
-
-    return load_tokenizer(path, special_tokens_for(record))
 
 
 def checkpoint_record(args) -> Optional[ModelRecord]:
@@ -121,8 +104,6 @@ def checkpoint_record(args) -> Optional[ModelRecord]:
         pre = getattr(args, "pretrained_checkpoint", None)
         if pre and os.path.isdir(pre):
             try:
-                from ..conversion import read_record
-
                 return read_record(pre)
             except Exception:  # not a format conversion reads: build_model reports it with the flag's name
                 return None
@@ -130,21 +111,8 @@ def checkpoint_record(args) -> Optional[ModelRecord]:
     return read_model_record(path)
 
 
-def media_settings(record: ModelRecord, args) -> dict:
-    """How this run lays out and preprocesses media: the checkpoint's (VILA's configs) unless flags say otherwise."""
-    media = getattr(record, "media", None) or {}
-    sep = media.get("frame_separator", False)
-    mode = {"resize": "resize", "pad": "pad"}.get(media.get("image_aspect_ratio"), "pad")
-    return {"frame_separator": sep if sep else False,
-            "num_frames": getattr(args, "num_frames", None) or media.get("num_video_frames") or 8,
-            "image_mode": mode, "image_mean": tuple(media.get("image_mean") or (0.5, 0.5, 0.5)),
-            "image_std": tuple(media.get("image_std") or (0.5, 0.5, 0.5))}
-
-
 def resolve_model_record(args, tokenizer) -> ModelRecord:
     """The record of the model this run builds (see the module docstring); compares it with the checkpoint's."""
-    from ..models.registry import ENCODERS, LLMS, _lookup
-
     path, why = checkpoint_to_load(args)
     saved = _saved_record(path, args) if path else None
     if path and saved is None:
@@ -153,7 +121,7 @@ def resolve_model_record(args, tokenizer) -> ModelRecord:
     llm_name = getattr(args, "llm", None)
     vision_name = getattr(args, "vision_encoder", None)
     if llm_name is not None or saved is None:
-        shape = _lookup(LLMS, llm_name or DEFAULT_LLM, "LLM shape (--llm)")
+        shape = lookup(LLMS, llm_name or DEFAULT_LLM, "LLM shape (--llm)")
         real_vocab = max(shape.vocab_size, tokenizer.vocab_size)
         unit = args.make_vocab_size_divisible_by
         padded = -(-real_vocab // unit) * unit
@@ -165,7 +133,7 @@ def resolve_model_record(args, tokenizer) -> ModelRecord:
         base_theta = saved.rope_theta
         llm_name = saved.registry_names.get("llm")
     if vision_name is not None or saved is None:
-        vision = _lookup(ENCODERS, vision_name or DEFAULT_VISION_ENCODER, "vision encoder (--vision-encoder)")
+        vision = lookup(ENCODERS, vision_name or DEFAULT_VISION_ENCODER, "vision encoder (--vision-encoder)")
         vision_name = vision_name or DEFAULT_VISION_ENCODER
     else:
         vision = saved.vision_config()
@@ -219,11 +187,6 @@ def build_model(args, tokenizer, pre_process: bool = True, post_process: bool = 
     """LongVILA for this rank from the arguments (see the module docstring)."""
     import torch
 
-    from ..attention.megatron_core import initialize_mmsp
-    from ..models.freezing import apply_freezing
-    from ..models.offload import activation_memory_from_args
-    from ..models.registry import build_longvila
-
     # Kept on the model, not on args: Megatron-LM pickles args into its checkpoints.
     record = resolve_model_record(args, tokenizer)
     if args.make_vocab_size_divisible_by % args.tensor_model_parallel_size:
@@ -241,8 +204,6 @@ def build_model(args, tokenizer, pre_process: bool = True, post_process: bool = 
         llm_overrides={"calculate_per_token_loss": True, "sequence_parallel": args.sequence_parallel,
                        "bf16": args.bf16},
         activation_memory=activation_memory_from_args(args))
-    from ..conversion import apply_record
-
     # The record's projector token order (announced once) and linear RoPE scaling; sets model.record.
     apply_record(model, record)
     initialize_mmsp(model.config, seq_length=args.seq_length, packed=True)
@@ -252,9 +213,6 @@ def build_model(args, tokenizer, pre_process: bool = True, post_process: bool = 
 
 def build_step(args, model, tokenizer) -> LongVILAStep:
     """The step for this rank's model (its MM-SP settings, the tokenizer's pad id, the encoder's frame size)."""
-    from ..attention.megatron_core import mmsp_state
-    from .microbatch import unwrap_model
-
     m = unwrap_model(model)
     state = mmsp_state(m.config)
     record = m.record
@@ -308,9 +266,6 @@ def _num_microbatches(args, dp_size: int, training: bool):
 
 def build_streams(args, tokenizer, step: LongVILAStep, dp_rank: int, dp_size: int):
     """(train, valid, test): packed streams from JSONL manifests, one per data-parallel replica (resumable)."""
-    from ..data.dataset import DataConfig, PackedIterator, VideoTextDataset
-    from ..models.projector import tokens_per_frame
-
     record = step.model.record
     size, patch = int(record.vision["image_size"]), int(record.vision["patch_size"])
     # The skip fraction is judged by the step over all data-parallel ranks (StepConfig), not per rank here.

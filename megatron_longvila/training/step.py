@@ -12,7 +12,7 @@ path and inference.
 
 One step, on every rank of a pipeline stage (all of it on the host, before the model runs):
 1. `StepBatches` takes the step's micro-batches (num_microbatches packed sequences) from the data stream;
-2. each is planned (`training.microbatch.plan_microbatch`); the first pipeline stage decodes only the frames
+2. each is planned (`batch.microbatch.plan_microbatch`); the first pipeline stage decodes only the frames
    stage 1 gives this rank; the CP ranks agree on decode failures (a host collective) and drop those documents;
 3. the step's loss weight and learned-target count are summed over the micro-batches and all-reduced over
    DP x CP once (a host collective of two numbers) -- see "Fractional loss weights";
@@ -39,17 +39,20 @@ from typing import Callable, Iterator, List, Optional, Union
 import torch
 import torch.distributed as dist
 
-from ..models.longvila import IGNORE_INDEX, MicroBatch
+from ..batch.microbatch import PlannedMicroBatch, plan_microbatch
+from ..batch.sample import IGNORE_INDEX, MicroBatch
+from ..data.dataset import decode_media
+from ..data.errors import REASONS
+from ..data.errors import advice as advice_for
+from ..data.image_processor import SiglipImageProcessor
+from ..errors import SkipThresholdExceeded, StepError
 from ..parallel import comm
-from .microbatch import PlannedMicroBatch, model_device, plan_microbatch, unwrap_model
+from ..parallel.state import get_mmsp_mesh
+from ..runtime.modules import model_device, unwrap_model
 
-__all__ = ["StepConfig", "LongVILAStep", "StepBatches", "drop_documents_with_failed_media", "StepError"]
+__all__ = ["StepConfig", "LongVILAStep", "StepBatches", "drop_documents_with_failed_media"]
 
 logger = logging.getLogger("megatron_longvila.training")
-
-
-class StepError(RuntimeError):
-    """A step that cannot run as set up; the message says what to change."""
 
 
 @dataclass(kw_only=True)
@@ -136,8 +139,6 @@ class LongVILAStep:
     @property
     def processor(self):
         if self._processor is None:
-            from ..data.image_processor import SiglipImageProcessor
-
             self._processor = SiglipImageProcessor(self.config.image_size, mode=self.config.image_mode,
                                                    mean=self.config.image_mean, std=self.config.image_std)
         return self._processor
@@ -148,15 +149,14 @@ class LongVILAStep:
 
     def prepare(self, packed) -> PlannedMicroBatch:
         """One packed sequence -> this rank's planned micro-batch, frames decoded, on the model's device."""
-        from ..attention.megatron_core import get_mmsp_mesh
-
         cfg = self.config
         m = self.model
         mesh = get_mmsp_mesh(m.config)
         size = (cfg.image_size, cfg.image_size)
         mb = MicroBatch.from_packed(packed, [None] * len(packed.media), [size] * len(packed.media))
         self.tokens_seen += mb.total_len
-        planned = plan_microbatch(m, mb, mesh, uniform=cfg.uniform_shards, pad_to_multiple=cfg.pad_to_multiple,
+        planned = plan_microbatch(m.visual_spec, mb, mesh, uniform=cfg.uniform_shards,
+                                  pad_to_multiple=cfg.pad_to_multiple,
                                   seq_length=cfg.seq_length if cfg.uniform_shards else None, pad_id=cfg.pad_id)
         if m.pre_process and mb.frames:
             failed = self._decode(packed, planned)
@@ -174,7 +174,7 @@ class LongVILAStep:
                     drop_documents_with_failed_media(planned.batch, packed, failed)
                     # The weights changed: plan again (cheap, host only) so every derived figure agrees.
                     pixels = {f: planned.batch.frames[f].pixels for f in planned.frames_encoded}
-                    planned = plan_microbatch(m, planned.batch, mesh, uniform=cfg.uniform_shards,
+                    planned = plan_microbatch(m.visual_spec, planned.batch, mesh, uniform=cfg.uniform_shards,
                                               pad_to_multiple=cfg.pad_to_multiple,
                                               seq_length=cfg.seq_length if cfg.uniform_shards else None,
                                               pad_id=cfg.pad_id)
@@ -184,8 +184,6 @@ class LongVILAStep:
         return planned.to(model_device(m), dtype)
 
     def _decode(self, packed, planned: PlannedMicroBatch) -> torch.Tensor:
-        from ..data.dataset import decode_media
-
         failed = torch.zeros(len(packed.media))
         mine = planned.frames_encoded
         if mine:
@@ -204,8 +202,6 @@ class LongVILAStep:
     def finish_step(self, planned: List[PlannedMicroBatch], dataset=None) -> List[PlannedMicroBatch]:
         """Give a step's planned micro-batches the step's loss scale, learned targets / loss weight, both summed over
         the micro-batches and DP x CP, and judge the data's skip fraction over DP: one host all-reduce."""
-        from ..data.errors import REASONS
-
         reasons = sorted(REASONS)
         skipped = dict(dataset.skipped) if dataset is not None else {}
         totals = torch.tensor([sum(p.local_weight for p in planned), float(sum(p.local_count for p in planned)),
@@ -260,14 +256,10 @@ class LongVILAStep:
 
 
 def _check_skips(ok: float, by_reason: dict, cfg: StepConfig) -> None:
-    from ..data.errors import SkipThresholdExceeded
-
     bad = sum(by_reason.values())
     seen = ok + bad
     if seen < cfg.min_samples_for_skip_check or bad <= cfg.max_skip_fraction * seen:
         return
-    from ..data.errors import advice as advice_for
-
     top = max(by_reason, key=by_reason.get)
     advice = advice_for(top)
     raise SkipThresholdExceeded(

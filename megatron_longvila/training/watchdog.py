@@ -45,7 +45,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from .faults import FAULT_EXIT_CODE, FaultExit, report
+from ..errors import FAULT_EXIT_CODE, FaultExit
+from ..runtime.entry import report
+from ..runtime.versions import applying
 
 __all__ = ["Watchdog", "WatchdogConfig", "process_state"]
 
@@ -87,6 +89,7 @@ def _client(timeout_s: float):
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
+    applying("default_store_access")
     try:
         store = c10d._get_default_store()
     except Exception:  # no default group, or a torch without the helper

@@ -2,7 +2,8 @@
 
 import torch
 
-from megatron_longvila.attention.backends import Segments, get_backend
+from megatron_longvila.plan.segments import Segments
+from megatron_longvila.attention.backends import get_backend
 
 
 def test_cpu_and_math_kernels_agree_with_gqa_and_causal():

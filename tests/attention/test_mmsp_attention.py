@@ -7,7 +7,7 @@ fp32 1e-5, bf16 2e-2.
 import pytest
 import torch
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 
 PACKED = [1, 2, 3, 5, 7, 11, 13, 31]  # lengths 1 and primes, several shorter than the mesh
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
@@ -102,7 +102,7 @@ def test_single_rank_plan_is_plain_attention():
 
 def test_bad_inputs_fail_clearly():
     from megatron_longvila.attention import mmsp_attention
-    from megatron_longvila.attention.backends import BackendUnavailable
+    from megatron_longvila.errors import BackendUnavailable
     from megatron_longvila.parallel.mesh import single_rank_mesh
     from megatron_longvila.parallel.sharding import plan_sequence
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from megatron_longvila.attention.backends import Segments, get_backend, te_available
+from megatron_longvila.plan.segments import Segments
+from megatron_longvila.attention.backends import get_backend
+from megatron_longvila.runtime.probes import te_available
 from megatron_longvila.attention.backends.te import (bshd_to_thd, lse_to_stats, pack_segments, stats_to_lse,
                                                      thd_to_bshd, token_coords)
 
@@ -123,7 +125,7 @@ def test_te_fp8_matches_math_loosely(case):
     try:
         got, want = _run("te_fp8", causal, cu_q, cu_k, h, hkv, 128, torch.bfloat16)
     except Exception as e:  # BackendUnavailable: this GPU/cuDNN has no FP8 attention for the shape
-        from megatron_longvila.attention.backends import BackendUnavailable
+        from megatron_longvila.errors import BackendUnavailable
 
         if isinstance(e, BackendUnavailable):
             pytest.skip(str(e))
@@ -135,7 +137,7 @@ def test_te_fp8_matches_math_loosely(case):
 
 @needs_te
 def test_te_rejects_fp32_clearly():
-    from megatron_longvila.attention.backends import BackendUnavailable
+    from megatron_longvila.errors import BackendUnavailable
 
     q = torch.randn(8, 2, 64, device="cuda")
     with pytest.raises(BackendUnavailable, match="fp16/bf16"):

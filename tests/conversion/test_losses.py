@@ -17,7 +17,7 @@ from functools import partial
 import pytest
 import torch
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 
 from .fixtures import CASES, make_vila
 from .reference import VilaReference, micro_batch, samples
@@ -91,20 +91,20 @@ def _ranks(rank, world, jobs):
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_longvila.attention.megatron_core import MMSPPackedSeqParams
+    from megatron_longvila.batch.packed_seq_params import MMSPPackedSeqParams
     from megatron_longvila.conversion import load_longvila
     from megatron_longvila.conversion.mappings import canonical_specs, extra_state_keys
     from megatron_longvila.parallel.mesh import build_mmsp_mesh, single_rank_mesh
     from megatron_longvila.parallel.sharding import plan_sequence
-    from megatron_longvila.training.loss import loss_func
-    from megatron_longvila.training.microbatch import plan_microbatch
+    from megatron_longvila.batch.gpt import loss_func
+    from megatron_longvila.batch.microbatch import plan_microbatch
 
     out = {"cp": [], "tp2pp2": [], "logits": [], "controls": [], "keys": []}
     _setup(cp=4, hier=[2, 2])
     mesh = build_mmsp_mesh(2, 2)
     for name, path in jobs["cp"]:
         model = load_longvila(path, hierarchical_context_parallel_sizes=[2, 2])
-        planned = plan_microbatch(model, micro_batch(model.record, SEED), mesh).to("cpu")
+        planned = plan_microbatch(model.visual_spec, micro_batch(model.record, SEED), mesh).to("cpu")
         with torch.no_grad():
             ce, w = model(planned, reduction="none")
         out["cp"].append((name, path, planned.plan.gather(ce[0]), planned.plan.gather(w[0])))
@@ -115,7 +115,7 @@ def _ranks(rank, world, jobs):
                             sorted(objects ^ set(extra_state_keys(model.record)))))
     for name, path, order in jobs["controls"]:
         model = load_longvila(path, token_order=order, hierarchical_context_parallel_sizes=[2, 2])
-        planned = plan_microbatch(model, micro_batch(model.record, SEED), mesh).to("cpu")
+        planned = plan_microbatch(model.visual_spec, micro_batch(model.record, SEED), mesh).to("cpu")
         with torch.no_grad():
             ce, _ = model(planned, reduction="none")
         out["controls"].append((name, "token_order", planned.plan.gather(ce[0])))
@@ -123,7 +123,7 @@ def _ranks(rank, world, jobs):
     name, path = jobs["cp"][1]
     model = load_longvila(path, hierarchical_context_parallel_sizes=[2, 2])
     model.language_model.model.rotary_pos_emb.seq_len_interpolation_factor = None
-    planned = plan_microbatch(model, micro_batch(model.record, SEED), mesh).to("cpu")
+    planned = plan_microbatch(model.visual_spec, micro_batch(model.record, SEED), mesh).to("cpu")
     with torch.no_grad():
         ce, _ = model(planned, reduction="none")
     out["controls"].append((name, "rope_scaling", planned.plan.gather(ce[0])))
@@ -135,7 +135,7 @@ def _ranks(rank, world, jobs):
         kept = []
 
         def step(it, m):
-            planned = plan_microbatch(m, next(it), single_rank_mesh(), seq_length=SEQ).to("cpu")
+            planned = plan_microbatch(m.visual_spec, next(it), single_rank_mesh(), seq_length=SEQ).to("cpu")
             res = m(planned, reduction="none")
             if isinstance(res, tuple):
                 kept.append((planned.plan.gather(res[0][0]).detach(), planned.plan.gather(res[1][0]).detach()))

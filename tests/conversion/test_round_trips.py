@@ -70,8 +70,8 @@ def test_qkv_interleave_per_group_and_inverse():
 
 
 def test_swiglu_vocab_and_rope():
-    from megatron_longvila.conversion.mappings import (ConversionError, hf_to_canonical, padded_vocab_size,
-                                                       rope_from_config)
+    from megatron_longvila.errors import ConversionError
+    from megatron_longvila.conversion.mappings import hf_to_canonical, padded_vocab_size, rope_from_config
     from megatron_longvila.models.record import record_of
     from megatron_longvila.models.registry import ENCODERS, LLMS
 
@@ -208,7 +208,8 @@ def _edit_json(path, **changes):
 
 
 def _refused(match, **kwargs):
-    from megatron_longvila.conversion import ConversionError, convert
+    from megatron_longvila.errors import ConversionError
+    from megatron_longvila.conversion import convert
 
     with pytest.raises(ConversionError, match=match) as e:
         convert(progress=False, **kwargs)

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 
 from .fixtures import list_files, make_base, make_vila
 

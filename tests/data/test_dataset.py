@@ -7,7 +7,7 @@ import torch
 
 from megatron_longvila.data.dataset import DataConfig, PackedIterator, VideoTextDataset, decode_media, frame_keys
 from megatron_longvila.data.energon import ShardSource, write_shards
-from megatron_longvila.data.errors import SkipThresholdExceeded
+from megatron_longvila.errors import SkipThresholdExceeded
 from megatron_longvila.data.image_processor import SiglipImageProcessor
 from megatron_longvila.data.manifest import Manifest
 from megatron_longvila.data.video import decode_frames

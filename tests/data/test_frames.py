@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_longvila.data.errors import DataError
+from megatron_longvila.errors import DataError
 from megatron_longvila.data.frames import select_frame_indices
 
 

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("tokenizers", reason="the tokenizers package is not installed (pip install tokenizers)")
 
 from megatron_longvila.data.conversation import MediaFrames, tokenize_conversation  # noqa: E402
-from megatron_longvila.data.errors import DataError  # noqa: E402
+from megatron_longvila.errors import DataError
 from megatron_longvila.data.sample import IGNORE_INDEX  # noqa: E402
 from megatron_longvila.data.tokenizer import HFTokenizerFile, load_tokenizer  # noqa: E402
 

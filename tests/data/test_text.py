@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from megatron_longvila.data.conversation import MediaFrames, tokenize_conversation
-from megatron_longvila.data.errors import DataError
+from megatron_longvila.errors import DataError
 from megatron_longvila.data.sample import IGNORE_INDEX
 
 

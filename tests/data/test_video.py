@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from megatron_longvila.data import video
-from megatron_longvila.data.errors import BackendUnavailableError, DataError
+from megatron_longvila.errors import BackendUnavailableError, DataError
 from megatron_longvila.data.video import decode_frames, probe_video
 from tests.data.media import gray_level
 

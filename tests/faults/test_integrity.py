@@ -5,8 +5,9 @@ import zlib
 
 import pytest
 
-from megatron_longvila.training import integrity
-from megatron_longvila.training.arguments import ArgumentError, parse_args
+from megatron_longvila.checkpoint import integrity
+from megatron_longvila.errors import ArgumentError
+from megatron_longvila.training.arguments import parse_args
 from megatron_longvila.training.faults import INJECT_ENV, injections_from_env
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 
 RTOL = 1e-5
 TIE = 1e-4
@@ -195,7 +195,8 @@ def test_mmsp_inference_equals_single_process(reference):
 
 
 def _pp_refused(rank, world):
-    from megatron_longvila.inference import InferenceError, generate
+    from megatron_longvila.errors import InferenceError
+    from megatron_longvila.inference import generate
     from megatron_longvila.models.registry import build_longvila
     from megatron_longvila.parallel.mesh import single_rank_mesh
     from megatron.core import parallel_state as ps

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,7 +33,7 @@ def _save_random_model(rank, world, out):
     from megatron_longvila.models.record import record_of
     from megatron_longvila.models.registry import ENCODERS, LLMShape, build_longvila
     from megatron_longvila.runtime.cpu import enable_cpu_runtime
-    from megatron_longvila.training.checkpoint import save_checkpoint
+    from megatron_longvila.checkpoint.distributed import save_checkpoint
 
     enable_cpu_runtime()
     ps.initialize_model_parallel()

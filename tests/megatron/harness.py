@@ -41,8 +41,8 @@ def batch_tokens(dp_rank: int, micro: int) -> Tuple[torch.Tensor, List[int]]:
 
 
 def sharded_batches(dp_rank: int, micro: int, seq_length: int, config):
-    """This DP rank's micro-batches, sharded by the MM-SP plan (training.batch.shard_batch)."""
-    from megatron_longvila.training.batch import shard_batch
+    """This DP rank's micro-batches, sharded by the MM-SP plan (batch.gpt.shard_batch)."""
+    from megatron_longvila.batch.gpt import shard_batch
 
     out = []
     for m in range(micro):
@@ -55,7 +55,7 @@ def forward_step(it, model):
     """Megatron schedule forward step over an iterator of sharded batches, with the project's loss."""
     from functools import partial
 
-    from megatron_longvila.training.loss import loss_func
+    from megatron_longvila.batch.gpt import loss_func
 
     b = next(it)
     out = model(b.tokens, b.position_ids, None, labels=b.labels, packed_seq_params=b.packed_seq_params)

@@ -17,7 +17,7 @@
 import pytest
 import torch
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 from tests.megatron import harness as H
 
 WORLD = 8
@@ -46,7 +46,7 @@ def _setup(tp, pp, u, r, *, vp=None, bf16=False, num_layers=H.NUM_LAYERS):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
+    from megatron_longvila.parallel.state import initialize_mmsp
 
     cp = u * r
     if ps.model_parallel_is_initialized():
@@ -99,7 +99,7 @@ def _reference(rank, world_size):
     from megatron.core.transformer.module import Float16Module
 
     from megatron_longvila.models.gpt import build_gpt_model
-    from megatron_longvila.training.batch import shard_batch
+    from megatron_longvila.batch.gpt import shard_batch
 
     def batches_of(d, m):
         tokens, docs = H.batch_tokens(d, m)

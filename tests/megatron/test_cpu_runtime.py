@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 
 
 def _train_local_gpt(rank, world_size, tp, pp):

@@ -8,7 +8,7 @@ Tolerance: fp32, 1e-5 relative (max abs difference / max abs reference value, pe
 import pytest
 import torch
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 from tests.megatron import harness as H
 
 RTOL = 1e-5
@@ -32,7 +32,7 @@ def _setup(tp, pp, u, r, sp):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from megatron_longvila.attention.megatron_core import initialize_mmsp
+    from megatron_longvila.parallel.state import initialize_mmsp
 
     cp = u * r
     if ps.model_parallel_is_initialized():
@@ -53,7 +53,7 @@ def _reference(rank, world_size):
 
     enable_cpu_runtime()
     from megatron_longvila.models.gpt import build_gpt_model
-    from megatron_longvila.training.batch import shard_batch
+    from megatron_longvila.batch.gpt import shard_batch
 
     cfg, _ = _setup(1, 1, 1, 1, False)
     model = build_gpt_model(cfg, vocab_size=H.VOCAB, max_sequence_length=H.SEQ_LENGTH)

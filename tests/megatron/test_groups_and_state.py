@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 
 
 def _groups(rank, world):
@@ -59,7 +59,8 @@ def test_mesh_uses_megatrons_hierarchical_groups():
 
 
 def _state(rank, world):
-    from megatron_longvila.attention.megatron_core import MMSPCoreAttention, get_mmsp_config, initialize_mmsp
+    from megatron_longvila.attention.megatron_core import MMSPCoreAttention
+    from megatron_longvila.parallel.state import get_mmsp_config, initialize_mmsp
     from megatron_longvila.config import MMSPConfig, mmsp_config_from_megatron
     from megatron_longvila.parallel.mesh import single_rank_mesh
     from tests.models._longvila_cases import build, micro_batch, setup_megatron
@@ -101,7 +102,8 @@ def test_workaround_fence_warns_once_on_unverified_versions():
 
 
 def test_te_keyword_dropped_only_when_it_means_the_default():
-    from megatron_longvila.runtime.te_compat import TEKeywordError, implied_defaults, te_kwargs
+    from megatron_longvila.errors import TEKeywordError
+    from megatron_longvila.runtime.te_compat import implied_defaults, te_kwargs
 
     kw = {"q": 1, "qkv_layout": "thd_thd_thd", "o_format": "thd", "attn_mask_type": "padding_causal",
           "window_size": (-1, 0)}

@@ -3,7 +3,8 @@ naming the Megatron flag (or argument) to change."""
 
 import pytest
 
-from megatron_longvila.config import MMSPConfigError, mmsp_config_from_megatron, validate_mmsp
+from megatron_longvila.errors import MMSPConfigError
+from megatron_longvila.config import mmsp_config_from_megatron, validate_mmsp
 from tests.megatron import harness as H
 
 
@@ -55,7 +56,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,make,fix", CASES, ids=[c[0] for c in CASES])
 def test_rejected_with_fix(name, make, fix):
-    from megatron_longvila.attention.backends import te_available
+    from megatron_longvila.runtime.probes import te_available
 
     if "without_te" in name and te_available():
         pytest.skip("Transformer Engine is importable here")
@@ -94,7 +95,7 @@ def test_sequence_parallel_with_torch_norm_spec_rejected():
 
 
 def test_te_specs_without_te_fail_loudly():
-    from megatron_longvila.attention.backends import te_available
+    from megatron_longvila.runtime.probes import te_available
     from megatron_longvila.models import specs
 
     if te_available():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from megatron_longvila.parallel.frame_assignment import AssignmentError, assign_frames, encoder_cost
+from megatron_longvila.plan.frames import assign_frames, AssignmentError, encoder_cost
 
 
 @pytest.mark.parametrize("F", [1, 2, 3, 5, 7, 8, 9, 16, 17, 100, 1001])

@@ -4,7 +4,7 @@ output layer) reappears exactly at its place in the unsharded model."""
 
 import torch
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 
 from .test_longvila_pipeline import _build, _setup
 

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from megatron_longvila.models.freezing import apply_freezing
 from megatron_longvila.parallel import comm
 from megatron_longvila.parallel.mesh import build_mmsp_mesh, single_rank_mesh
-from megatron_longvila.testing import run_distributed
-from megatron_longvila.training.microbatch import model_device, plan_microbatch
+from megatron_longvila.parallel.launch import run_distributed
+from megatron_longvila.runtime.modules import model_device
+from megatron_longvila.batch.microbatch import plan_microbatch
 
 from ._longvila_cases import build, load_from, micro_batch, setup_megatron, tp_slice
 from .test_routing import _worker as routing_worker
@@ -68,7 +69,7 @@ def _model_worker(rank, world):
             model.zero_grad(set_to_none=True)
             comm.reset_counters()
             mb = micro_batch(case)
-            step = plan_microbatch(model, mb, mesh).to(model_device(model))
+            step = plan_microbatch(model.visual_spec, mb, mesh).to(model_device(model))
             loss = model(step)
             fwd_bytes = comm.counters()["bytes"].get("cp/mmsp_route", 0)
             loss.backward()

@@ -4,10 +4,12 @@ CP=1 forward against a hand-built reference, input errors, freezing stages, the 
 import pytest
 import torch
 
-from megatron_longvila.models.freezing import STAGES, FreezeConfig, FreezingError, freeze_config
+from megatron_longvila.models.freezing import freeze_config, FreezeConfig, STAGES
+from megatron_longvila.errors import FreezingError
 from megatron_longvila.models.longvila import IGNORE_INDEX, MicroBatch, shift_targets
-from megatron_longvila.models.projector import space_to_channel_2x2, tokens_per_frame
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.models.projector import space_to_channel_2x2
+from megatron_longvila.plan.frames import tokens_per_frame
+from megatron_longvila.parallel.launch import run_distributed
 
 
 def test_tokens_per_frame_matches_longvila():
@@ -44,7 +46,8 @@ def test_freeze_stages():
 
 def _one_rank(rank, world):
     from megatron_longvila.models.freezing import apply_freezing
-    from megatron_longvila.models.longvila import LongVILAInputError, Media, LongVILASample
+    from megatron_longvila.errors import LongVILAInputError
+    from megatron_longvila.models.longvila import LongVILASample, Media
     from megatron_longvila.models.vision import encode_frames
     from megatron_longvila.parallel.mesh import single_rank_mesh
     from megatron_longvila.parallel.sharding import plan_sequence
@@ -149,9 +152,11 @@ def test_longvila_single_rank():
 
 
 def test_te_paths_fail_clearly_without_te():
-    from megatron_longvila.models.vision import VisionConfigError, have_te, vit_layer_spec
+    from megatron_longvila.errors import VisionConfigError
+    from megatron_longvila.runtime.probes import te_available
+    from megatron_longvila.models.vision import vit_layer_spec
 
-    if have_te():
+    if te_available():
         pytest.skip("Transformer Engine is importable here; its path is exercised on GPU machines")
     with pytest.raises(VisionConfigError, match="Transformer Engine"):
         vit_layer_spec(use_te=True)

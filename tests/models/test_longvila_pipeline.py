@@ -4,7 +4,7 @@ encoder, projector, LLM), fp32, 1e-5 relative (max abs error <= 1e-5 * max |refe
 
 The distributed runs go through Megatron's DDP (gradient sum over DP x CP), `get_forward_backward_func` (1F1B
 with batch_p2p_comm=False on gloo), `finalize_model_grads` (per-token loss scaling, SP norm all-reduce, the
-pipeline embedding-group step) and `training.loss.loss_func` on the model's reduction="none" output. Every
+pipeline embedding-group step) and `batch.gpt.loss_func` on the model's reduction="none" output. Every
 micro-batch is filled to SEQ tokens (uniform plan: the p2p buffers have fixed shapes); the reference is unfilled.
 Each rank compares its own parameters (its PP stage's layers, its TP shard) with the matching slice of the
 reference gradient; together the ranks of a replica cover every reference parameter.
@@ -18,8 +18,9 @@ from functools import partial
 import torch
 
 from megatron_longvila.models.longvila import MicroBatch
-from megatron_longvila.testing import run_distributed
-from megatron_longvila.training.microbatch import model_device, plan_microbatch
+from megatron_longvila.parallel.launch import run_distributed
+from megatron_longvila.runtime.modules import model_device
+from megatron_longvila.batch.microbatch import plan_microbatch
 
 from ._longvila_cases import MEDIA, _sample, tp_slice
 
@@ -115,7 +116,7 @@ def _worker(rank, world, layouts):
 
     from megatron_longvila.models.freezing import apply_freezing
     from megatron_longvila.parallel.mesh import build_mmsp_mesh
-    from megatron_longvila.training.loss import loss_func
+    from megatron_longvila.batch.gpt import loss_func
 
     ref_state, per_micro = _reference()
     out = []
@@ -141,7 +142,7 @@ def _worker(rank, world, layouts):
         encoded = []
 
         def step(it, model):
-            planned = plan_microbatch(model, next(it), mesh, seq_length=SEQ).to(model_device(model))
+            planned = plan_microbatch(model.visual_spec, next(it), mesh, seq_length=SEQ).to(model_device(model))
             encoded.append(len(planned.frames_encoded))
             res = model(planned, reduction="none")
             if isinstance(res, tuple):  # last stage: per-token CE and weights

@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvila.parallel import comm
-from megatron_longvila.parallel.frame_assignment import assign_frames
+from megatron_longvila.plan.frames import assign_frames
 from megatron_longvila.parallel.mesh import build_mmsp_mesh
-from megatron_longvila.parallel.routing import build_routing_plan, merge_visual, route
+from megatron_longvila.plan.routing import build_routing_plan
+from megatron_longvila.parallel.routing import merge_visual, route
 from megatron_longvila.parallel.sharding import plan_sequence
 
 H = 8

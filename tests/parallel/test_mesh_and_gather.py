@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from megatron_longvila.parallel.mesh import MeshError, validate_mesh_sizes
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.errors import MeshError
+from megatron_longvila.parallel.mesh import validate_mesh_sizes
+from megatron_longvila.parallel.launch import run_distributed
 
 
 def _mesh_worker(rank, world):

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
-from megatron_longvila.parallel.mesh import MMSPMesh, coords_of
-from megatron_longvila.parallel.sharding import PlanError, plan_sequence, zigzag_chunk_sizes
+from megatron_longvila.parallel.mesh import MMSPMesh
+from megatron_longvila.plan.sequence import coords_of
+from megatron_longvila.errors import PlanError
+from megatron_longvila.parallel.sharding import plan_sequence
+from megatron_longvila.plan.sequence import zigzag_chunk_sizes
 
 
 def _mesh(U, R, cp_rank=0, ring_first=False):

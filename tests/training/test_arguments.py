@@ -3,7 +3,8 @@
 import pytest
 
 from megatron_longvila.models.freezing import STAGES
-from megatron_longvila.training.arguments import ArgumentError, parse_args
+from megatron_longvila.errors import ArgumentError
+from megatron_longvila.training.arguments import parse_args
 from megatron_longvila.training.recipes import RECIPES, get_recipe, rope_base_for_length
 
 BASE = ["--train-iters", "10", "--data-path", "x.jsonl"]

@@ -16,10 +16,12 @@ import pickle
 
 import pytest
 
-from megatron_longvila.models.record import (ModelRecord, RecordMismatch, compare_records, read_model_record,
-                                             record_of)
-from megatron_longvila.testing import DistributedTestError, run_distributed
-from megatron_longvila.training.checkpoint import CheckpointError, checkpoint_dir, read_tracker, safe_load
+from megatron_longvila.models.record import compare_records, ModelRecord, read_model_record, record_of
+from megatron_longvila.errors import RecordMismatch
+from megatron_longvila.errors import DistributedRunError
+from megatron_longvila.parallel.launch import run_distributed
+from megatron_longvila.errors import CheckpointError
+from megatron_longvila.checkpoint.layout import checkpoint_dir, read_tracker, safe_load
 
 from .test_training import _argv, _script, manifest  # noqa: F401  (the fixture)
 
@@ -163,7 +165,7 @@ def test_crafted_pickle_stops_a_resume(manifest, tmp_path):
     # The manifest would refuse the changed file before reading it (tests/faults); without one (an older
     # checkpoint) the unpickler must still refuse it.
     os.remove(os.path.join(checkpoint_dir(ckpt, 2), "manifest.json"))
-    with pytest.raises(DistributedTestError, match="refused to unpickle"):
+    with pytest.raises(DistributedRunError, match="refused to unpickle"):
         run_distributed(_resume_only, 1, manifest, ckpt, timeout=200)
 
 

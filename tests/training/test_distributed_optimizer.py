@@ -13,8 +13,9 @@ import signal
 
 import pytest
 
-from megatron_longvila.testing import DistributedTestError, run_distributed
-from megatron_longvila.training.checkpoint import read_tracker
+from megatron_longvila.errors import DistributedRunError
+from megatron_longvila.parallel.launch import run_distributed
+from megatron_longvila.checkpoint.layout import read_tracker
 
 from .test_training import _argv, _script, manifest  # noqa: F401  (the fixture)
 
@@ -96,7 +97,7 @@ def test_distributed_optimizer_killed_save(manifest, tmp_path):
     import math
 
     ckpt = str(tmp_path / "ckpt")
-    with pytest.raises(DistributedTestError):  # the killed rank, or its peers losing it, fail the world
+    with pytest.raises(DistributedRunError):  # the killed rank, or its peers losing it, fail the world
         run_distributed(_killed_save, 4, manifest, ckpt, timeout=150)
     assert read_tracker(ckpt) == 2
     assert os.path.isdir(os.path.join(ckpt, ".iter_0000004.partial"))

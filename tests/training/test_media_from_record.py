@@ -6,7 +6,8 @@ import torch
 from megatron_longvila.data.conversation import MediaFrames, tokenize_conversation
 from megatron_longvila.data.tokenizer import ByteTokenizer
 from megatron_longvila.models.record import ModelRecord
-from megatron_longvila.training.providers import media_settings, special_tokens_for
+from megatron_longvila.models.record import media_settings
+from megatron_longvila.data.tokenizer import special_tokens_for
 
 
 def _vila_record():

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
+from megatron_longvila.checkpoint.data_state import DATA_STATE_DIR
 from megatron_longvila.training import megatron_lm
 
 from .example_script import load_example_script
@@ -93,7 +94,7 @@ def _resume_run(manifest, ckpt, drop_data_state=False):
     """2 iterations + save, then --load and the remaining ITERS - 2 (same flags, so the same schedule)."""
     first = run_distributed(_megatron_rank, 4, manifest, ["--save", ckpt, "--save-interval", "2", "--exit-interval", "2"], timeout=280)[-1]
     if drop_data_state:
-        shutil.rmtree(os.path.join(ckpt, "iter_0000002", megatron_lm.DATA_STATE_DIR))
+        shutil.rmtree(os.path.join(ckpt, "iter_0000002", DATA_STATE_DIR))
     second = run_distributed(_megatron_rank, 4, manifest, ["--load", ckpt, "--save", ckpt, "--save-interval", "100"], timeout=280)[-1]
     return first, second
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from megatron_longvila.models.longvila import MicroBatch
-from megatron_longvila.models.offload import ActivationMemoryConfig, OffloadError, RecomputeConfig
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.models.offload import ActivationMemoryConfig, RecomputeConfig
+from megatron_longvila.errors import OffloadError
+from megatron_longvila.parallel.launch import run_distributed
 
 from tests.models._longvila_cases import MEDIA, _sample
 
@@ -98,8 +99,9 @@ def _worker(rank, world, tp, pp, u, r, names):
     from megatron_longvila.models.registry import LLMS, build_longvila
     from megatron_longvila.parallel.mesh import build_mmsp_mesh
     from megatron_longvila.runtime.cpu import enable_cpu_runtime
-    from megatron_longvila.training.loss import loss_func
-    from megatron_longvila.training.microbatch import model_device, plan_microbatch
+    from megatron_longvila.batch.gpt import loss_func
+    from megatron_longvila.runtime.modules import model_device
+    from megatron_longvila.batch.microbatch import plan_microbatch
 
     enable_cpu_runtime()
     cp = u * r
@@ -130,7 +132,7 @@ def _worker(rank, world, tp, pp, u, r, names):
         cfg.no_sync_func = ddp.no_sync
 
         def step(it, model):
-            planned = plan_microbatch(model, next(it), mesh, seq_length=SEQ).to(model_device(model))
+            planned = plan_microbatch(model.visual_spec, next(it), mesh, seq_length=SEQ).to(model_device(model))
             res = model(planned, reduction="none")
             if isinstance(res, tuple):
                 ce, w = res
@@ -273,7 +275,8 @@ def test_select_layer_encoder_recomputes_per_layer():
 
 def test_settings_refused_at_start_up():
     """Misconfigurations fail before any model exists, naming the flag."""
-    from megatron_longvila.training.arguments import ArgumentError, parse_args
+    from megatron_longvila.errors import ArgumentError
+    from megatron_longvila.training.arguments import parse_args
 
     base = ["--train-iters", "1", "--data-path", "x.jsonl", "--global-batch-size", "1"]
     for extra, flag in ((["--recompute-granularity", "full"], "--recompute-method"),

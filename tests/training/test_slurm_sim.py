@@ -5,7 +5,7 @@ torchrun's c10d rendezvous on the loopback address; 2 nodes x 2 CPU ranks, Ulyss
 
 It trains 2 iterations and saves; a second launch resumes and trains 2 more; a straight 4-iteration launch (the same
 learning-rate schedule) gives the same losses (exact resume across launches). Which ranks share a node is checked by the run itself at start-up
-(planning.placement: every rank reports the node srun started it on, and the actual Ulysses groups must each lie
+(parallel.placement: every rank reports the node srun started it on, and the actual Ulysses groups must each lie
 inside one node); a launch whose Ulysses groups would span the two nodes is refused naming the flag.
 """
 
@@ -95,7 +95,7 @@ def test_ulysses_across_nodes_is_refused(tmp_path, manifest):
 
 
 def test_check_groups_is_pure():
-    from megatron_longvila.planning.placement import check_groups
+    from megatron_longvila.parallel.placement import check_groups
 
     nodes = ["a", "a", "b", "b"]
     assert check_groups(nodes, {"Ulysses": [[0, 1], [2, 3]]}) == []

@@ -19,7 +19,7 @@
 import torch
 import torch.distributed as dist
 
-from megatron_longvila.testing import run_distributed
+from megatron_longvila.parallel.launch import run_distributed
 
 RTOL = 1e-5
 
@@ -55,14 +55,14 @@ def _meta_one_rank(rank, world):
     from tests.models._longvila_cases import build, micro_batch, setup_megatron
 
     from megatron_longvila.parallel.mesh import single_rank_mesh
-    from megatron_longvila.training.microbatch import plan_microbatch
+    from megatron_longvila.batch.microbatch import plan_microbatch
     from megatron_longvila.training.step import LongVILAStep
 
     setup_megatron()
     model = build().to("meta")
     out = {}
     for case in ("seven", "three"):
-        planned = plan_microbatch(model, micro_batch(case), single_rank_mesh()).to("meta", torch.float32)
+        planned = plan_microbatch(model.visual_spec, micro_batch(case), single_rank_mesh()).to("meta", torch.float32)
         planned.step_scale = 1.0
         mode = _device_check_mode("meta")
         with mode:
@@ -141,8 +141,8 @@ class _Done:
 def _meta_mesh(rank, world):
     from tests.models._longvila_cases import build, micro_batch, setup_megatron
 
-    from megatron_longvila.attention.megatron_core import initialize_mmsp, mmsp_state
-    from megatron_longvila.training.microbatch import plan_microbatch
+    from megatron_longvila.parallel.state import initialize_mmsp, mmsp_state
+    from megatron_longvila.batch.microbatch import plan_microbatch
     from megatron_longvila.training.step import LongVILAStep, StepConfig
 
     setup_megatron(cp=4, hier=[2, 2])
@@ -151,7 +151,7 @@ def _meta_mesh(rank, world):
     state = mmsp_state(model.config)
     model = model.to("meta")
     step = LongVILAStep(StepConfig(seq_length=512, host_cp_group=state.host_cp_group), model)
-    planned = [plan_microbatch(model, micro_batch(c), mesh) for c in ("seven", "three")]
+    planned = [plan_microbatch(model.visual_spec, micro_batch(c), mesh) for c in ("seven", "three")]
     # Planning collectives: host tensors on host groups (real gloo communication), before the model runs.
     step.finish_step([p.to("meta", torch.float32) for p in planned])
     from megatron.core import parallel_state as ps
@@ -209,9 +209,10 @@ def _fractional(rank, world):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from tests.models._longvila_cases import build, load_from, setup_megatron, tp_slice
 
-    from megatron_longvila.attention.megatron_core import initialize_mmsp, mmsp_state
+    from megatron_longvila.parallel.state import initialize_mmsp, mmsp_state
     from megatron_longvila.parallel.mesh import single_rank_mesh
-    from megatron_longvila.training.microbatch import model_device, plan_microbatch
+    from megatron_longvila.runtime.modules import model_device
+    from megatron_longvila.batch.microbatch import plan_microbatch
     from megatron_longvila.training.step import LongVILAStep, StepConfig
 
     # Reference: one process, every micro-batch of every DP replica, weighted global mean.
@@ -240,7 +241,7 @@ def _fractional(rank, world):
         cfg.no_sync_func = ddp.no_sync
         step = LongVILAStep(StepConfig(seq_length=512, host_cp_group=mmsp_state(cfg).host_cp_group), model)
         dp_rank = ps.get_data_parallel_rank()
-        planned = [plan_microbatch(model, _weighted_batch(dp_rank, m), mesh).to(model_device(model))
+        planned = [plan_microbatch(model.visual_spec, _weighted_batch(dp_rank, m), mesh).to(model_device(model))
                    for m in range(2)]
         step.finish_step(planned)
         ddp.zero_grad_buffer()

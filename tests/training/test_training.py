@@ -16,8 +16,9 @@ import sys
 
 import pytest
 
-from megatron_longvila.testing import DistributedTestError, run_distributed
-from megatron_longvila.training.checkpoint import TRACKER, read_tracker
+from megatron_longvila.errors import DistributedRunError
+from megatron_longvila.parallel.launch import run_distributed
+from megatron_longvila.checkpoint.layout import read_tracker, TRACKER
 
 from .example_script import SCRIPT, load_example_script
 
@@ -124,7 +125,7 @@ def _resume_after_kill(rank, world, manifest, ckpt):
 
 def test_killed_save_keeps_previous_checkpoint(manifest, tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    with pytest.raises(DistributedTestError):  # the killed rank, or its peer losing it, fails the world
+    with pytest.raises(DistributedRunError):  # the killed rank, or its peer losing it, fails the world
         run_distributed(_killed_save, 2, manifest, ckpt, timeout=150)
     assert read_tracker(ckpt) == 2
     assert os.path.isdir(os.path.join(ckpt, ".iter_0000004.partial"))

@@ -16,8 +16,10 @@ import sys
 
 import pytest
 
-from megatron_longvila.testing import DistributedTestError, run_distributed
-from megatron_longvila.training.arguments import ArgumentError, parse_args
+from megatron_longvila.errors import DistributedRunError
+from megatron_longvila.parallel.launch import run_distributed
+from megatron_longvila.errors import ArgumentError
+from megatron_longvila.training.arguments import parse_args
 
 from .example_script import SCRIPT
 from .test_training import _argv, _script, manifest  # noqa: F401  (the fixture)
@@ -102,7 +104,7 @@ def test_half_bad_data_stops_early_over_dp(manifest, tmp_path):
         lines.append(json.dumps(rec))
     bad = tmp_path / "half_bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DistributedTestError) as e:
+    with pytest.raises(DistributedRunError) as e:
         run_distributed(_half_bad, 2, manifest, str(bad), timeout=200)  # DP 2: the fraction counts both ranks
     text = str(e.value)
     assert "SkipThresholdExceeded" in text and "'missing_file'" in text and "--max-skip-fraction 0.2" in text, text

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionBackend, BackendUnavailable, Segments
+from ...runtime.probes import te_available
+from .base import AttentionBackend
+from ...errors import BackendUnavailable
+from ...plan.segments import Segments
 
 _INSTANCES = {}
-
-
-def te_available() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # any import failure (missing, no cuDNN, ABI mismatch) means unavailable
-        return False
-    return True
 
 
 def get_backend(name: str, q: torch.Tensor) -> AttentionBackend:

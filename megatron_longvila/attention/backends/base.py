@@ -1,6 +1,6 @@
 """The local attention kernel interface used inside the ring.
 
-Every backend computes attention over *segments*: varlen batches in the packed "thd" layout, where
+Every backend computes attention over *segments* (plan.segments.Segments): varlen batches in the packed "thd" layout, where
 segment i pairs queries q[cu_q[i]:cu_q[i+1]] with keys/values k[cu_k[i]:cu_k[i+1]], and returns the
 natural-log log-sum-exp of each query row so partial results can be merged across ring steps.
 
@@ -12,46 +12,14 @@ The backward receives the *final* (merged) out and lse of the rows, which makes 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 
+from ...errors import BackendUnavailable
+from ...plan.segments import Segments
 
-@dataclass
-class Segments:
-    """Varlen segment boundaries of one block computation."""
-
-    cu_q: List[int]
-    """Cumulative query offsets, length n+1."""
-    cu_k: List[int]
-    """Cumulative key offsets, length n+1."""
-    causal: bool
-    """Causal mask inside every segment (query and key lengths are then equal)."""
-    _device_cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def max_q(self) -> int:
-        return max((b - a for a, b in zip(self.cu_q, self.cu_q[1:])), default=0)
-
-    @property
-    def max_k(self) -> int:
-        return max((b - a for a, b in zip(self.cu_k, self.cu_k[1:])), default=0)
-
-    def pairs(self) -> int:
-        """Query-key pairs the block computes (the FLOP count is 4 * D * heads * pairs forward)."""
-        n = 0
-        for qa, qb, ka, kb in zip(self.cu_q, self.cu_q[1:], self.cu_k, self.cu_k[1:]):
-            lq, lk = qb - qa, kb - ka
-            n += lq * (lq + 1) // 2 if self.causal else lq * lk
-        return n
-
-    def device_tensors(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        key = str(device)
-        if key not in self._device_cache:
-            self._device_cache[key] = (torch.tensor(self.cu_q, dtype=torch.int32, device=device),
-                                       torch.tensor(self.cu_k, dtype=torch.int32, device=device))
-        return self._device_cache[key]
+__all__ = ["Segments", "acc_dtype", "AttentionBackend", "BackendUnavailable"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,7 +39,3 @@ class AttentionBackend:
     def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, seg: Segments, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
-
-
-class BackendUnavailable(RuntimeError):
-    """A requested attention backend cannot run here; the message says why and what to use instead."""

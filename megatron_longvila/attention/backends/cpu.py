@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import acc_dtype, AttentionBackend, BackendUnavailable, Segments
+from .base import acc_dtype, AttentionBackend
+from ...errors import BackendUnavailable
+from ...plan.segments import Segments
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import acc_dtype, AttentionBackend, Segments
+from .base import acc_dtype, AttentionBackend
+from ...plan.segments import Segments
 
 
 def _scores(q, k, scale, causal):

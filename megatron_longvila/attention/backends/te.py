@@ -32,7 +32,9 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from ...runtime.te_compat import implied_defaults, te_kwargs
-from .base import acc_dtype, AttentionBackend, BackendUnavailable, Segments
+from .base import acc_dtype, AttentionBackend
+from ...errors import BackendUnavailable
+from ...plan.segments import Segments
 
 # ---------------------------------------------------------------------------------------------------
 # Pure helpers (torch only, any device): segment packing and softmax-statistics layouts.

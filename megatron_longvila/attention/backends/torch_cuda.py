@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionBackend, BackendUnavailable, Segments
+from .base import AttentionBackend
+from ...errors import BackendUnavailable
+from ...plan.segments import Segments
 
 
 class TorchCUDABackend(AttentionBackend):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
+
+from ...errors import ArgumentError
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -57,3 +59,16 @@ def rope_base_for_length(seq_length: int) -> int:
         raise ValueError(f"--seq-length {seq_length}: the context-extension stage has RoPE bases for "
                          f"{sorted(CONTEXT_EXTENSION_ROPE_BASES)}; pick one of them or set --rotary-base explicitly")
     return CONTEXT_EXTENSION_ROPE_BASES[seq_length]
+
+
+def recipe_rope(recipe: Recipe, seq_length: int, given: Optional[int]) -> Tuple[bool, Optional[int], Optional[int]]:
+    """The RoPE facts a run takes from its recipe, for both trainers: (the recipe changes RoPE, the recipe's base at
+    this length, the base the user gave explicitly). A recipe that extends the context changes RoPE to LongVILA's
+    base for the target length; other recipes keep their `rotary_base` (None: the checkpoint's or the LLM's own).
+    models.record / training.providers rank these against the checkpoint's base."""
+    changes = recipe.name == "context_extension"
+    base = CONTEXT_EXTENSION_ROPE_BASES.get(seq_length) if changes else recipe.rotary_base
+    if changes and given is None and base is None:
+        raise ArgumentError(f"--recipe {recipe.name} with --seq-length {seq_length}: LongVILA's RoPE bases exist for "
+                            f"{sorted(CONTEXT_EXTENSION_ROPE_BASES)}; pick one or give --rotary-base")
+    return changes, base, given

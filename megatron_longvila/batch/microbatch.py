@@ -1,6 +1,6 @@
 """One planned micro-batch: everything a LongVILA step needs on this rank, computed once, on the device once.
 
-`plan_microbatch(model, batch, mesh)` turns a packed `MicroBatch` (host tensors, from the data pipeline) into a
+`plan_microbatch(spec, batch, mesh)` turns a packed `MicroBatch` (host tensors, from the data pipeline) into a
 `PlannedMicroBatch`: the sequence plan (which tokens this CP rank holds), the stage-1 frame assignment (which
 frames it encodes), the stage-2 routing plan (where its embeddings go), this rank's shard of the token ids,
 positions, shifted targets and loss weights, and every index tensor the forward and backward read. All of it
@@ -13,10 +13,13 @@ the micro-batch hold it until its backward has run (activation recompute re-runs
 backward, with the same plan); once the step drops the PlannedMicroBatch they are freed with it. Nothing
 is cached across micro-batches.
 
-    plan_microbatch(model, batch, mesh, *, uniform=False, pad_to_multiple=1, seq_length=None, pad_id=0)
+    VisualSpec                                 what planning needs to know of the encoder and the stage (a model's
+                                               `visual_spec`): patch size, encoder width, media token, locality
+    plan_microbatch(spec, batch, mesh, *, uniform=False, pad_to_multiple=1, seq_length=None, pad_id=0)
         -> PlannedMicroBatch
     fill_to(batch, seq_length, pad_id) -> MicroBatch       a filler document up to a fixed length (PP, SP)
-    model_device(model) -> torch.device
+
+Planning reads a description of the media's encoder, not the model: this layer lies below the models.
 """
 
 from __future__ import annotations
@@ -26,28 +29,31 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..models.longvila import IGNORE_INDEX, LongVILAInputError, MicroBatch, shift_targets
-from ..models.projector import tokens_per_frame
-from ..parallel.frame_assignment import FrameAssignment, assign_frames, encoder_cost
+from ..errors import LongVILAInputError
 from ..parallel.mesh import MMSPMesh
-from ..parallel.routing import RoutingPlan, build_routing_plan
-from ..parallel.sharding import SequencePlan, host_to_device, plan_sequence
+from ..parallel.sharding import SequencePlan, plan_sequence
+from ..plan.frames import FrameAssignment, assign_frames, encoder_cost, tokens_per_frame
+from ..plan.routing import RoutingPlan, build_routing_plan
+from ..runtime.device import host_to_device
+from .sample import IGNORE_INDEX, MicroBatch, shift_targets
 
-__all__ = ["PlannedMicroBatch", "plan_microbatch", "fill_to", "model_device", "unwrap_model"]
-
-
-def unwrap_model(model):
-    """The LongVILAModel inside Megatron's wrappers (DDP, Float16Module)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+__all__ = ["VisualSpec", "PlannedMicroBatch", "plan_microbatch", "fill_to", "FrameGroup"]
 
 
-def model_device(model) -> torch.device:
-    """The device of the model's parameters (every pipeline stage has some)."""
-    for p in unwrap_model(model).parameters():
-        return p.device
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class VisualSpec:
+    """What planning a micro-batch needs to know of the vision encoder and of this pipeline stage."""
+
+    patch_size: int
+    """The encoder's patch size in pixels (frame token counts and encoder costs)."""
+    encoder_hidden: int
+    """The encoder's width (the stage-1 cost estimate)."""
+    media_token_id: Optional[int] = None
+    """If given, every frame's token positions must hold this id (checked when planning)."""
+    locality_aware: bool = True
+    """Stage 1 prefers, among equally loaded choices, the rank that owns most of a frame's tokens."""
+    encodes: bool = True
+    """This pipeline stage encodes frames (the first stage; later stages plan tokens only)."""
 
 
 @dataclass
@@ -148,41 +154,38 @@ def fill_to(batch: MicroBatch, seq_length: int, pad_id: int) -> MicroBatch:
                       sample_ids=list(batch.sample_ids))
 
 
-def _check_frames(model, batch: MicroBatch) -> None:
-    p = model.vision_model.cfg.patch_size
+def _check_frames(spec: VisualSpec, batch: MicroBatch) -> None:
+    p = spec.patch_size
     for i, f in enumerate(batch.frames):
         expected = tokens_per_frame(f.height, f.width, p)
         if f.positions.numel() != expected:
             raise LongVILAInputError(f"frame {i} ({f.height}x{f.width} px) has {f.positions.numel()} token "
                                      f"positions, the encoder and projector produce {expected}")
-        if model.media_token_id is not None:
-            bad = batch.input_ids[f.positions] != model.media_token_id
+        if spec.media_token_id is not None:
+            bad = batch.input_ids[f.positions] != spec.media_token_id
             if bool(bad.any()):
                 raise LongVILAInputError(f"frame {i}: input_ids at its token positions are not the media token "
-                                         f"{model.media_token_id} (e.g. position {int(f.positions[bad][0])})")
+                                         f"{spec.media_token_id} (e.g. position {int(f.positions[bad][0])})")
 
 
-def _assign(model, batch: MicroBatch, plan: SequencePlan) -> FrameAssignment:
+def _assign(spec: VisualSpec, batch: MicroBatch, plan: SequencePlan) -> FrameAssignment:
     """Stage 1 (the same on every CP rank): balance encoder cost; among equal choices prefer the rank that owns
     most of a frame's tokens (fewer rows cross the network in stage 2)."""
-    cfg = model.vision_model.cfg
-    costs = [encoder_cost(f.height, f.width, cfg.patch_size, hidden=cfg.hidden_size) for f in batch.frames]
+    costs = [encoder_cost(f.height, f.width, spec.patch_size, hidden=spec.encoder_hidden) for f in batch.frames]
     preferred = None
-    if model.locality_aware and plan.cp_size > 1 and batch.frames:
-        owner_of = torch.empty(plan.total_len, dtype=torch.long)
-        for r in range(plan.cp_size):
-            owner_of[plan.token_index(r)] = r
+    if spec.locality_aware and plan.cp_size > 1 and batch.frames:
+        owner_of = plan.owners()
         preferred = [int(torch.bincount(owner_of[f.positions], minlength=plan.cp_size).argmax())
                      for f in batch.frames]
     return assign_frames(costs, plan.cp_size, preferred=preferred)
 
 
-def plan_microbatch(model, batch: MicroBatch, mesh: MMSPMesh, *, uniform: bool = False, pad_to_multiple: int = 1,
+def plan_microbatch(spec: VisualSpec, batch: MicroBatch, mesh: MMSPMesh, *, uniform: bool = False, pad_to_multiple: int = 1,
                     seq_length: Optional[int] = None, pad_id: int = 0) -> PlannedMicroBatch:
     """Plan one micro-batch for this rank (host only; see the module docstring).
 
     Args:
-        model: the LongVILAModel (or a Megatron wrapper of it): its vision config, media token and pipeline stage.
+        spec: the encoder and stage this rank plans for (`LongVILAModel.visual_spec`).
         batch: the packed micro-batch (frames may lack pixels: only this rank's frames are decoded, afterwards).
         mesh: this rank's MM-SP mesh.
         uniform, pad_to_multiple: equal local lengths (PP > 1, TP sequence parallelism).
@@ -191,7 +194,8 @@ def plan_microbatch(model, batch: MicroBatch, mesh: MMSPMesh, *, uniform: bool =
             under sequence parallelism).
         pad_id: token id of filler and pad tokens.
     """
-    m = unwrap_model(model)
+    if not isinstance(spec, VisualSpec):
+        raise TypeError(f"plan_microbatch takes a VisualSpec (a model's .visual_spec), not a {type(spec).__name__}")
     if sum(batch.seq_lens) != batch.total_len:
         raise LongVILAInputError(f"seq_lens add up to {sum(batch.seq_lens)}, the micro-batch has "
                                  f"{batch.total_len} tokens")
@@ -219,9 +223,9 @@ def plan_microbatch(model, batch: MicroBatch, mesh: MMSPMesh, *, uniform: bool =
         batch=batch, plan=plan, input_ids=local_ids, position_ids=plan.shard(batch.position_ids),
         targets=local_targets, loss_weights=local_w, total_weight=float(weights.sum(dtype=torch.float64)),
         local_weight=float(local_w.sum(dtype=torch.float64)), local_count=int((local_w > 0).sum()))
-    if m.pre_process and batch.frames:
-        _check_frames(m, batch)
-        out.assignment = _assign(m, batch, plan)
+    if spec.encodes and batch.frames:
+        _check_frames(spec, batch)
+        out.assignment = _assign(spec, batch, plan)
         out.frames_encoded = out.assignment.frames_of(mesh.cp_rank)
         out.routing = build_routing_plan(out.assignment.owner, [f.positions for f in batch.frames], plan)
         by_size: Dict[Tuple[int, int], FrameGroup] = {}

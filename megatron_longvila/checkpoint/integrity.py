@@ -1,5 +1,4 @@
-"""Checkpoints that cannot lie: a manifest of every file with its size and checksum, verified on load; saves whose
-success is agreed by every rank; retention.
+"""Checkpoints that cannot lie: a manifest of every file with its size and checksum, verified on load; retention.
 
     MANIFEST                                  "manifest.json" in each iteration folder
     checksum_name() -> str                    "crc32c" (hardware, when the crc32c package imports) or "crc32" (zlib)
@@ -12,8 +11,7 @@ success is agreed by every rank; retention.
     share(manifest, rank, world) -> [relpath] a rank's share of the load-time checksums (balanced by size)
     verify_for_load(folder, checksums=True) -> None   every rank checks its share; raises CorruptCheckpoint
     check_checkpoint(folder, checksums=True) -> dict  the offline report (tools/check_checkpoint.py)
-    committed_iterations(root) -> [int]; apply_retention(root, keep, protect) -> [removed]
-    SaveAgreement(iteration, save_dir)        a save's success flag, reduced over ranks at each phase
+    apply_retention(root, keep, protect) -> [removed]
 
 The manifest (written by rank 0 last, before the commit rename): {"version", "iteration", "algorithm",
 "files": {relpath: {"size", "checksum", "rank"}}}. Every rank hashes the files it wrote (its torch_dist shards
@@ -28,32 +26,33 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import zlib
 from typing import Dict, List, Optional, Tuple
 
+import torch.distributed as dist
+
+from ..errors import CheckpointError, CorruptCheckpoint
+from ..parallel.groups import host_group_of
+from ..runtime.files import write_text_atomic
+from ..runtime.versions import applying
+from .layout import committed_iterations
+
 __all__ = ["MANIFEST", "checksum_name", "hash_file", "hash_bytes", "write_bytes", "owned_files", "write_manifest",
-           "read_manifest", "problems", "share", "verify_for_load", "check_checkpoint", "committed_iterations",
-           "apply_retention", "SaveAgreement", "agreement_group"]
+           "read_manifest", "problems", "share", "verify_for_load", "check_checkpoint", "apply_retention",
+           "agreement_group"]
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 8 << 20
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
-def _checkpoint_error():
-    from .checkpoint import CheckpointError
-
-    return CheckpointError
-
-
-def _corrupt(message: str):
-    from .checkpoint import CorruptCheckpoint
-
-    return CorruptCheckpoint(message)
+def agreement_group():
+    """A gloo group over the world for host flags of saves and loads, separate from the default group: collectives
+    there never pair with a collective megatron-core's writer left half-done on the default group. Collective to
+    create (first save or load)."""
+    return host_group_of(dist.group.WORLD, separate=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -119,7 +118,8 @@ def write_bytes(path: str, data: bytes, algorithm: str, rank: int) -> Tuple[str,
 
 def owned_files(folder: str, rank: int) -> List[str]:
     """The torch_dist shard files rank `rank` wrote in `folder` (torch's and megatron-core's writers name them
-    `__<rank>_<n>.distcp`)."""
+    `__<rank>_<n>.distcp`: a naming of torch's, fenced in runtime.versions)."""
+    applying("dcp_shard_names")
     prefix = f"__{rank}_"
     return sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".distcp"))
 
@@ -152,12 +152,7 @@ def write_manifest(folder: str, iteration: int, entries: Dict[str, dict], algori
     path = os.path.join(folder, MANIFEST)
     doc = {"version": MANIFEST_VERSION, "iteration": iteration, "algorithm": algorithm,
            "files": dict(sorted(entries.items()))}
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    return path
+    return write_text_atomic(path, json.dumps(doc, indent=1))
 
 
 def read_manifest(folder: str) -> Optional[dict]:
@@ -170,7 +165,7 @@ def read_manifest(folder: str) -> Optional[dict]:
         if not isinstance(doc.get("files"), dict):
             raise ValueError("no file list")
     except (ValueError, OSError) as e:
-        raise _corrupt(f"{path} is unreadable ({type(e).__name__}: {e}): the checkpoint cannot be verified") from None
+        raise CorruptCheckpoint(f"{path} is unreadable ({type(e).__name__}: {e}): the checkpoint cannot be verified") from None
     return doc
 
 
@@ -249,8 +244,6 @@ def _describe(found: List[Tuple[str, str]], limit: int = 6) -> str:
 def verify_for_load(folder: str, checksums: bool = True, *, quiet: bool = False) -> None:
     """Every rank checks its share of `folder` against its manifest; the ranks agree (one host all-gather) and all
     raise the same CheckpointError naming the bad files. No manifest: torch_dist metadata check and a warning."""
-    import torch.distributed as dist
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     local: List[Tuple[str, str]] = []
@@ -261,7 +254,7 @@ def verify_for_load(folder: str, checksums: bool = True, *, quiet: bool = False)
             local = problems(folder, manifest, share(manifest, rank, world), checksums=checksums)
         elif rank == 0:
             local = dcp_problems(folder)
-    except _checkpoint_error() as e:
+    except CheckpointError as e:
         local = [(MANIFEST, str(e))]
     found = local
     if world > 1:
@@ -269,7 +262,7 @@ def verify_for_load(folder: str, checksums: bool = True, *, quiet: bool = False)
         dist.all_gather_object(gathered, local, group=agreement_group())
         found = sorted({tuple(p) for g in gathered for p in (g or [])})
     if found:
-        raise _corrupt(f"{folder} failed verification: {_describe(found)}")
+        raise CorruptCheckpoint(f"{folder} failed verification: {_describe(found)}")
     if manifest is None and rank == 0 and not quiet:
         print(f"[checkpoint] warning: {folder} has no {MANIFEST} (saved before manifests, or by the conversion "
               f"tools): file sizes checked against its torch_dist metadata only, no checksums", flush=True)
@@ -309,13 +302,6 @@ def check_checkpoint(folder: str, checksums: bool = True) -> dict:
 # Retention
 # ------------------------------------------------------------------------------------------------------
 
-def committed_iterations(root: str) -> List[int]:
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(m.group(1)) for m in map(_ITER_RE.match, os.listdir(root)) if m
-                  and os.path.isdir(os.path.join(root, m.group(0))))
-
-
 def apply_retention(root: str, keep: int, protect: int) -> List[str]:
     """Remove all but the newest `keep` committed checkpoints (never `protect`, the one just committed). Each is
     renamed out of the iter_* namespace first, so a crash mid-delete never leaves a half-removed committed copy."""
@@ -333,189 +319,3 @@ def apply_retention(root: str, keep: int, protect: int) -> List[str]:
         if n.endswith(".deleting"):
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
     return removed
-
-
-# ------------------------------------------------------------------------------------------------------
-# Agreement over ranks
-# ------------------------------------------------------------------------------------------------------
-
-def __getattr__(name):
-    if name == "SAVE_ERRORS":  # what a save catches and reports: torch's CheckpointException is a BaseException
-        from torch.distributed.checkpoint import CheckpointException
-
-        return (Exception, CheckpointException)
-    raise AttributeError(name)
-
-
-_GROUPS: dict = {}
-
-
-def agreement_group():
-    """A gloo group over the world for host flags of saves and loads: collectives there never pair with a collective
-    megatron-core's writer left half-done on the default group. Collective to create (first save or load)."""
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
-
-    from ..parallel.timeouts import group_timeout
-
-    key = id(c10d._get_default_group())
-    if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(backend="gloo", timeout=group_timeout())
-    return _GROUPS[key]
-
-
-_SAVES = [0]
-
-
-class SaveAgreement:
-    """One save's success, agreed by every rank at each phase (instead of a barrier).
-
-    A rank that failed posts its error in the job's store, then joins a sum of failure flags on a gloo group; it
-    waits for the others only GRACE_S (a peer may be stuck in a collective that this rank left), while ranks that
-    succeeded wait for everyone (a dead peer fails the sum at once). Any failure, or any lost peer, raises
-    SaveFailed on every rank, with one message printed by the first rank that failed (or, with none posted, by the
-    first to notice)."""
-
-    GRACE_S = 10.0
-
-    def __init__(self, iteration: int, save_dir: str, final: str):
-        import torch.distributed as dist
-        from torch.distributed import distributed_c10d as c10d
-
-        from .faults import run_prefix
-
-        _SAVES[0] += 1
-        self.iteration, self.save_dir, self.final = iteration, save_dir, final
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.group = agreement_group() if self.world > 1 else None
-        self.store = dist.PrefixStore(f"{run_prefix()}/ckpt/{_SAVES[0]}/", c10d._get_default_store()) \
-            if self.world > 1 else None
-        self.error: Optional[str] = None
-        self.secondary = False  # this rank failed only because torch's writer reported another rank's failure
-        self.entries: Dict[str, dict] = {}
-        self.t0 = time.time()
-
-    def failed(self, what: str, e: BaseException) -> None:
-        if self.error is None:
-            self.error = _error_text(e)
-            # torch_dist's writer raises on every rank; only its coordinator holds the failing ranks' errors.
-            self.secondary = isinstance(getattr(e, "failures", None), dict) and not e.failures
-
-    def add_entries(self, folder: str, entries: Dict[str, dict]) -> None:
-        for path, e in entries.items():
-            self.entries[os.path.relpath(path, folder).replace(os.sep, "/") if os.path.isabs(path) else path] = e
-
-    def post_entries(self) -> None:
-        if self.store is not None and self.error is None:
-            self.store.set(f"entries/{self.rank}", json.dumps(self.entries))
-
-    def all_entries(self) -> Dict[str, dict]:
-        if self.store is None:
-            return dict(self.entries)
-        out = {}
-        for value in self.store.multi_get([f"entries/{r}" for r in range(self.world)]):
-            out.update(json.loads(value))
-        return out
-
-    def check(self, phase: str) -> None:
-        """All ranks call this at the end of each phase; returns only when every rank succeeded."""
-        import datetime
-
-        import torch
-        import torch.distributed as dist
-
-        ok = self.error is None
-        if self.world == 1:
-            if not ok:
-                raise self._failure(phase, [(self.rank, self.error)], None)
-            return
-        if not ok and not self.secondary:
-            try:
-                i = self.store.add(f"{phase}/nfail", 1)
-                self.store.set(f"{phase}/fail/{i}", json.dumps([self.rank, self.error]))
-            except Exception:  # noqa: BLE001  (a store that is gone: this rank still reports its own error)
-                pass
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        lost = None
-        try:
-            work = dist.all_reduce(flag, group=self.group, async_op=True)
-            if ok:
-                work.wait()
-            else:
-                work.wait(timeout=datetime.timedelta(seconds=self.GRACE_S))
-        except Exception as e:  # noqa: BLE001  (a dead peer, or the grace ran out)
-            lost = e
-        if ok and lost is None and int(flag) == 0:
-            return
-        raise self._failure(phase, self._posted(phase), lost)
-
-    def _posted(self, phase: str) -> List[Tuple[int, str]]:
-        """The failures ranks posted (their own errors), waiting up to GRACE_S for a first one."""
-        out = []
-        try:
-            deadline = time.monotonic() + self.GRACE_S
-            while self.store.add(f"{phase}/nfail", 0) == 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            n = self.store.add(f"{phase}/nfail", 0)
-            for i in range(1, n + 1):
-                r, text = json.loads(self.store.get(f"{phase}/fail/{i}"))
-                out.append((r, text))
-        except Exception:  # noqa: BLE001
-            if self.error is not None:
-                out = [(self.rank, self.error)]
-        return out
-
-    def _failure(self, phase: str, posted: List[Tuple[int, str]], lost: Optional[BaseException]):
-        from .checkpoint import SaveFailed, read_tracker
-
-        if posted:
-            reporter = posted[0][0] == self.rank
-        else:
-            try:
-                reporter = self.store.add(f"{phase}/report", 1) == 1
-            except Exception:  # noqa: BLE001
-                reporter = self.rank == 0
-        causes = [t if t.startswith("rank ") else f"rank {r}: {t}" for r, t in posted]
-        if lost is not None and not posted:
-            causes.append(f"a rank stopped or died during the save (rank {self.rank} lost contact: "
-                          f"{_error_text(lost)})")
-        try:
-            prev = read_tracker(self.save_dir)
-        except Exception:  # noqa: BLE001
-            prev = None
-        kept = (f"{os.path.join(self.save_dir, 'latest_checkpointed_iteration.txt')} still names iteration {prev}, "
-                f"which is untouched and loadable" if prev is not None else "no earlier checkpoint exists")
-        try:
-            free = (f" ({shutil.disk_usage(self.save_dir).free / 2**30:.1f} GiB free there now, seen from rank "
-                    f"{self.rank})")
-        except OSError:
-            free = ""
-        msg = (f"[checkpoint] saving iteration {self.iteration} to {self.final} failed ({phase}):\n"
-               + "\n".join("  " + c for c in causes)
-               + f"\nNothing of iteration {self.iteration} was committed: {kept}. Every rank exits with status 3. "
-                 f"Next: free disk space, or fix the quota or permissions of {self.save_dir}{free}, then resume with "
-                 f"--load {self.save_dir} (the next save removes the partial folder).")
-        if reporter:
-            from .faults import report
-
-            report(msg, since=self.t0)
-        return SaveFailed(msg, reported=reporter)
-
-
-def _error_text(e: BaseException) -> str:
-    """An exception in one line; torch's CheckpointException holds the failing ranks' own exceptions."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        parts = []
-        for r, wrapped in sorted(failures.items()):
-            exc = wrapped[0] if isinstance(wrapped, tuple) else wrapped
-            root = exc
-            while getattr(root, "__cause__", None) is not None:
-                root = root.__cause__
-            parts.append(f"rank {r}: {type(root).__name__}: {root}")
-        return "; ".join(parts)
-    root = e
-    while getattr(root, "__cause__", None) is not None and not isinstance(root, OSError):
-        root = root.__cause__
-    text = str(root).strip().splitlines()[0] if str(root).strip() else ""
-    return f"{type(root).__name__}: {text}"[:500]

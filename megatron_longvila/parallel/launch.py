@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks on the CPU: the multi-process harness for tests, demos and benchmarks.
+"""Run a function on N local gloo ranks: the multi-process launcher of the tools, demos, inference and tests.
 
 `run_distributed(fn, world_size, *args)` spawns `world_size` processes, initializes a gloo process group
 in each, calls `fn(rank, world_size, *args)` and returns the list of per-rank return values. Any rank's
@@ -16,9 +16,9 @@ import time
 import traceback
 from typing import Any, Callable, List
 
+from ..errors import DistributedRunError
 
-class DistributedTestError(RuntimeError):
-    """A rank raised, or the run timed out."""
+__all__ = ["run_distributed", "DistributedRunError"]
 
 
 def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, kwargs: dict,
@@ -92,7 +92,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     failed = True
-                    raise DistributedTestError(
+                    raise DistributedRunError(
                         f"timed out after {timeout:.0f}s; ranks finished: {sorted(outputs)}, failed: {sorted(errors)}")
                 try:
                     rank, status, payload = results.get(timeout=min(remaining, 1.0))
@@ -108,7 +108,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                         dead = [r for r in dead if r not in outputs and r not in errors]
                         if dead:
                             failed = True
-                            raise DistributedTestError(
+                            raise DistributedRunError(
                                 f"rank(s) {dead} died with exit codes {[procs[r].exitcode for r in dead]}")
                     continue
                 if status == "ok":
@@ -118,7 +118,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                     break  # one failure is enough; the peers may now hang in a collective
             if errors:
                 rank = min(errors)
-                raise DistributedTestError(f"rank {rank} of {world_size} raised:\n{errors[rank]}")
+                raise DistributedRunError(f"rank {rank} of {world_size} raised:\n{errors[rank]}")
         finally:
             for p in procs:
                 # Ranks that finished exit promptly; after a failure the others may be stuck in a collective.

@@ -5,17 +5,16 @@ Public API:
                     hooks=None) -> str
     load_checkpoint(load_dir, model, optimizer=None, scheduler=None, *, load_rng=True, iteration=None)
         -> LoadedCheckpoint | None
-    read_tracker(ckpt_dir) -> int | None          iteration named by latest_checkpointed_iteration.txt
-    checkpoint_dir(root, iteration) -> str        <root>/iter_0000010 (Megatron's naming)
-    safe_load(path) -> object                     torch.load(weights_only=True), refusals as CheckpointError
-    CheckpointError
+    LoadedCheckpoint                              what a load restored
+(Folder naming, the tracker and safe_load: checkpoint.layout; the data position: checkpoint.data_state.)
 
 What a checkpoint holds:
     model and optimizer: sharded tensors (resharded on load: TP, PP and CP layouts may differ);
     scheduler, iteration, consumed samples, layout: the common state (rank 0 writes it once);
     model_record.json: the model it holds (models.record), compared before a load reads any tensor;
-    RNG states and data position: one small file per rank under `extra/` (per-rank state does not reshard:
-    the data position is read back by data-parallel rank, the RNG only at the saving layout).
+    RNG states: one small file per rank under `extra/` (restored only at the saving layout);
+    data position: one file per data-parallel replica under `data_state/` (checkpoint.data_state), read back by
+    data-parallel rank at any TP, CP and PP layout.
 
 Trust: the project's own files (`extra/`, the data position, the record) hold only tensors, numbers, strings and
 containers and are read with `weights_only=True` or as JSON, so a crafted pickle there is refused. The torch_dist
@@ -24,7 +23,7 @@ checkpoint is trusted input, like any pickle. Untrusted weights come in through 
 conversion tools.
 
 Why commits are safe: every rank writes into `<root>/.iter_0000010.partial`; once every rank reports success (a
-flag reduced over ranks, training/integrity.py: a failure anywhere raises SaveFailed everywhere) rank 0 writes
+flag reduced over ranks, checkpoint/agreement.py: a failure anywhere raises SaveFailed everywhere) rank 0 writes
 `manifest.json` (each file's size and checksum, hashed by the rank that wrote it; checked on load before any
 tensor is read), renames
 it to `iter_0000010` (atomic on POSIX) and only then replaces `latest_checkpointed_iteration.txt` (written
@@ -40,40 +39,34 @@ are synchronous; the distributed optimizer is saved as `fully_reshardable` with 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_tracker", "checkpoint_dir", "CheckpointError",
-           "LoadedCheckpoint", "TRACKER", "DISTRIBUTED_OPTIMIZER_SHARDING", "safe_load", "CorruptCheckpoint",
-           "SaveFailed"]
+from ..errors import CheckpointError, CorruptCheckpoint
+from ..models.record import write_model_record
+from ..runtime.megatron_optimizer import (DISTRIBUTED_OPTIMIZER_SHARDING, load_optimizer_state,
+                                          optimizer_sharded_state_dict)
+from ..runtime.modules import unwrap_model
+from . import integrity
+from .agreement import SAVE_ERRORS, SaveAgreement
+from .data_state import data_state_path, read_data_state, writes_data_state
+from .layout import (checkpoint_dir, committed_folder, read_tracker, recover_interrupted_resave, safe_load,
+                     write_tracker)
 
-TRACKER = "latest_checkpointed_iteration.txt"
-"""Megatron's tracker file name: the iteration of the last complete checkpoint."""
-FORMAT_VERSION = 1
+__all__ = ["save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "DISTRIBUTED_OPTIMIZER_SHARDING"]
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as asked; the message says which flag to change."""
-
-
-class CorruptCheckpoint(CheckpointError):
-    """A checkpoint whose files do not match its manifest (training/integrity.py); the message names the files."""
-
-
-class SaveFailed(CheckpointError):
-    """A save that failed on some rank: nothing was committed, the previous checkpoint stays the latest. Raised on
-    every rank; `reported` is True on the one rank that printed the message."""
-
-    def __init__(self, message: str, reported: bool = False):
-        super().__init__(message)
-        self.reported = reported
+FORMAT_VERSION = 2
+"""1: the data position inside each rank's extra/ file; 2: one data_state/ file per data-parallel replica."""
 
 
 @dataclass
@@ -92,27 +85,6 @@ class LoadedCheckpoint:
     """The saving run's parallel layout."""
 
 
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_tracker(root: str) -> Optional[int]:
-    """The iteration named by the tracker file, or None when there is no complete checkpoint."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path} holds {text!r}, not an iteration number")
-    return int(text)
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
@@ -123,9 +95,6 @@ def _layout() -> dict:
 
 def _rng_state() -> dict:
     """This rank's RNG states as tensors, numbers and strings only (loadable with weights_only=True)."""
-    import random
-
-    import numpy as np
     from megatron.core import tensor_parallel
 
     version, internal, gauss = random.getstate()
@@ -139,9 +108,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
     from megatron.core import tensor_parallel
 
     version, internal, gauss = state["python"]
@@ -154,42 +120,10 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def safe_load(path: str):
-    """A file the project wrote with torch.save, read with weights_only=True (no arbitrary unpickling)."""
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except Exception as e:  # pickle.UnpicklingError for forbidden globals, RuntimeError for corrupt zip files
-        raise CheckpointError(f"{path} is not a checkpoint file this project wrote (refused to unpickle it: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def _recover_interrupted_resave(save_dir: str) -> None:
-    """Undo a re-save of an existing iteration that stopped between moving the old copy aside and renaming the new
-    one into place: `iter_N.old` without `iter_N` is the committed checkpoint; move it back. With `iter_N`
-    present, `.old` is a superseded copy and is removed."""
-    if not os.path.isdir(save_dir):
-        return
-    for name in os.listdir(save_dir):
-        if not name.endswith(".old"):
-            continue
-        old = os.path.join(save_dir, name)
-        final = old[: -len(".old")]
-        if os.path.isdir(final):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(old, final)
-
-
 def _strategy():
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     return TorchDistSaveShardedStrategy("torch_dist", 1)
-
-
-from ..runtime.megatron_optimizer import (DISTRIBUTED_OPTIMIZER_SHARDING, load_optimizer_state,  # noqa: E402
-                                          optimizer_sharded_state_dict)
 
 
 def _barrier() -> None:
@@ -218,30 +152,28 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from . import integrity
-
     rank = dist.get_rank()
     final = checkpoint_dir(save_dir, iteration)
     partial = os.path.join(save_dir, f".iter_{iteration:07d}.partial")
     t0 = time.perf_counter()
     # Each phase ends in a success flag reduced over ranks (not a barrier): a failure on any rank -- a full disk, a
     # permission, a rank dying mid-write -- raises SaveFailed on every rank, and nothing is committed.
-    agree = integrity.SaveAgreement(iteration, save_dir, final)
+    agree = SaveAgreement(iteration, save_dir, final)
     algorithm = integrity.checksum_name()
     try:
         if rank == 0:
             os.makedirs(save_dir, exist_ok=True)
-            _recover_interrupted_resave(save_dir)
+            recover_interrupted_resave(save_dir)
             for name in os.listdir(save_dir):  # leftovers of killed saves (never a committed copy)
                 if name.endswith(".partial"):
                     shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
             os.makedirs(partial)
-    except integrity.SAVE_ERRORS as e:  # reported through the agreement
+    except SAVE_ERRORS as e:  # reported through the agreement
         agree.failed("preparing the folder", e)
     agree.check("preparing the folder")
 
     try:
-        model_sd = _unwrap(model).sharded_state_dict()
+        model_sd = unwrap_model(model).sharded_state_dict()
         state = {"model": model_sd,
                  # No optimizer: a weights-only checkpoint (a model for inference or for the next stage's start).
                  "optimizer": optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False) if optimizer
@@ -250,22 +182,24 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
                  "iteration": iteration, "format_version": FORMAT_VERSION, "layout": _layout(),
                  "train_state": dict(train_state)}
         dist_checkpointing.save(state, partial, sharded_strategy=_strategy())
-        extra = {"rng": _rng_state(), "data": data_state, "layout": _layout(),
+        extra = {"rng": _rng_state(), "layout": _layout(),
                  "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
                  "pp_rank": ps.get_pipeline_model_parallel_rank(), "cp_rank": ps.get_context_parallel_rank()}
-        os.makedirs(os.path.join(partial, "extra"), exist_ok=True)
-        import io
-
-        buf = io.BytesIO()
-        torch.save(extra, buf)
-        rel = f"extra/rank_{rank:05d}.pt"
-        agree.add_entries(partial, {rel: integrity.write_bytes(os.path.join(partial, rel), buf.getvalue(),
-                                                               algorithm, rank)[1]})
+        files = {f"extra/rank_{rank:05d}.pt": extra}
+        if data_state is not None and writes_data_state():  # one file per replica (checkpoint/data_state.py)
+            rel = os.path.relpath(data_state_path(partial, ps.get_data_parallel_rank()), partial)
+            files[rel.replace(os.sep, "/")] = data_state
+        for rel, obj in files.items():
+            os.makedirs(os.path.dirname(os.path.join(partial, rel)), exist_ok=True)
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            agree.add_entries(partial, {rel: integrity.write_bytes(os.path.join(partial, rel), buf.getvalue(),
+                                                                   algorithm, rank)[1]})
         # This rank's shards, re-read while they are in the page cache (the manifest's checksums, see integrity.py).
         agree.add_entries(partial, integrity.entries_for(partial, integrity.owned_files(partial, rank), algorithm,
                                                          rank))
         agree.post_entries()
-    except integrity.SAVE_ERRORS as e:  # torch's CheckpointException is a BaseException
+    except SAVE_ERRORS as e:  # torch's CheckpointException is a BaseException
         agree.failed("writing the shards", e)
     if hooks and "after_write" in hooks:
         hooks["after_write"]()
@@ -275,10 +209,8 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
         if rank == 0:
             with open(os.path.join(partial, "train_state.json"), "w") as f:
                 json.dump({"iteration": iteration, "layout": _layout(), **train_state}, f, indent=1, default=str)
-            record = model_record if model_record is not None else getattr(_unwrap(model), "record", None)
+            record = model_record if model_record is not None else getattr(unwrap_model(model), "record", None)
             if record is not None:
-                from ..models.record import write_model_record
-
                 write_model_record(partial, record)
             integrity.write_manifest(partial, iteration, agree.all_entries(), algorithm)
             if os.path.exists(final):  # re-saving an iteration: move the committed copy aside (module docstring)
@@ -286,14 +218,9 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
                 if hooks and "after_move_old" in hooks:
                     hooks["after_move_old"]()
             os.rename(partial, final)
-            tmp = os.path.join(save_dir, TRACKER + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(str(iteration))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(save_dir, TRACKER))
+            write_tracker(save_dir, iteration)
             shutil.rmtree(final + ".old", ignore_errors=True)
-    except integrity.SAVE_ERRORS as e:
+    except SAVE_ERRORS as e:
         agree.failed("committing", e)
     agree.check("committing")
     if rank == 0:
@@ -310,8 +237,6 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
 
 def _verified(load_dir: str, path: str, iteration: int, *, checksums: bool, newest_valid: bool) -> str:
     """`path` when it verifies; else the newest older committed checkpoint that does (newest_valid) or an error."""
-    from . import integrity
-
     try:
         integrity.verify_for_load(path, checksums)
         return path
@@ -356,19 +281,15 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
         iteration = read_tracker(load_dir)
         if iteration is None:
             return None
-    path = checkpoint_dir(load_dir, iteration)
-    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
-        path = path + ".old"  # a re-save of this iteration was interrupted: this is the committed copy
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{os.path.join(load_dir, TRACKER)} names iteration {iteration} but {path} is missing")
+    path = committed_folder(load_dir, iteration)  # iter_N, or its .old copy when a re-save of it was interrupted
     if verify != "none":
         path = _verified(load_dir, path, iteration, checksums=verify == "checksums", newest_valid=newest_valid)
-    model_sd = _unwrap(model).sharded_state_dict()
+    model_sd = unwrap_model(model).sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
-    _unwrap(model).load_state_dict(loaded["model"], strict=True)
+    unwrap_model(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
@@ -382,13 +303,10 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
     rank = dist.get_rank()
     rng_restored = False
     data_state = None
-    extra_dir = os.path.join(path, "extra")
     if optimizer is not None:  # resuming: RNG and data position matter
         if same:
-            extra = safe_load(os.path.join(extra_dir, f"rank_{rank:05d}.pt"))
-            data_state = extra["data"]
             if load_rng:
-                _set_rng_state(extra["rng"])
+                _set_rng_state(safe_load(os.path.join(path, "extra", f"rank_{rank:05d}.pt"))["rng"])
                 rng_restored = True
         else:
             if load_rng:
@@ -401,12 +319,8 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
                     f"{ps.get_data_parallel_world_size()}: the data position is per data-parallel rank; keep the "
                     f"data-parallel size (change --tensor/--pipeline/--context-parallel-size only) or start fresh "
                     f"with --pretrained-checkpoint")
-            dp_rank = ps.get_data_parallel_rank()
-            for name in sorted(os.listdir(extra_dir)):
-                extra = safe_load(os.path.join(extra_dir, name))
-                if extra["dp_rank"] == dp_rank:
-                    data_state = extra["data"]
-                    break
+        # This replica's own file only, at any TP, CP and PP layout (checkpoint/data_state.py).
+        data_state = read_data_state(path, ps.get_data_parallel_rank())
     _barrier()
     return LoadedCheckpoint(iteration=int(loaded["iteration"]), train_state=dict(loaded.get("train_state", {})),
                             data_state=data_state, rng_restored=rng_restored, layout=layout)

@@ -1,6 +1,7 @@
-"""MM-SP micro-batch sharding: the equivalent of Megatron's get_batch_on_this_cp_rank for the MM-SP layout.
+"""The GPT-only micro-batch: a plain Megatron GPT with MM-SP attention (the `--spec` path), sharded by one plan, and
+its loss function. LongVILA's own micro-batches go through batch.microbatch and the training step instead.
 
-Public API:
+Sharding (the equivalent of Megatron's get_batch_on_this_cp_rank for the MM-SP layout):
     shift_labels(tokens, seq_lens) -> (labels, loss_mask)
         next-token targets inside each document; a document's last token has no target (mask 0)
     shard_batch(tokens, *, seq_lens=None, labels=None, loss_mask=None, position_ids=None, config=None, mesh=None,
@@ -15,6 +16,21 @@ a document. Position ids (each token's position inside its own document) are sha
 the same plan drives RoPE in MMSPSelfAttention, so positions always match. Pad tokens of uniform plans get
 token `pad_id`, label 0, loss mask 0 and position 0.
 
+Loss (the exact global token mean across CP and DP ranks and micro-batches):
+    loss_func(loss_mask, output_tensor) -> (loss_sum, num_tokens, {"lm loss": [sum, count]})
+        Megatron forward_step loss function. With TransformerConfig.calculate_per_token_loss=True (required:
+        validate_mmsp checks it), Megatron's DDP sums gradients over DP x CP and finalize_model_grads divides
+        them by the token count all-reduced over DP x CP, so gradients are those of the global token mean.
+    global_token_mean(per_token_loss, loss_mask, group=None) -> Tensor
+        for loops outside Megatron's schedules: sum of this rank's masked losses / global token count; the
+        sum over `group` of every rank's value (and of its gradients) is the exact global mean.
+    reduce_for_logging(loss_sum, num_tokens, group=None) -> float     global mean for reports
+Why not a mean per rank: MM-SP shards (and loss masks) give CP ranks different numbers of target tokens, so a
+mean of per-rank means weighs tokens unequally; summing first and dividing by the global count is exact.
+The token count is the number of positions with a non-zero mask, an integer: a fractional mask weighs each token's
+loss but is not truncated into the count (a weighted global mean over fractional weights, exactly, is what
+training.step's loss scale gives LongVILA's micro-batches).
+
 Fixed shapes: with seq_length (needed with PP > 1 or TP sequence parallelism), a packed sequence shorter
 than seq_length gets a filler document (token pad_id, loss mask 0), so every rank holds exactly
 seq_length / CP tokens, which is the shape Megatron's pipeline schedules allocate.
@@ -23,20 +39,20 @@ seq_length / CP tokens, which is the shape Megatron's pipeline schedules allocat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
-from ..attention.megatron_core import MMSPPackedSeqParams, get_mmsp_config, get_mmsp_mesh
 from ..config import MMSPConfig
+from ..errors import BatchError
 from ..parallel.mesh import MMSPMesh
 from ..parallel.sharding import SequencePlan, plan_sequence
+from ..parallel.state import get_mmsp_config, get_mmsp_mesh
+from .packed_seq_params import MMSPPackedSeqParams
 
-__all__ = ["ShardedBatch", "shard_batch", "shard_batch_te_cp", "shift_labels", "BatchError"]
-
-
-class BatchError(ValueError):
-    """A micro-batch that the MM-SP plan cannot serve as given."""
+__all__ = ["ShardedBatch", "shard_batch", "shard_batch_te_cp", "shift_labels", "BatchError", "loss_func",
+           "global_token_mean", "reduce_for_logging", "dp_cp_group"]
 
 
 @dataclass
@@ -178,3 +194,40 @@ def shard_batch_te_cp(tokens: torch.Tensor, *, labels: Optional[torch.Tensor] = 
         position_ids = torch.arange(s, device=tokens.device).expand(b, s).contiguous()
     return get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "loss_mask": loss_mask.float(),
                                       "position_ids": position_ids, "attention_mask": None})
+
+
+def dp_cp_group():
+    """Megatron's data-parallel group including context parallelism (where gradients are reduced)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
+    """Per-token losses [b, s_local] (GPTModel with labels) -> Megatron's (sum, count, report) triple."""
+    losses = output_tensor.float()
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(losses.reshape(-1) * mask)
+    # Positions that count, as an integer: mask.sum() cast to int would truncate fractional weights.
+    num_tokens = (mask != 0).sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), num_tokens.float()])
+    if dist.is_initialized():
+        dist.all_reduce(report, group=dp_cp_group())
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def global_token_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, group=None) -> torch.Tensor:
+    """This rank's share of the global token mean: sum(local masked losses) / (tokens counted over `group`)."""
+    mask = loss_mask.float()
+    count = mask.sum().detach().clone()
+    if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):
+        dist.all_reduce(count, group=group)
+    return torch.sum(per_token_loss.float() * mask) / torch.clamp(count, min=1.0)
+
+
+def reduce_for_logging(loss_sum: torch.Tensor, num_tokens: torch.Tensor, group=None) -> float:
+    """Global token mean of a loss from per-rank sums and counts."""
+    t = torch.stack([loss_sum.detach().float().reshape(()), num_tokens.detach().float().reshape(())])
+    if dist.is_initialized():
+        dist.all_reduce(t, group=group)
+    return float(t[0] / torch.clamp(t[1], min=1.0))

@@ -1,4 +1,5 @@
-"""Stage 1 of MM-SP: which CP rank decodes and encodes each frame (or image) of a micro-batch.
+"""Stage 1 of MM-SP: which CP rank decodes and encodes each frame (or image) of a micro-batch; and the geometry of a
+frame (patches, projector tokens) that the plan and the cost estimate need.
 
 A pure function of the frames' estimated encoder costs and the number of CP ranks, so every rank computes
 the same assignment from the same metadata without communicating.
@@ -19,11 +20,33 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import AssignmentError, ProjectorError, VisionConfigError
+
+__all__ = ["FrameAssignment", "assign_frames", "encoder_cost", "patch_grid", "downsampled_grid", "tokens_per_frame",
+           "AssignmentError"]
 
 
-class AssignmentError(ValueError):
-    """Frame costs or rank counts that cannot be assigned."""
+def patch_grid(height: int, width: int, patch_size: int) -> Tuple[int, int]:
+    """(rows, cols) of patches of a frame. As in SigLIP, the patch convolution is "valid": pixels past the last
+    whole patch are ignored (384 px -> 27 patches of 14 px)."""
+    if height < patch_size or width < patch_size:
+        raise VisionConfigError(f"frame of {height}x{width} px is smaller than one {patch_size} px patch")
+    return height // patch_size, width // patch_size
+
+
+def downsampled_grid(rows: int, cols: int) -> Tuple[int, int]:
+    """Token grid after the projector's 2x2 space-to-channel (odd sides are padded up)."""
+    return (rows + 1) // 2, (cols + 1) // 2
+
+
+def tokens_per_frame(height: int, width: int, patch_size: int) -> int:
+    """LLM tokens one frame of height x width px becomes (e.g. 196 at 384 px with 14 px patches)."""
+    if height < patch_size or width < patch_size:
+        raise ProjectorError(f"frame {height}x{width} px is smaller than one {patch_size} px patch")
+    r, c = downsampled_grid(height // patch_size, width // patch_size)
+    return r * c
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,9 @@ from typing import Dict, List, Sequence
 
 import torch.distributed as dist
 
+from ..errors import PlacementError
+
 __all__ = ["PlacementError", "node_name", "check_groups", "check_node_placement"]
-
-
-class PlacementError(RuntimeError):
-    """A group that needs NVLink spans nodes; the message names the flag to change."""
 
 
 def node_name() -> str:
