@@ -41,7 +41,8 @@ setup(
         "energon": ["megatron-energon==7.4.1"],
         # tokenizers loads Hugging Face tokenizer.json files (Qwen2-style); tested when installed.
         # transformers builds the tiny random Qwen2 / Llama / SigLIP references of the conversion tests.
+        # import-linter checks the package's layer order (.importlinter; tests/test_layers.py runs it).
         "test": ["pytest", "pytest-timeout", "imageio-ffmpeg", "nvidia-dali-cuda130", "tokenizers", "transformers",
-                 "safetensors"],
+                 "safetensors", "import-linter==2.17"],
     },
 )

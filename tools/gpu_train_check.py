@@ -113,10 +113,11 @@ def _micro_batch(frames: int, size: int, patch: int, text: int, vocab: int, seed
 
 
 def _planned(model, mb, device):
-    from megatron_longvila.parallel.mesh import single_rank_mesh
     from megatron_longvila.batch.microbatch import plan_microbatch
+    from megatron_longvila.parallel.mesh import single_rank_mesh
+    from megatron_longvila.runtime.modules import unwrap_model
 
-    p = plan_microbatch(model.visual_spec, mb, single_rank_mesh())
+    p = plan_microbatch(unwrap_model(model).visual_spec, mb, single_rank_mesh())
     p.step_scale = 1.0
     return p.to(device, model.vision_model.conv1.weight.dtype)
 

@@ -14,8 +14,9 @@ Public API:
         multiple of make-vocab-size-divisible-by x TP) are -inf: they never enter the softmax, so a real
         token's probability equals the unpadded model's, in the loss and in generation
 
-Packed micro-batches from `batch.gpt.shard_batch` (qkv_format "thd") need no rotary swap: Megatron does
-not slice the table for thd. The swap matters for sbhd micro-batches (micro-batch size > 1) under CP.
+Under CP > 1, MMSPSelfAttention takes only a table PlanRotaryEmbedding marked as whole (a table does not say whether
+Megatron sliced it, which it does for sbhd micro-batches and not for thd), so a GPTModel built elsewhere needs
+`use_plan_rope` whatever the micro-batch format.
 """
 
 from __future__ import annotations

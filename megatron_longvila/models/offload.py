@@ -38,6 +38,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..attention.megatron_core import is_plan_rope_table
 from ..errors import OffloadError
+from ..runtime.modules import unwrap_model
 from ..runtime.probes import te_available
 
 __all__ = ["RecomputeConfig", "ActivationMemoryConfig", "activation_memory_from_args", "ActivationOffload",
@@ -386,8 +387,7 @@ def offloads_of(model) -> Dict[str, ActivationOffload]:
 
 
 def _stacks(model) -> Dict[str, Optional[torch.nn.Module]]:
-    while hasattr(model, "module") and not hasattr(model, "language_model"):
-        model = model.module
+    model = unwrap_model(model)
     lm = getattr(getattr(model, "language_model", None), "model", None)
     vis = getattr(model, "vision_model", None)
     return {"llm": getattr(lm, "decoder", None), "vision": getattr(vis, "decoder", None)}

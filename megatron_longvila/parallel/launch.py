@@ -31,7 +31,12 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tupl
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
-            out = fn(rank, world_size, *args, **kwargs)
+            try:
+                out = fn(rank, world_size, *args, **kwargs)
+            except BaseException:
+                # Reported before the barrier below: peers stuck in a collective with this rank would hold it there.
+                results.put((rank, "error", traceback.format_exc()))
+                return
             results.put((rank, "ok", out))
         finally:
             try:

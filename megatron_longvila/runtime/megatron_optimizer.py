@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import OptimizerStateError
 from .versions import applying
 
 __all__ = ["DISTRIBUTED_OPTIMIZER_SHARDING", "optimizer_sharded_state_dict", "load_optimizer_state",
            "OptimizerStateError"]
-
-
-class OptimizerStateError(RuntimeError):
-    """An optimizer state that does not fit this optimizer."""
 
 
 DISTRIBUTED_OPTIMIZER_SHARDING = "fully_reshardable"

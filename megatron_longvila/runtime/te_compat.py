@@ -13,13 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable
 
+from ..errors import TEKeywordError
 from .versions import applying
 
 __all__ = ["te_kwargs", "implied_defaults", "TEKeywordError"]
-
-
-class TEKeywordError(RuntimeError):
-    """A keyword the installed Transformer Engine lacks, with a value it would not use implicitly."""
 
 
 def implied_defaults(kw: Dict[str, Any], te_dtype_of=None) -> Dict[str, Any]:

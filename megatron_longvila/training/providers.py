@@ -29,7 +29,7 @@ import os
 from dataclasses import replace
 from typing import Optional, Tuple
 
-from ..checkpoint.layout import checkpoint_dir, read_tracker
+from ..checkpoint.layout import committed_folder, read_tracker
 from ..conversion import apply_record, detect_format, read_record
 from ..data.dataset import DataConfig, PackedIterator, VideoTextDataset
 from ..data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
@@ -59,10 +59,10 @@ def checkpoint_to_load(args) -> Tuple[Optional[str], Optional[str]]:
     from weights), or (None, None)."""
     load = getattr(args, "load", None)
     if load and os.path.isdir(load) and read_tracker(load) is not None:
-        return checkpoint_dir(load, read_tracker(load)), "--load"
+        return committed_folder(load, read_tracker(load)), "--load"
     pre = getattr(args, "pretrained_checkpoint", None)
     if pre and os.path.isdir(pre) and read_tracker(pre) is not None:
-        return checkpoint_dir(pre, read_tracker(pre)), "--pretrained-checkpoint"
+        return committed_folder(pre, read_tracker(pre)), "--pretrained-checkpoint"
     if pre and os.path.isdir(pre):
         try:
             detect_format(pre)  # HF VILA, NeMo 2, or a bare iteration folder
@@ -74,8 +74,6 @@ def checkpoint_to_load(args) -> Tuple[Optional[str], Optional[str]]:
 
 def _saved_record(path: str, args) -> Optional[ModelRecord]:
     """The record of the checkpoint at `path`: its model_record.json, else (a converted format) the conversion's."""
-    if not os.path.isdir(path):  # the tracker's iteration mid re-save: its committed copy is iter_N.old
-        return read_model_record(path + ".old") if os.path.isdir(path + ".old") else None
     if os.path.isfile(os.path.join(path, "model_record.json")) or os.path.isfile(os.path.join(path, "metadata.json")):
         return read_model_record(path)
     return read_record(path, tensor_model_parallel_size=args.tensor_model_parallel_size,

@@ -50,7 +50,7 @@ CASES = [
     ("fp8_attention_without_te", lambda: (_mutated(_cfg(), fp8="hybrid", fp8_dot_product_attention=True), {}),
      "Transformer Engine"),
     ("te_baseline_without_te", lambda: (_cfg(cp=2, hier=[2, 1]), {"mmsp": "cp_attention=te_a2a_p2p"}),
-     "gpt_mmsp_layer_spec"),
+     "gpt_mmsp_local"),
 ]
 
 

@@ -19,7 +19,7 @@ import torch
 
 from megatron_longvila.models.longvila import MicroBatch
 from megatron_longvila.parallel.launch import run_distributed
-from megatron_longvila.runtime.modules import model_device
+from megatron_longvila.runtime.modules import model_device, unwrap_model
 from megatron_longvila.batch.microbatch import plan_microbatch
 
 from ._longvila_cases import MEDIA, _sample, tp_slice
@@ -142,7 +142,7 @@ def _worker(rank, world, layouts):
         encoded = []
 
         def step(it, model):
-            planned = plan_microbatch(model.visual_spec, next(it), mesh, seq_length=SEQ).to(model_device(model))
+            planned = plan_microbatch(unwrap_model(model).visual_spec, next(it), mesh, seq_length=SEQ).to(model_device(model))
             encoded.append(len(planned.frames_encoded))
             res = model(planned, reduction="none")
             if isinstance(res, tuple):  # last stage: per-token CE and weights

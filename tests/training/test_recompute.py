@@ -100,7 +100,7 @@ def _worker(rank, world, tp, pp, u, r, names):
     from megatron_longvila.parallel.mesh import build_mmsp_mesh
     from megatron_longvila.runtime.cpu import enable_cpu_runtime
     from megatron_longvila.batch.gpt import loss_func
-    from megatron_longvila.runtime.modules import model_device
+    from megatron_longvila.runtime.modules import model_device, unwrap_model
     from megatron_longvila.batch.microbatch import plan_microbatch
 
     enable_cpu_runtime()
@@ -132,7 +132,7 @@ def _worker(rank, world, tp, pp, u, r, names):
         cfg.no_sync_func = ddp.no_sync
 
         def step(it, model):
-            planned = plan_microbatch(model.visual_spec, next(it), mesh, seq_length=SEQ).to(model_device(model))
+            planned = plan_microbatch(unwrap_model(model).visual_spec, next(it), mesh, seq_length=SEQ).to(model_device(model))
             res = model(planned, reduction="none")
             if isinstance(res, tuple):
                 ce, w = res
