@@ -2,8 +2,8 @@
 
     torchrun --nproc-per-node 8 examples/generate_longvila.py --load ckpt/long_sft --video clip.mp4 \
         --prompt "What happens in the video?" --hierarchical-context-parallel-sizes 8 1
-    python examples/generate_longvila.py --cpu-ranks 4 --hierarchical-context-parallel-sizes 2 2 \
-        --load longvila_demo/checkpoints --video longvila_demo/data/videos/clip_000.mp4 --prompt "What happens in the video?"
+    python examples/generate_longvila.py --cpu-ranks 4 --load longvila_demo/checkpoints \
+        --video longvila_demo/data/videos/heldout_000.mp4 --prompt "What happens in the video?"
 
 The checkpoint may be this project's (torch_dist with its model record), a Hugging Face VILA folder or NeMo 2.
 The prompt goes through the training chat template (the checkpoint's); each rank decodes only the frames stage 1
@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("--video", help="a video file")
     media.add_argument("--image", help="an image file")
     p.add_argument("--prompt", required=True, help="the question")
-    p.add_argument("--num-frames", type=int, default=None, help="frames sampled from the video (default: the "
-                                                                "checkpoint's, else 8)")
+    p.add_argument("--num-frames", type=int, default=None, help="frames sampled from the video (default: the frames "
+                                                                "per video the checkpoint's model was trained with, "
+                                                                "from its record; else 8)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -96,7 +97,8 @@ def run(args):
     return {"answer": text, "token_ids": ids, "prompt_tokens": st["prompt_tokens"], "prefill_s": st["prefill_s"],
             "decode_tokens_per_s": (len(ids) - 1) / st["decode_s"] if st["decode_s"] > 0 and len(ids) > 1 else None,
             "seconds": time.perf_counter() - t0, "peak_memory_gb_per_rank": [float(g) for g in gathered],
-            "mesh": f"{mesh.ulysses_size}x{mesh.ring_size}", "kv_bytes_rank0": st["kv_bytes"]}
+            "mesh": f"{mesh.ulysses_size}x{mesh.ring_size}", "kv_bytes_rank0": st["kv_bytes"],
+            "num_frames": media["num_frames"] if args.video else None}
 
 
 def main(argv=None):

@@ -76,11 +76,13 @@ def text_prompt(tokenizer, question: str, *, template: str) -> LongVILASample:
 
 
 def stop_ids(tokenizer, template: str) -> Set[int]:
-    """Ids that end an answer: the tokenizer's EOS and the template's end-of-turn marker when it is one token."""
+    """Ids that end an answer: the tokenizer's EOS and the template's end-of-turn marker when it is one token (the
+    plain template's is its newline)."""
     out = set()
     if getattr(tokenizer, "eos_id", None) is not None:
         out.add(int(tokenizer.eos_id))
-    suffix = get_template(template).assistant_suffix.strip()
+    suffix = get_template(template).assistant_suffix
+    suffix = suffix.strip() or suffix  # "<|im_end|>" whole; "\n" (plain) as it is
     if suffix:
         ids = tokenizer.encode(suffix)
         if len(ids) == 1:

@@ -28,6 +28,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..errors import ProjectorError
+from ..runtime.entry import rank
 
 
 TOKEN_ORDERS = ("row_major", "column_major")
@@ -58,12 +59,14 @@ _ANNOUNCED = set()
 
 
 def announce_token_order(order: str, why: str) -> None:
-    """Log the projector's token order once per process (per order and reason)."""
+    """Log the projector's token order once per run (per order and reason): every rank knows it alike, so rank 0
+    says it."""
     import logging
 
     if (order, why) not in _ANNOUNCED:
         _ANNOUNCED.add((order, why))
-        logging.getLogger("megatron_longvila.models").warning("projector token order: %s (%s)", order, why)
+        if rank() == 0:
+            logging.getLogger("megatron_longvila.models").warning("projector token order: %s (%s)", order, why)
 
 
 @dataclass(kw_only=True)

@@ -18,7 +18,8 @@ safetensors files, so any checkpoint the project saves, after any training, expo
     compare_records(saved, built, ...)        raise RecordMismatch naming every difference; return notes
     read_model_record(ckpt_dir) -> ModelRecord | None
     write_model_record(ckpt_dir, record)
-    media_settings(record, args=None) -> dict   frames, separator, image mode, mean, std (flags win over the record)
+    media_settings(record, args=None) -> dict   frames, sampling, separator, image mode, mean, std (flags win)
+    training_media(record, settings) -> dict    the record's media after training with those settings
     RECORD_FILE, RECORD_VERSION
 
 Versions: 1 (the model's shape, RoPE, token order, tokenizer facts), 2 (adds media, default_layout, source, hf and
@@ -35,12 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..errors import RecordMismatch
+from ..runtime.entry import once
 from ..runtime.files import write_text_atomic
 from .registry import LLMShape
 from .vision import VisionConfig
 
 __all__ = ["ModelRecord", "RecordMismatch", "record_of", "compare_records", "read_model_record",
-           "write_model_record", "media_settings", "RECORD_FILE", "RECORD_VERSION", "TOKEN_ORDERS", "ASSETS_DIR"]
+           "write_model_record", "media_settings", "training_media", "RECORD_FILE", "RECORD_VERSION", "TOKEN_ORDERS", "ASSETS_DIR"]
 
 RECORD_FILE = "model_record.json"
 """File name of the record inside a checkpoint directory (iter_N/)."""
@@ -85,7 +87,9 @@ class ModelRecord:
     """The registry entries the shapes came from ({"llm": "qwen2_7b", "vision": ...}), informational."""
     media: Dict[str, Any] = field(default_factory=dict)
     """How the checkpoint's model sees media (from VILA's configs): image_aspect_ratio ("resize", "pad"),
-    image_mean, image_std, image_size, num_video_frames, fps, frame_separator (the text after each frame, "\n")."""
+    image_mean, image_std, image_size, num_video_frames, fps, frame_separator (the text after each frame, "\n"));
+    a checkpoint this project trained records what its training used the same way, plus frame_sampling
+    ("uniform": frames evenly spread over the video)."""
     default_layout: Dict[str, int] = field(default_factory=dict)
     """The layout a conversion padded the vocabulary for and checked ({"tensor_model_parallel_size": 2,
     "pipeline_model_parallel_size": 2, "make_vocab_size_divisible_by": 128}); loads at other layouts that divide
@@ -280,13 +284,41 @@ def read_model_record(ckpt_dir: str) -> Optional[ModelRecord]:
     return record
 
 
+DEFAULT_NUM_FRAMES = 8
+"""Frames per video when neither a flag nor the checkpoint's record says."""
+
+_ANNOUNCED: set = set()
+
+
 def media_settings(record: ModelRecord, args=None) -> dict:
-    """How a run lays out and preprocesses media for the model `record` describes: the checkpoint's (VILA's configs
-    when converted) unless `args` (a run's flags: --num-frames) says otherwise. Training and generation both use it."""
+    """How a run lays out and preprocesses media for the model `record` describes: the record's (what training used,
+    or VILA's configs when converted) unless `args` (a run's flags: --num-frames) says otherwise; a flag that differs
+    from the record says so once. Training, generation, V-NIAH and conversion all take them from here.
+
+    Returns {"num_frames", "frame_sampling", "frame_separator", "image_mode", "image_mean", "image_std"}."""
     media = getattr(record, "media", None) or {}
     sep = media.get("frame_separator", False)
     mode = {"resize": "resize", "pad": "pad"}.get(media.get("image_aspect_ratio"), "pad")
+    recorded = media.get("num_video_frames")
+    asked = getattr(args, "num_frames", None)
+    if asked is not None and recorded is not None and int(asked) != int(recorded) \
+            and (asked, recorded) not in _ANNOUNCED:
+        _ANNOUNCED.add((asked, recorded))
+        once(f"frames per video: {asked} asked (--num-frames, or the recipe's), the checkpoint's model was trained "
+             f"with {recorded}; using {asked}")
     return {"frame_separator": sep if sep else False,
-            "num_frames": getattr(args, "num_frames", None) or media.get("num_video_frames") or 8,
+            "num_frames": int(asked or recorded or DEFAULT_NUM_FRAMES),
+            "frame_sampling": media.get("frame_sampling", "uniform"),
             "image_mode": mode, "image_mean": tuple(media.get("image_mean") or (0.5, 0.5, 0.5)),
             "image_std": tuple(media.get("image_std") or (0.5, 0.5, 0.5))}
+
+
+def training_media(record: ModelRecord, settings: dict) -> Dict[str, Any]:
+    """The record's `media` after a run trained with `settings` (media_settings' result): what generation, V-NIAH
+    and conversion then take by default. Keys VILA's configs use keep VILA's names."""
+    media = dict(getattr(record, "media", None) or {})
+    media.update(num_video_frames=int(settings["num_frames"]), frame_sampling=settings["frame_sampling"],
+                 image_size=int(record.vision["image_size"]), image_aspect_ratio=settings["image_mode"],
+                 image_mean=list(settings["image_mean"]), image_std=list(settings["image_std"]),
+                 frame_separator=settings["frame_separator"])
+    return media

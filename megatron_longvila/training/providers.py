@@ -36,7 +36,8 @@ from ..data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
 from ..errors import ConversionError
 from ..models.freezing import apply_freezing
 from ..models.offload import activation_memory_from_args
-from ..models.record import ModelRecord, compare_records, media_settings, read_model_record, record_of
+from ..models.record import (ModelRecord, compare_records, media_settings, read_model_record, record_of,
+                             training_media)
 from ..models.registry import ENCODERS, LLMS, build_longvila, lookup
 from ..parallel.state import initialize_mmsp, mmsp_state
 from ..plan.frames import tokens_per_frame
@@ -178,6 +179,9 @@ def resolve_model_record(args, tokenizer) -> ModelRecord:
     if saved is not None:
         for note in compare_records(saved, built, where=f"checkpoint {path} ({why})", rope_change=rope_change):
             logger.warning(note)
+    # The media settings this run trains with go into every checkpoint it saves: generation, V-NIAH and conversion
+    # take them from there (frames per video above all: a model asked about more or fewer frames answers worse).
+    built.media = training_media(built, media_settings(saved if saved is not None else built, args))
     return built
 
 
