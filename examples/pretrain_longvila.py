@@ -201,6 +201,7 @@ def write_demo_dataset(root: str, num_videos: int = 32, frames: int = 16, size: 
 
 
 DEMO_FLAGS = [
+    "--cpu",  # the demo runs on CPU ranks (gloo)
     # Stage 2's recipe: the (randomly initialized) encoder stays frozen, a fixed random feature map, while the
     # projector and the LLM learn to read it; training the tiny encoder from scratch too took more than twice the steps.
     "--recipe", "pretrain", "--vision-encoder", "siglip_tiny", "--llm", "tiny",

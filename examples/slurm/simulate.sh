@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run train_longvila.sbatch on this machine as if Slurm had allocated it NODES nodes of RANKS_PER_NODE ranks:
 # the allocation's environment, stand-ins for srun and scontrol (examples/slurm/sim/) that start each node's
-# command here, and torchrun's c10d rendezvous on the loopback address. CPU ranks (gloo) in fp32.
+# command here, and torchrun's c10d rendezvous on the loopback address. CPU ranks (gloo, --cpu) in fp32.
 #
 #   bash examples/slurm/simulate.sh --recipe short_sft --vision-encoder siglip_tiny --llm tiny ... --save ckpt
 #
@@ -19,4 +19,5 @@ export SLURM_JOB_ID=${JOB_ID:-$RANDOM} SLURM_JOB_NAME=longvila SLURM_NNODES=$NOD
   SLURM_SUBMIT_DIR="$PWD" GPUS_PER_NODE=$RANKS_PER_NODE MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
   PRECISION=${PRECISION:-fp32} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PATH="$HERE/sim:$PATH"
-exec bash "$HERE/train_longvila.sbatch" "$@"
+# The simulation runs on the CPU, which a launch asks for explicitly.
+exec bash "$HERE/train_longvila.sbatch" --cpu "$@"

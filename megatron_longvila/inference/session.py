@@ -59,7 +59,16 @@ def start(args) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    cpu = enable_cpu_runtime()
+    # The CPU only when asked: --cpu-ranks N (local gloo ranks); a machine whose GPUs are not visible stops here.
+    cpu = bool(getattr(args, "cpu_ranks", None))
+    if cpu and torch.cuda.is_available():
+        raise SystemExit("--cpu-ranks on a machine with a visible CUDA device: drop --cpu-ranks and launch with "
+                         "torchrun (one rank per GPU), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU")
+    if not cpu and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device is visible to this process: check the GPUs and their driver, or give "
+                         "--cpu-ranks N to run on N local CPU ranks")
+    if cpu:
+        enable_cpu_runtime()
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise SystemExit("no process group: launch with torchrun, or give --cpu-ranks N to run N local CPU ranks")

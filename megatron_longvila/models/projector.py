@@ -29,6 +29,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..errors import ProjectorError
 from ..runtime.entry import rank
+from ..runtime.probes import te_available
+from .te_classes import te_class, transformer_config
 
 
 TOKEN_ORDERS = ("row_major", "column_major")
@@ -102,7 +104,7 @@ def projector_transformer_config(cfg: ProjectorConfig, *, tensor_model_parallel_
         layernorm_epsilon=cfg.layernorm_epsilon, hidden_dropout=0.0, attention_dropout=0.0,
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return transformer_config(**kwargs)
 
 
 @dataclass
@@ -115,15 +117,15 @@ class ProjectorSubmodules:
     """ModuleSpec of the MLP (4C -> llm hidden -> llm hidden)."""
 
 
-def mlp_downsample_spec(use_te: bool = False) -> ModuleSpec:
-    """Spec of the projector with local (or TE) linears."""
+def mlp_downsample_spec(use_te: bool = False, *, describe: bool = False) -> ModuleSpec:
+    """Spec of the projector with local (or TE) linears (describe: a dry run's, naming TE's classes only)."""
     if use_te:
-        from .vision import _require_te
-
-        _require_te("the TE projector spec")
-        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear
-
-        fc1, fc2, norm = TEColumnParallelLinear, TERowParallelLinear, TENorm
+        if not describe and not te_available():
+            raise ProjectorError("the TE projector spec needs Transformer Engine (transformer_engine.pytorch), which is "
+                                 "not importable here: use use_te=False (megatron-core local layers) or install TE on "
+                                 "a CUDA machine")
+        fc1, fc2, norm = (te_class(n, describe=describe) for n in ("TEColumnParallelLinear", "TERowParallelLinear",
+                                                                   "TENorm"))
     else:
         fc1, fc2, norm = ColumnParallelLinear, RowParallelLinear, WrappedTorchNorm
     return ModuleSpec(module=MlpDownsampleProjector,

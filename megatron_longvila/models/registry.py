@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..errors import RegistryError
 from .longvila import GPTAdapter, LongVILAModel
 from .offload import ActivationMemoryConfig, apply_activation_memory
+from .te_classes import transformer_config
 from .projector import ProjectorConfig, mlp_downsample_spec, projector_transformer_config
 from .vision import SiglipVisionModel, VisionConfig, vision_process_groups, vision_transformer_config, vit_layer_spec
 
@@ -97,14 +98,16 @@ def llm_transformer_config(shape: LLMShape, *, tensor_model_parallel_size: int =
         params_dtype=params_dtype, pipeline_dtype=params_dtype, attention_softmax_in_fp32=True,
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return transformer_config(**kwargs)
 
 
 def build_mlp_downsample(vision: VisionConfig, llm_hidden: int, *, tensor_model_parallel_size: int = 1,
-                         params_dtype: torch.dtype = torch.float32, use_te: bool = False, tp_group=None):
+                         params_dtype: torch.dtype = torch.float32, use_te: bool = False, tp_group=None,
+                         transformer_config: Optional[TransformerConfig] = None):
     cfg = ProjectorConfig(vision_hidden_size=vision.hidden_size, llm_hidden_size=llm_hidden)
-    tc = projector_transformer_config(cfg, tensor_model_parallel_size=tensor_model_parallel_size,
-                                      params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available())
+    tc = transformer_config or projector_transformer_config(
+        cfg, tensor_model_parallel_size=tensor_model_parallel_size, params_dtype=params_dtype,
+        use_cpu_initialization=not torch.cuda.is_available())
     return build_module(mlp_downsample_spec(use_te), config=tc, cfg=cfg, tp_group=tp_group)
 
 
@@ -127,41 +130,51 @@ def _vision_config(encoder: Union[str, VisionConfig]) -> VisionConfig:
 
 def build_vision_encoder(name: Union[str, VisionConfig], *, tensor_model_parallel_size: int = 1,
                          params_dtype=torch.float32, use_te: bool = False, pg_collection=None,
-                         transformer_overrides: Optional[dict] = None, **config_overrides) -> SiglipVisionModel:
+                         transformer_overrides: Optional[dict] = None,
+                         transformer_config: Optional[TransformerConfig] = None,
+                         **config_overrides) -> SiglipVisionModel:
     """Build an encoder by registry name or VisionConfig (config_overrides change fields, e.g. num_layers=26;
-    transformer_overrides change its TransformerConfig, e.g. the recompute settings)."""
+    transformer_overrides change its TransformerConfig, e.g. the recompute settings; transformer_config replaces it
+    whole, as build_longvila passes it)."""
     cfg = replace(_vision_config(name), **config_overrides)
-    tc = vision_transformer_config(cfg, tensor_model_parallel_size=tensor_model_parallel_size,
-                                   params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available(),
-                                   **(transformer_overrides or {}))
+    tc = transformer_config or vision_transformer_config(
+        cfg, tensor_model_parallel_size=tensor_model_parallel_size, params_dtype=params_dtype,
+        use_cpu_initialization=not torch.cuda.is_available(), **(transformer_overrides or {}))
     return SiglipVisionModel(cfg, tc, vit_layer_spec(use_te),
                              pg_collection if pg_collection is not None else vision_process_groups(), use_te=use_te)
 
 
-def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14_384", projector: str = "mlp_downsample",
-                   llm: Union[str, LLMShape] = "qwen2_7b", tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                   context_parallel_size: int = 1, hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
-                   params_dtype: torch.dtype = torch.float32, use_te: bool = False, layer_spec=None,
-                   pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                   media_token_id: Optional[int] = None, locality_aware: bool = True,
-                   llm_overrides: Optional[dict] = None, real_vocab_size: Optional[int] = None,
-                   activation_memory: Optional[ActivationMemoryConfig] = None) -> LongVILAModel:
-    """Build LongVILA for this rank (megatron parallel_state must be initialized with the same sizes).
+@dataclass(frozen=True)
+class LongVILAConfigs:
+    """The three megatron-core configs a LongVILA model is built from (`longvila_configs`)."""
 
-    encoder: a name in ENCODERS, or a VisionConfig (e.g. from a checkpoint's model record).
-    llm: a name in LLMS, or an LLMShape (e.g. a registered one adjusted for this run with dataclasses.replace:
-    padded vocabulary, RoPE base, longest position).
-    With pipeline parallelism the encoder and projector exist only on the first stage.
-    real_vocab_size: rows of the vocabulary that are tokens, when llm.vocab_size is padded beyond them: the padding
-    rows' logits are masked (models.gpt.mask_padded_vocab).
-    activation_memory: recompute (Megatron's settings, for the LLM's and the encoder's TransformerConfig) and
-    activation offload (models.offload); checked here against the layers each pipeline stage holds.
+    llm_shape: LLMShape
+    """The LLM's shape."""
+    vision: VisionConfig
+    """The encoder's shape."""
+    llm: TransformerConfig
+    """The LLM's TransformerConfig."""
+    vision_config: TransformerConfig
+    """The encoder's layers' TransformerConfig."""
+    projector: TransformerConfig
+    """The projector's TransformerConfig."""
+    activation_memory: ActivationMemoryConfig
+    """Recompute and offload settings (already folded into the two transformer configs' recompute fields)."""
+
+
+def longvila_configs(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14_384",
+                     llm: Union[str, LLMShape] = "qwen2_7b", tensor_model_parallel_size: int = 1,
+                     pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1,
+                     hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
+                     params_dtype: torch.dtype = torch.float32, llm_overrides: Optional[dict] = None,
+                     vision_overrides: Optional[dict] = None, projector_overrides: Optional[dict] = None,
+                     activation_memory: Optional[ActivationMemoryConfig] = None,
+                     use_cpu_initialization: Optional[bool] = None, describe: bool = False) -> LongVILAConfigs:
+    """The configs `build_longvila` builds from (one function, so a dry run shows exactly what a launch builds).
+
+    describe: for a dry run on another machine than the target (TE-only checks deferred, see transformer_config).
+    use_cpu_initialization: None means on a machine without CUDA.
     """
-    from megatron.core import parallel_state as ps
-
-    from .gpt import build_gpt_model
-    from .specs import get_gpt_mmsp_layer_spec
-
     if isinstance(llm, LLMShape):
         shape = llm
     elif isinstance(llm, str):
@@ -169,7 +182,6 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
     else:
         raise TypeError(f"build_longvila(llm=...): give a name in LLMS or an LLMShape, got {type(llm).__name__}")
     vis_cfg = _vision_config(encoder)
-    build_proj = lookup(PROJECTORS, projector, "projector")
     memory = activation_memory or ActivationMemoryConfig()
     if memory.llm.granularity == "full" and shape.num_layers % pipeline_model_parallel_size:
         raise ValueError(f"--recompute-granularity full: the LLM's {shape.num_layers} layers do not split evenly "
@@ -180,12 +192,63 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
     clash = sorted(set(recompute) & set(llm_overrides or {})) if activation_memory is not None else []
     if clash:
         raise ValueError(f"build_longvila: {clash} given both in llm_overrides and activation_memory; give them once")
+    cpu_init = (not torch.cuda.is_available()) if use_cpu_initialization is None else use_cpu_initialization
     lm_cfg = llm_transformer_config(shape, tensor_model_parallel_size=tensor_model_parallel_size,
                                     pipeline_model_parallel_size=pipeline_model_parallel_size,
                                     context_parallel_size=context_parallel_size,
                                     hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes,
-                                    params_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available(),
-                                    **{**recompute, **(llm_overrides or {})})
+                                    params_dtype=params_dtype, use_cpu_initialization=cpu_init,
+                                    **{**recompute, **(llm_overrides or {}), "describe": describe})
+    vis_tc = vision_transformer_config(vis_cfg, tensor_model_parallel_size=tensor_model_parallel_size,
+                                       params_dtype=params_dtype, use_cpu_initialization=cpu_init,
+                                       **{**memory.vision.transformer_config_fields(), **(vision_overrides or {}),
+                                          "describe": describe})
+    proj_tc = projector_transformer_config(ProjectorConfig(vision_hidden_size=vis_cfg.hidden_size,
+                                                           llm_hidden_size=shape.hidden_size),
+                                           tensor_model_parallel_size=tensor_model_parallel_size,
+                                           params_dtype=params_dtype, use_cpu_initialization=cpu_init,
+                                           **{**(projector_overrides or {}), "describe": describe})
+    return LongVILAConfigs(llm_shape=shape, vision=vis_cfg, llm=lm_cfg, vision_config=vis_tc, projector=proj_tc,
+                           activation_memory=memory)
+
+
+def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14_384", projector: str = "mlp_downsample",
+                   llm: Union[str, LLMShape] = "qwen2_7b", tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                   context_parallel_size: int = 1, hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
+                   params_dtype: torch.dtype = torch.float32, use_te: bool = False, layer_spec=None,
+                   pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                   media_token_id: Optional[int] = None, locality_aware: bool = True,
+                   llm_overrides: Optional[dict] = None, real_vocab_size: Optional[int] = None,
+                   activation_memory: Optional[ActivationMemoryConfig] = None,
+                   vision_overrides: Optional[dict] = None, projector_overrides: Optional[dict] = None
+                   ) -> LongVILAModel:
+    """Build LongVILA for this rank (megatron parallel_state must be initialized with the same sizes).
+
+    encoder: a name in ENCODERS, or a VisionConfig (e.g. from a checkpoint's model record).
+    llm: a name in LLMS, or an LLMShape (e.g. a registered one adjusted for this run with dataclasses.replace:
+    padded vocabulary, RoPE base, longest position).
+    With pipeline parallelism the encoder and projector exist only on the first stage.
+    real_vocab_size: rows of the vocabulary that are tokens, when llm.vocab_size is padded beyond them: the padding
+    rows' logits are masked (models.gpt.mask_padded_vocab).
+    activation_memory: recompute (Megatron's settings, for the LLM's and the encoder's TransformerConfig) and
+    activation offload (models.offload); checked here against the layers each pipeline stage holds.
+    llm_overrides, vision_overrides, projector_overrides: fields of the three TransformerConfigs (Megatron's flags
+    resolved by training.model_flags for a training run); `longvila_configs` builds them.
+    """
+    from megatron.core import parallel_state as ps
+
+    from .gpt import build_gpt_model
+    from .specs import get_gpt_mmsp_layer_spec
+
+    build_proj = lookup(PROJECTORS, projector, "projector")
+    configs = longvila_configs(encoder=encoder, llm=llm, tensor_model_parallel_size=tensor_model_parallel_size,
+                               pipeline_model_parallel_size=pipeline_model_parallel_size,
+                               context_parallel_size=context_parallel_size,
+                               hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes,
+                               params_dtype=params_dtype, llm_overrides=llm_overrides,
+                               vision_overrides=vision_overrides, projector_overrides=projector_overrides,
+                               activation_memory=activation_memory)
+    shape, vis_cfg, lm_cfg, memory = configs.llm_shape, configs.vision, configs.llm, configs.activation_memory
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
@@ -202,9 +265,9 @@ def build_longvila(*, encoder: Union[str, VisionConfig] = "siglip_so400m_patch14
     if pre_process:
         vision = build_vision_encoder(vis_cfg, tensor_model_parallel_size=tensor_model_parallel_size,
                                       params_dtype=params_dtype, use_te=use_te,
-                                      transformer_overrides=memory.vision.transformer_config_fields())
+                                      transformer_config=configs.vision_config)
         proj = build_proj(vis_cfg, shape.hidden_size, tensor_model_parallel_size=tensor_model_parallel_size,
-                          params_dtype=params_dtype, use_te=use_te)
+                          params_dtype=params_dtype, use_te=use_te, transformer_config=configs.projector)
     model = LongVILAModel(vision, proj, GPTAdapter(gpt), media_token_id=media_token_id,
                           locality_aware=locality_aware, pre_process=pre_process, post_process=post_process)
     model.activation_memory = memory

@@ -39,6 +39,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from ..attention.megatron_core import MMSPCoreAttention, MMSPSelfAttention
 from ..errors import MMSPConfigError
 from ..runtime.probes import te_available
+from .te_classes import te_class
 
 __all__ = ["get_gpt_mmsp_layer_spec", "get_gpt_te_cp_layer_spec", "validate_layer_spec", "LocalNorm",
            "MMSPTECoreAttention", "SPECS", "gpt_mmsp", "gpt_mmsp_local", "gpt_te_cp"]
@@ -110,12 +111,18 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-def get_gpt_mmsp_layer_spec(backend: str = "auto") -> ModuleSpec:
-    """Megatron GPT layer with MM-SP context-parallel attention (see the module docstring)."""
-    backend = _resolve_backend(backend)
+def get_gpt_mmsp_layer_spec(backend: str = "auto", *, describe: bool = False) -> ModuleSpec:
+    """Megatron GPT layer with MM-SP context-parallel attention (see the module docstring).
+
+    describe: a dry run's spec, which names TE's classes without importing TE where it does not import (never built).
+    """
+    if describe and backend == "te":
+        pass  # named, not built: TE need not import here
+    else:
+        backend = _resolve_backend(backend)
     if backend == "te":
-        from megatron.core.extensions.transformer_engine import (TELayerNormColumnParallelLinear,
-                                                                 TERowParallelLinear)
+        TELayerNormColumnParallelLinear = te_class("TELayerNormColumnParallelLinear", describe=describe)
+        TERowParallelLinear = te_class("TERowParallelLinear", describe=describe)
 
         # TE fuses the pre-attention and pre-MLP norms into the following linear layer.
         return ModuleSpec(

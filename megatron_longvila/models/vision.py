@@ -46,6 +46,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from ..errors import VisionConfigError
 from ..plan.frames import patch_grid
 from ..runtime.probes import te_available
+from .te_classes import te_class, transformer_config
 from .vision_attention import BidirectionalSDPA
 
 
@@ -147,18 +148,19 @@ def vision_transformer_config(cfg: VisionConfig, *, tensor_model_parallel_size: 
         pipeline_dtype=params_dtype, init_method_std=init_method_std, attention_softmax_in_fp32=True,
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return transformer_config(**kwargs)
 
 
-def vit_layer_spec(use_te: bool = False) -> ModuleSpec:
-    """Pre-norm ViT layer with bidirectional attention (no mask), local or Transformer Engine modules."""
+def vit_layer_spec(use_te: bool = False, *, describe: bool = False) -> ModuleSpec:
+    """Pre-norm ViT layer with bidirectional attention (no mask), local or Transformer Engine modules.
+
+    describe: a dry run's spec, naming TE's classes without importing TE where it does not import (never built)."""
     if use_te:
-        _require_te("the TE ViT layer spec")
-        from megatron.core.extensions.transformer_engine import (
-            TEDotProductAttention,
-            TELayerNormColumnParallelLinear,
-            TERowParallelLinear,
-        )
+        if not describe:
+            _require_te("the TE ViT layer spec")
+        TEDotProductAttention = te_class("TEDotProductAttention", describe=describe)
+        TELayerNormColumnParallelLinear = te_class("TELayerNormColumnParallelLinear", describe=describe)
+        TERowParallelLinear = te_class("TERowParallelLinear", describe=describe)
 
         # TE fuses the pre-norms into the following column-parallel linear.
         return ModuleSpec(
@@ -248,13 +250,12 @@ class SiglipHeadState(torch.nn.Module):
                                 "projector")
 
 
-def norm_impl(use_te: bool):
+def norm_impl(use_te: bool, *, describe: bool = False):
     """The standalone LayerNorm module (post-norm): TE's fused norm or a torch LayerNorm."""
     if use_te:
-        _require_te("the TE LayerNorm")
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        return TENorm
+        if not describe:
+            _require_te("the TE LayerNorm")
+        return te_class("TENorm", describe=describe)
     return WrappedTorchNorm
 
 

@@ -19,6 +19,7 @@ from ..checkpoint.layout import read_tracker
 from ..errors import ArgumentError, CheckpointError, OffloadError
 from ..runtime.entry import ProjectArgumentParser
 from .faults import add_fault_args, check_fault_args
+from .model_flags import add_model_flags
 from .recipes import get_recipe, recipe_rope, RECIPES
 
 __all__ = ["build_parser", "parse_args", "ArgumentError"]
@@ -37,6 +38,9 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--cp-comm-type", default="a2a+p2p", help="MM-SP is Ulysses x ring: a2a+p2p")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--cpu", action="store_true",
+                   help="train on the CPU (gloo; tests and demos): without it, a machine with no visible CUDA device "
+                        "stops at start-up")
 
     g = p.add_argument_group("training (Megatron)")
     g.add_argument("--recipe", default="short_sft", choices=list(RECIPES),
@@ -84,6 +88,7 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
                    help="RoPE theta; default: the recipe's when it extends the context, else the checkpoint's, "
                         "else the recipe's or the LLM's")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    add_model_flags(p)
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="training manifest (JSON Lines, LLaVA/VILA conversations)")

@@ -69,6 +69,17 @@ class TrainResult:
     """Throughput per iteration."""
 
 
+def check_device(cpu: bool) -> None:
+    """Train on CUDA, or on the CPU only when asked (--cpu); a GPU node with a broken driver must not train on its
+    CPU without a word. Raises ArgumentError naming the flag."""
+    if cpu and torch.cuda.is_available():
+        raise ArgumentError("--cpu on a machine with a visible CUDA device: the CPU runtime stays off where CUDA is "
+                            "available; drop --cpu, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU")
+    if not cpu and not torch.cuda.is_available():
+        raise ArgumentError("no CUDA device is visible to this process: check the GPUs and their driver "
+                            "(nvidia-smi), or give --cpu to train on the CPU (gloo; for tests and demos)")
+
+
 def _init_distributed(timeout_minutes: int = 10) -> None:
     # --distributed-timeout-minutes reaches every group: this one, Megatron's, and the project's (new_group does
     # not inherit the default group's timeout).
@@ -126,8 +137,12 @@ def _build_model(model_provider, args):
     if not getattr(config, "calculate_per_token_loss", False):
         raise ArgumentError("the model's TransformerConfig needs calculate_per_token_loss=True: MM-SP shards give "
                             "ranks different token counts and only per-token scaling is the exact global mean")
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=args.use_distributed_optimizer)
+    # --overlap-grad-reduce / --overlap-param-gather, as resolved for the model (training.model_flags): a rank that
+    # encodes no frame still has every trainable encoder and projector parameter in its backward
+    # (models.longvila: a zero-weight contribution), so the overlapped buckets all complete.
+    overlap = dict(getattr(model, "resolved", None).ddp if getattr(model, "resolved", None) is not None else {})
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               use_distributed_optimizer=args.use_distributed_optimizer, **overlap)
     ddp = DistributedDataParallel(config, ddp_config, model)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
@@ -260,12 +275,13 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
 
     # --help (and flag typos) answer before any process group or launcher is needed.
     pre = build_parser(extra_args_provider).parse_args(argv)
+    check_device(pre.cpu)  # CUDA, or an explicit --cpu
     # Here, not at the top: checkpoint/ and conversion/ load megatron-core's models (seconds); --help answers first.
     from ..checkpoint import distributed as ckpt
     from ..conversion import load_pretrained
 
     _init_distributed(pre.distributed_timeout_minutes)
-    cpu = enable_cpu_runtime()
+    cpu = enable_cpu_runtime() if pre.cpu else False
     args = parse_args(argv, extra_args_provider, world_size=dist.get_world_size())
     if cpu and args.bf16:
         raise ArgumentError("--bf16 on a CPU run: drop --bf16 (CPU runs are fp32, which makes resume bitwise)")

@@ -36,6 +36,7 @@ from ..runtime.cpu import enable_cpu_runtime
 from ..runtime.probes import te_available
 from ..runtime.versions import applying
 from .arguments import add_activation_memory_args, check_activation_memory_args, check_load
+from .loop import check_device
 from .loop import get_args as loop_args
 from .recipes import RECIPES, get_recipe, recipe_rope
 
@@ -143,6 +144,7 @@ def _preparse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--train-iters", type=int, default=None)
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None)
+    p.add_argument("--cpu", action="store_true")
     return p.parse_known_args(argv)[0]
 
 
@@ -151,6 +153,9 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
     g = parser.add_argument_group("LongVILA")
     g.add_argument("--recipe", default="short_sft", choices=list(RECIPES),
                    help="LongVILA stage: freezing, template, lengths and learning rates")
+    g.add_argument("--cpu", action="store_true",
+                   help="train on the CPU (gloo; tests and demos): without it, a machine with no visible CUDA device "
+                        "stops at start-up")
     g.add_argument("--vision-encoder", default="siglip_so400m_patch14_384")
     g.add_argument("--llm", default="qwen2_7b", help="the LLM's shape; sets --num-layers, --hidden-size, ...")
     g.add_argument("--projector", default="mlp_downsample")
@@ -193,7 +198,7 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
         defaults["cp_comm_type"] = ["a2a+p2p"]  # MM-SP is Ulysses (a2a) x ring (p2p)
     if not te_available():
         defaults["transformer_impl"] = "local"
-    if not torch.cuda.is_available():
+    if pre.cpu:
         defaults.update(distributed_backend="gloo", use_cpu_initialization=True, masked_softmax_fusion=False,
                         bias_gelu_fusion=False, bias_swiglu_fusion=False, bias_dropout_fusion=False,
                         gradient_accumulation_fusion=False, apply_rope_fusion=False)
@@ -383,7 +388,10 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
              extra_args_provider: Optional[Callable] = None, argv: Optional[List[str]] = None):
     """megatron.training.pretrain on LongVILA's providers; every rank calls it (torchrun's environment)."""
     global _ACTIVE, _FINALIZED
-    enable_megatron_training_on_cpu()
+    pre = _preparse(sys.argv[1:] if argv is None else list(argv))
+    check_device(pre.cpu)  # CUDA, or an explicit --cpu (as the project loop)
+    if pre.cpu:
+        enable_megatron_training_on_cpu()
     from megatron.core.enums import ModelType
     from megatron.training import pretrain as megatron_pretrain
 

@@ -33,7 +33,8 @@ from ..checkpoint.layout import committed_folder, read_tracker
 from ..conversion import apply_record, detect_format, read_record
 from ..data.dataset import DataConfig, PackedIterator, VideoTextDataset
 from ..data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
-from ..errors import ConversionError
+from ..config import mmsp_config_from_megatron
+from ..errors import ArgumentError, ConversionError
 from ..models.freezing import apply_freezing
 from ..models.offload import activation_memory_from_args
 from ..models.record import (ModelRecord, compare_records, media_settings, read_model_record, record_of,
@@ -41,7 +42,10 @@ from ..models.record import (ModelRecord, compare_records, media_settings, read_
 from ..models.registry import ENCODERS, LLMS, build_longvila, lookup
 from ..parallel.state import initialize_mmsp, mmsp_state
 from ..plan.frames import tokens_per_frame
+from ..runtime.entry import once
 from ..runtime.modules import unwrap_model
+from ..runtime.probes import te_available
+from .model_flags import ResolvedModel, given_model_flags, resolve_model
 from .step import LongVILAStep, StepBatches, StepConfig
 
 __all__ = ["checkpoint_to_load", "resolve_model_record", "build_model", "build_step", "build_streams",
@@ -185,30 +189,61 @@ def resolve_model_record(args, tokenizer) -> ModelRecord:
     return built
 
 
+def model_settings(args, record: ModelRecord, *, cuda: bool, te: bool,
+                   target_note: Optional[str] = None) -> Tuple[ResolvedModel, dict]:
+    """This run's model and kernel flags resolved against the model the record describes (training.model_flags), and
+    the keyword arguments of models.registry.longvila_configs / build_longvila that follow: one function for the
+    launch and its dry run."""
+    import torch
+
+    if args.make_vocab_size_divisible_by % args.tensor_model_parallel_size:
+        raise ArgumentError(f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} must be a multiple "
+                            f"of --tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    shape = record.llm_shape()
+    names = record.registry_names or {}
+    source = f"--llm {names['llm']}" if names.get("llm") else "the checkpoint's model record"
+    given = getattr(args, "model_flags_given", None)
+    if given is None:
+        given = given_model_flags(args)
+    resolved = resolve_model(args, shape, given=given, cuda=cuda, te=te, shape_source=source,
+                             target_note=target_note)
+    if "max_position_embeddings" in given:
+        shape = replace(shape, max_position_embeddings=int(args.max_position_embeddings))
+    resolved.set("llm", "calculate_per_token_loss", True, "rule: MM-SP's loss is the exact global token mean")
+    resolved.set("llm", "sequence_parallel", bool(args.sequence_parallel),
+                 "flag --sequence-parallel" if args.sequence_parallel else "default: off")
+    resolved.set("llm", "bf16", bool(args.bf16), "flag --bf16" if args.bf16 else "default: fp32")
+    if args.context_parallel_size > 1:
+        comm = args.cp_comm_type if isinstance(args.cp_comm_type, str) else args.cp_comm_type[0]
+        resolved.set("llm", "cp_comm_type", comm, "flag --cp-comm-type (MM-SP: Ulysses x ring)")
+    kwargs = dict(encoder=record.vision_config(), llm=shape,
+                  tensor_model_parallel_size=args.tensor_model_parallel_size,
+                  pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                  context_parallel_size=args.context_parallel_size,
+                  hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
+                  params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                  llm_overrides=dict(resolved.llm), vision_overrides=dict(resolved.vision),
+                  projector_overrides=dict(resolved.projector), activation_memory=activation_memory_from_args(args))
+    return resolved, kwargs
+
+
 def build_model(args, tokenizer, pre_process: bool = True, post_process: bool = True):
     """LongVILA for this rank from the arguments (see the module docstring)."""
     import torch
 
     # Kept on the model, not on args: Megatron-LM pickles args into its checkpoints.
     record = resolve_model_record(args, tokenizer)
-    if args.make_vocab_size_divisible_by % args.tensor_model_parallel_size:
-        raise ValueError(f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} must be a multiple of "
-                         f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
-    model = build_longvila(
-        encoder=record.vision_config(), projector=args.projector, llm=record.llm_shape(),
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, pre_process=pre_process,
-        post_process=post_process, media_token_id=record.tokenizer.get("media_token_id"),
-        real_vocab_size=int(record.llm["vocab_size"]),
-        llm_overrides={"calculate_per_token_loss": True, "sequence_parallel": args.sequence_parallel,
-                       "bf16": args.bf16},
-        activation_memory=activation_memory_from_args(args))
+    resolved, kwargs = model_settings(args, record, cuda=torch.cuda.is_available(), te=te_available())
+    for note in resolved.notes:
+        once(note)
+    model = build_longvila(projector=args.projector, use_te=resolved.use_te, pre_process=pre_process,
+                           post_process=post_process, media_token_id=record.tokenizer.get("media_token_id"),
+                           real_vocab_size=int(record.llm["vocab_size"]), **kwargs)
+    model.resolved = resolved  # the loop reads DDP's overlap settings from it
     # The record's projector token order (announced once) and linear RoPE scaling; sets model.record.
     apply_record(model, record)
-    initialize_mmsp(model.config, seq_length=args.seq_length, packed=True)
+    initialize_mmsp(model.config, mmsp_config_from_megatron(model.config, attention_backend=resolved.attention_backend),
+                    seq_length=args.seq_length, packed=True)
     apply_freezing(model, args.freeze)
     return model
 

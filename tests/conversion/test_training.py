@@ -23,7 +23,7 @@ pytest.importorskip("av")
 
 
 def _argv(manifest, recipe, ckpt, tok, save, layout):
-    return ["--recipe", recipe, *layout, "--seq-length", "384", "--global-batch-size", "2", "--train-iters", "3",
+    return ["--cpu", "--recipe", recipe, *layout, "--seq-length", "384", "--global-batch-size", "2", "--train-iters", "3",
             "--lr", "5e-3", "--min-lr", "5e-4", "--lr-warmup-iters", "1", "--num-frames", "4", "--data-path",
             manifest, "--log-interval", "100", "--seed", "7", "--pretrained-checkpoint", ckpt,
             "--tokenizer-model", tok, "--save", save]

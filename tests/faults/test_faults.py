@@ -34,7 +34,7 @@ ITERS = 6
 
 
 def _argv(manifest, save, metrics, *extra):
-    return ["--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny",
+    return ["--cpu", "--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny",
             "--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
             "--hierarchical-context-parallel-sizes", "2", "1", "--seq-length", "384", "--global-batch-size", "2",
             "--train-iters", str(ITERS), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "1",

@@ -42,7 +42,7 @@ def manifest(tmp_path_factory):
 
 
 def _argv(manifest):
-    return ["--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny",
+    return ["--cpu", "--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny",
             "--tensor-model-parallel-size", "1", "--context-parallel-size", "4",
             "--hierarchical-context-parallel-sizes", "2", "2", "--seq-length", "384", "--micro-batch-size", "1",
             "--global-batch-size", "2", "--train-iters", str(ITERS), "--lr", "2e-3", "--min-lr", "2e-4",

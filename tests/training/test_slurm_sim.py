@@ -38,7 +38,7 @@ def _launch(cwd, manifest, ckpt, iters, metrics, env_extra=None, timeout=240):
                PYTHONWARNINGS="ignore")
     env.pop("MASTER_PORT", None)
     env.update(env_extra or {})
-    args = ["--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny", "--seq-length", "256",
+    args = ["--cpu", "--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny", "--seq-length", "256",
             "--global-batch-size", "2", "--train-iters", str(iters), "--lr", "2e-3", "--min-lr", "2e-4",
             "--lr-warmup-iters", "1", "--lr-decay-iters", "4", "--num-frames", "4", "--data-path", manifest, "--save", ckpt, "--load", ckpt,
             "--save-interval", "2", "--seed", "3", "--metrics-file", metrics]

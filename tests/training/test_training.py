@@ -36,7 +36,7 @@ def manifest(tmp_path_factory):
 
 
 def _argv(manifest, *, tp, u, r, iters, extra=()):
-    return ["--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny",
+    return ["--cpu", "--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny",
             "--tensor-model-parallel-size", str(tp), "--context-parallel-size", str(u * r),
             "--hierarchical-context-parallel-sizes", str(u), str(r), "--seq-length", "384",
             "--global-batch-size", "2", "--train-iters", str(iters), "--lr", "2e-3", "--min-lr", "2e-4",

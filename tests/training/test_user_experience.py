@@ -72,7 +72,7 @@ def test_load_equal_to_save_starts_then_resumes(manifest, tmp_path):
 
 def test_misconfiguration_under_torchrun_speaks_once(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "4", SCRIPT, "--recipe", "short_sft",
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "4", SCRIPT, "--cpu", "--recipe", "short_sft",
                         "--train-iters", "2", "--data-path", "missing.jsonl", "--global-batch-size", "2",
                         "--context-parallel-size", "4", "--hierarchical-context-parallel-sizes", "3", "2"],
                        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
