@@ -206,8 +206,10 @@ class LongVILAModel(MegatronModule):
         hidden = self.language_model.hidden_size
         dtype = self.projector.layernorm.weight.dtype if hasattr(self.projector.layernorm, "weight") else None
         if not mb.groups:
-            # Zero rows, but part of the graph: this rank must still run the backward all-to-all.
-            return torch.zeros(0, hidden, dtype=dtype, device=mb.device, requires_grad=needs_grad)
+            # Zero rows, but part of the graph: this rank must still run the backward all-to-all, and every trainable
+            # encoder and projector parameter must take part in the backward (see _unused_visual_parameters).
+            rows = torch.zeros(0, hidden, dtype=dtype, device=mb.device, requires_grad=needs_grad)
+            return rows + self._unused_visual_parameters(dtype) if needs_grad else rows
         p = self.vision_model.cfg.patch_size
         outs = []
         for g in mb.groups:
@@ -227,7 +229,20 @@ class LongVILAModel(MegatronModule):
             local_rows = self.encode_local(mb)
             received = route(local_rows, mb.routing, mb.plan.mesh.cp_group)
             decoder_input = merge_visual(decoder_input, received, mb.routing)
+        elif torch.is_grad_enabled() and any(self._visual_trains()):
+            # A micro-batch without media (text only) skips the encoder on every rank.
+            decoder_input = decoder_input + self._unused_visual_parameters(decoder_input.dtype)
         return decoder_input
+
+    def _unused_visual_parameters(self, dtype) -> torch.Tensor:
+        """0 x (the sum of every trainable encoder and projector parameter): a scalar that adds nothing but puts each
+        of them in this backward with a zero gradient. Megatron's DDP with --overlap-grad-reduce reduces a gradient
+        bucket once every parameter in it reported its gradient; a rank whose micro-batch gives its encoder nothing
+        to do (no frame stage 1 assigns it, or a text-only micro-batch) would otherwise never complete the encoder's
+        buckets, and its data-parallel peers would wait for it."""
+        params = [p for part in (self.vision_model, self.projector) for p in part.parameters() if p.requires_grad]
+        total = torch.stack([p.sum().to(torch.float32) for p in params]).sum()
+        return (total * 0.0).to(dtype)
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, batch, mesh: Optional[MMSPMesh] = None, *, uniform: bool = False, pad_to_multiple: int = 1,

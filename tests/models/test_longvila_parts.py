@@ -141,6 +141,31 @@ def _one_rank(rank, world):
     return out
 
 
+def _no_frames_rank(rank, world):
+    from types import SimpleNamespace
+
+    from ._longvila_cases import build, setup_megatron
+
+    setup_megatron()
+    model = build()
+    model.zero_grad()
+    rows = model.encode_local(SimpleNamespace(groups=[], device=torch.device("cpu"), row_order=None))
+    rows.sum().backward()
+    visual = [(n, p) for part in (model.vision_model, model.projector) for n, p in part.named_parameters()
+              if p.requires_grad]
+    return {"shape": tuple(rows.shape), "hidden": model.language_model.hidden_size, "trainable": len(visual),
+            "with_grad": sum(p.grad is not None for _, p in visual),
+            "all_zero": all(p.grad is None or not p.grad.any() for _, p in visual)}
+
+
+def test_a_rank_without_frames_still_has_every_encoder_parameter_in_its_backward():
+    """With Megatron's --overlap-grad-reduce a gradient bucket is reduced once all its parameters reported; a rank that
+    encodes no frame must report its trainable encoder and projector parameters too (a zero gradient)."""
+    out = run_distributed(_no_frames_rank, 1)[0]
+    assert out["shape"] == (0, out["hidden"])
+    assert out["trainable"] > 0 and out["with_grad"] == out["trainable"] and out["all_zero"]
+
+
 def test_longvila_single_rank():
     out = run_distributed(_one_rank, 1)[0]
     assert out["manual"]
