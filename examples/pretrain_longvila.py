@@ -67,6 +67,14 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="--demo: the clips' directions")
     g.add_argument("--use-megatron-training", action="store_true",
                    help="drive the providers with megatron.training.pretrain (needs a Megatron-LM checkout)")
+    g = parser.add_argument_group("dry run (no launcher, no device, no Transformer Engine needed)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check this launch for --world-size ranks as a real launch would, and print what it builds: "
+                        "mesh, the three TransformerConfigs with each value's source, layer specs, kernels, memory")
+    g.add_argument("--world-size", type=int, default=None, help="--dry-run: the ranks the launch starts")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="--dry-run: ranks per node (default min(N, 8))")
+    g.add_argument("--gpu", default=None, help="--dry-run: the GPU kind (h100, h200, gb200): the memory verdict")
+    g.add_argument("--json", action="store_true", help="--dry-run: print one JSON object")
     return parser
 
 
@@ -410,9 +418,25 @@ def run_demo(user_argv: list) -> int:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     pre, _ = extra_args_provider(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
+    from megatron_longvila.errors import ArgumentError
+
+    if pre.dry_run:
+        if pre.use_megatron_training:
+            raise ArgumentError("--dry-run checks launches of the project's loop: drop --use-megatron-training for it")
+        if pre.world_size is None:
+            raise ArgumentError("--dry-run needs --world-size N: the number of ranks the launch starts")
+        from megatron_longvila.training.dry_run import dry_run, format_report
+
+        report = dry_run(argv, extra_args_provider, world_size=pre.world_size, gpus_per_node=pre.gpus_per_node,
+                         gpu=pre.gpu)
+        print(json.dumps(report) if pre.json else format_report(report), flush=True)
+        return 0
+    given = [f for f, v in (("--world-size", pre.world_size), ("--gpus-per-node", pre.gpus_per_node),
+                            ("--gpu", pre.gpu), ("--json", pre.json or None)) if v is not None]
+    if given:
+        raise ArgumentError(f"{', '.join(given)}: only with --dry-run")
     if pre.use_megatron_training:  # needs a Megatron-LM checkout on PYTHONPATH (docs/TRAINING.md)
         from megatron_longvila.training import megatron_lm
-        from megatron_longvila.errors import ArgumentError
 
         try:
             import megatron.training  # noqa: F401

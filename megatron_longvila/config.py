@@ -88,7 +88,8 @@ def mmsp_config_from_megatron(config, *, cp_attention: str = "mmsp", attention_b
 
 
 def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Optional[int] = None,
-                  micro_batch_size: Optional[int] = None, packed: bool = False) -> MMSPConfig:
+                  micro_batch_size: Optional[int] = None, packed: bool = False,
+                  te: Optional[bool] = None) -> MMSPConfig:
     """Check a TransformerConfig and MM-SP settings together; return the (filled-in) MMSPConfig.
 
     Args:
@@ -97,12 +98,15 @@ def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Opti
         seq_length: --seq-length, when the pipeline needs a fixed per-rank shape (PP > 1 or sequence parallelism).
         micro_batch_size: --micro-batch-size, checked against packed sequences.
         packed: whether sequences pack several documents (one plan per micro-batch).
+        te: whether Transformer Engine imports where the model runs (None: probe here; a dry run passes the
+            target's).
 
     Raises:
         MMSPConfigError: the first problem found, with the flag to change.
     """
     if mmsp is None:
         mmsp = mmsp_config_from_megatron(config)
+    te_ok = te_available() if te is None else te
     cp = int(getattr(config, "context_parallel_size", 1) or 1)
     tp = int(getattr(config, "tensor_model_parallel_size", 1) or 1)
     pp = int(getattr(config, "pipeline_model_parallel_size", 1) or 1)
@@ -184,7 +188,7 @@ def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Opti
     fp8_attn = bool(getattr(config, "fp8", None)) and bool(getattr(config, "fp8_dot_product_attention", False))
     if getattr(config, "fp8_dot_product_attention", False) and not getattr(config, "fp8", None):
         raise MMSPConfigError("--fp8-dot-product-attention needs --fp8-format (FP8 training) as well")
-    if fp8_attn and not te_available():
+    if fp8_attn and not te_ok:
         raise MMSPConfigError("--fp8-dot-product-attention needs Transformer Engine, which does not import here; "
                               "drop the flag or install transformer-engine on a CUDA machine")
     if fp8_attn and mmsp.cp_attention == "mmsp" and mmsp.attention_backend not in ("auto", "te_fp8"):
@@ -192,7 +196,7 @@ def validate_mmsp(config, mmsp: Optional[MMSPConfig] = None, *, seq_length: Opti
         raise MMSPConfigError(f"--fp8-dot-product-attention runs the ring's blocks with the te_fp8 kernel, but "
                               f"attention_backend={mmsp.attention_backend!r} was set; use 'auto' or 'te_fp8', or drop "
                               f"the flag")
-    if mmsp.cp_attention == "te_a2a_p2p" and not te_available():
+    if mmsp.cp_attention == "te_a2a_p2p" and not te_ok:
         raise MMSPConfigError("the TE a2a+p2p baseline (gpt_te_cp) needs Transformer Engine, which does not import "
                               "here; use --spec megatron_longvila.models.specs gpt_mmsp_local")
 

@@ -84,10 +84,10 @@ def transformer_config(*, describe: bool = False, **kwargs) -> TransformerConfig
     """megatron-core's TransformerConfig; with describe=True (a dry run on a machine that is not the target), the
     fields of TE_ONLY_FIELDS are set after construction, so megatron-core's checks that need TE or CUDA do not run
     here (the target runs them when it builds the model)."""
-    if not describe:
-        return TransformerConfig(**kwargs)
-    later = {k: kwargs.pop(k) for k in TE_ONLY_FIELDS if k in kwargs}
+    given = set(kwargs)
+    later = {k: kwargs.pop(k) for k in TE_ONLY_FIELDS if k in kwargs} if describe else {}
     cfg = TransformerConfig(**kwargs)
     for k, v in later.items():
         setattr(cfg, k, v)
+    cfg._longvila_given = given  # the fields the builder set (a dry run tells them from megatron-core's derived ones)
     return cfg
