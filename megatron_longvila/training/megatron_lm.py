@@ -5,12 +5,16 @@
                                       project loop's (the providers call this one and work under both)
     longvila_args_provider(parser)    LongVILA's flags for Megatron's parser, and LongVILA's defaults for
                                       Megatron's flags (recipe, LLM shape, CPU settings)
+    args_provider_for(extra)          the extra_args_provider given to megatron.training (LongVILA's flags, the
+                                      script's, and which flags the command line gave)
     enable_megatron_training_on_cpu() the stand-ins megatron.training needs on a CPU build of torch
 
 The checkout is the one named in patches/README.md (it needs no patch). Megatron's flags keep Megatron's names
 and meanings; --recipe, --vision-encoder, --llm, --projector and --num-frames are LongVILA's. The recipe and
 the LLM fill Megatron's flags that are left unset (sequence length, batch, learning rates, layer shapes), so
-the same command line trains the same run as the project's own loop.
+the same command line trains the same run as the project's own loop. Each flag the command line gives is
+LongVILA's, mapped into the model's configs with Megatron's meaning, consumed by megatron.training, or refused
+(training.megatron_flags): Megatron's parser defaults (dropouts of 0.1, fusions on) do not reach the model.
 """
 
 from __future__ import annotations
@@ -38,14 +42,16 @@ from ..runtime.versions import applying
 from .arguments import add_activation_memory_args, check_activation_memory_args, check_load
 from .loop import check_device
 from .loop import get_args as loop_args
+from .megatron_flags import check_megatron_flags, given_dests, model_flags_from_megatron
 from .recipes import RECIPES, get_recipe, recipe_rope
 
-__all__ = ["pretrain", "get_args", "longvila_args_provider", "enable_megatron_training_on_cpu",
+__all__ = ["pretrain", "get_args", "longvila_args_provider", "args_provider_for", "enable_megatron_training_on_cpu",
            "TRAINING_MODULES"]
 
 _ACTIVE = False  # megatron.training is driving this process
 _PLACEMENT_CHECKED = False
 _FINALIZED = False
+_COMMAND_LINE = None  # (the dests the command line gave, LongVILA's own dests, the parser)
 
 # megatron.training modules that call torch.cuda directly on the way through a tiny CPU run.
 TRAINING_MODULES: List[str] = [
@@ -165,6 +171,15 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--min-samples-for-skip-check", type=int, default=20)
     # Megatron's --recompute-* flags are its own (TransformerConfig fields); LongVILA adds the encoder's and offload.
     add_activation_memory_args(parser, megatron_has_recompute=True)
+    # TransformerConfig fields Megatron-LM 0.16.1's parser leaves out (it turns RoPE fusion on, off with
+    # --no-rope-fusion): the project loop's names, so both trainers take the same command line.
+    options = parser._option_string_actions
+    if "--fp8-dot-product-attention" not in options:
+        g.add_argument("--fp8-dot-product-attention", action="store_true",
+                       help="FP8 attention (MM-SP's ring blocks on Transformer Engine's FP8 kernel; with --fp8-format)")
+    if "--apply-rope-fusion" not in options:
+        g.add_argument("--apply-rope-fusion", dest="apply_rope_fusion", action="store_true",
+                       help="fused RoPE (Transformer Engine on CUDA)")
 
     pre = _preparse(sys.argv[1:])
     r = get_recipe(pre.recipe)
@@ -207,14 +222,33 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+def args_provider_for(extra_args_provider: Optional[Callable] = None) -> Callable:
+    """megatron.training's extra_args_provider: LongVILA's flags, the script's, and a record of which flags the
+    command line (sys.argv, which Megatron's parser reads) gave, for _finalize."""
+
+    def args_provider(parser):
+        global _COMMAND_LINE
+        megatrons = {a.dest for a in parser._actions}
+        parser = longvila_args_provider(parser)
+        parser = extra_args_provider(parser) if extra_args_provider is not None else parser
+        _COMMAND_LINE = (given_dests(parser, sys.argv[1:]), {a.dest for a in parser._actions} - megatrons, parser)
+        return parser
+
+    return args_provider
+
+
 def _finalize(args) -> None:
     """Adapt Megatron's parsed arguments to what the providers read (once, on first use)."""
-    shape = LLMS[args.llm]
-    for flag, want in (("num_layers", shape.num_layers), ("hidden_size", shape.hidden_size),
-                       ("num_attention_heads", shape.num_attention_heads)):
-        if getattr(args, flag) != want:
-            raise ArgumentError(f"--{flag.replace('_', '-')} {getattr(args, flag)} contradicts --llm {args.llm} "
-                                f"({want}): the LLM's shape comes from --llm; drop the flag")
+    if _COMMAND_LINE is not None:
+        # Each flag the user gave is LongVILA's, mapped into the model's configs, consumed by megatron.training, or
+        # refused; the model's flags are resolved from what was given, not from Megatron's defaults (its dropouts
+        # of 0.1, its fusions on), as the project loop resolves them (training.model_flags).
+        given, ours, parser = _COMMAND_LINE
+        check_megatron_flags(given, ours, parser)
+        args.model_flags_given = model_flags_from_megatron(args, given)
+    if args.optimizer not in ("adam", "sgd"):
+        raise ArgumentError(f"--optimizer {args.optimizer}: LongVILA trains with adam or sgd under "
+                            f"--use-megatron-training")
     for flag in ("data_path", "valid_data_path"):
         value = getattr(args, flag)
         if isinstance(value, list):
@@ -402,10 +436,6 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     if argv is not None:
         sys.argv = sys.argv[:1] + list(argv)  # Megatron's parser reads sys.argv
 
-    def args_provider(parser):
-        parser = longvila_args_provider(parser)
-        return extra_args_provider(parser) if extra_args_provider is not None else parser
-
     def models(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
         # LongVILA builds its own TransformerConfig from --llm and uses Megatron's global parallel state.
         from megatron.core.process_groups_config import ProcessGroupCollection
@@ -424,6 +454,6 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     _ACTIVE, _FINALIZED = True, False
     try:
         return megatron_pretrain(_streams(datasets_provider), models, ModelType.encoder_or_decoder, forward_step,
-                                 extra_args_provider=args_provider)
+                                 extra_args_provider=args_provider_for(extra_args_provider))
     finally:
         _ACTIVE = False

@@ -2,7 +2,9 @@
 
     add_model_flags(parser)                       the flags, with Megatron's names and meanings, on the project loop's
                                                   parser (every default None: "not given")
-    given_model_flags(args) -> set                the model and kernel flags a project-loop command line gave
+    given_model_flags(args) -> dict               the model and kernel flags a project-loop command line gave, with
+                                                  their values (megatron_flags.model_flags_from_megatron: the same
+                                                  under --use-megatron-training)
     resolve_model(args, shape, *, given, cuda, te, shape_source, target_note=None) -> ResolvedModel
     ResolvedModel                                 what to build: Transformer Engine or the local spec, the fields of the
                                                   LLM's, encoder's and projector's TransformerConfig with where each
@@ -141,9 +143,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def given_model_flags(args) -> set:
-    """The model, kernel and shape flags a project-loop command line gave (their defaults are None)."""
-    return {d for d in list(MODEL_FLAGS) + list(SHAPE_FLAGS) if getattr(args, d, None) is not None}
+def given_model_flags(args) -> dict:
+    """The model, kernel and shape flags a project-loop command line gave (their defaults are None): dest -> value."""
+    return {d: getattr(args, d) for d in list(MODEL_FLAGS) + list(SHAPE_FLAGS) if getattr(args, d, None) is not None}
 
 
 def _option(dest: str) -> str:
@@ -180,14 +182,15 @@ class ResolvedModel:
             self.sources[part][name] = source
 
 
-def resolve_model(args, shape, *, given: set, cuda: bool, te: bool, shape_source: str,
+def resolve_model(args, shape, *, given: dict, cuda: bool, te: bool, shape_source: str,
                   target_note: Optional[str] = None) -> ResolvedModel:
     """Resolve the model and kernel flags (see the module docstring). Raises ArgumentError naming the flag.
 
     Args:
-        args: the parsed arguments (the project loop's, or megatron.training's).
+        args: the parsed arguments (the project loop's, or megatron.training's): precision and parallel sizes.
         shape: the LLM's shape (models.registry.LLMShape) from the checkpoint record or --llm.
-        given: the dests the command line gave (given_model_flags, or telling Megatron's defaults apart).
+        given: the model, kernel and shape flags the command line gave, dest -> value (given_model_flags, or
+            megatron_flags.model_flags_from_megatron, which tells Megatron's defaults apart).
         cuda: the run's ranks have CUDA devices (a dry run: the target's).
         te: Transformer Engine imports where the model is built (a dry run: assumed on the target when asked).
         shape_source: where the shape came from, for messages ("--llm qwen2_7b", "checkpoint record of DIR").
@@ -197,7 +200,7 @@ def resolve_model(args, shape, *, given: set, cuda: bool, te: bool, shape_source
     all_parts = ("llm", "vision", "projector")
 
     def val(dest):
-        return getattr(args, dest, None) if dest in given else None
+        return given.get(dest)
 
     # --- the implementation ----------------------------------------------------------------------------
     impl = val("transformer_impl")

@@ -202,6 +202,7 @@ def model_settings(args, record: ModelRecord, *, cuda: bool, te: bool,
     shape = record.llm_shape()
     names = record.registry_names or {}
     source = f"--llm {names['llm']}" if names.get("llm") else "the checkpoint's model record"
+    # megatron.training's arguments carry the flags their command line gave (training.megatron_flags).
     given = getattr(args, "model_flags_given", None)
     if given is None:
         given = given_model_flags(args)

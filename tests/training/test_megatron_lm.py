@@ -113,3 +113,93 @@ def test_megatron_training_resume_is_exact(manifest, straight, tmp_path, drop_da
     assert os.path.isdir(os.path.join(ckpt, "iter_0000002"))
     for it, loss in {**first, **second}.items():
         assert abs(loss - straight[it]) <= RTOL * abs(straight[it]), (it, loss, straight[it])
+
+
+def _resolve_command_line(rank, world, argv):
+    """Megatron-LM's own parser with LongVILA's provider, then LongVILA's resolution: (llm fields, their sources), or
+    the error a launch would stop with."""
+    sys.path.insert(0, MEGATRON_LM)
+    from megatron_longvila.errors import ArgumentError
+    from megatron_longvila.models.registry import LLMS
+    from megatron_longvila.training.model_flags import resolve_model
+
+    megatron_lm._no_triton_stand_in()
+    from megatron.training.arguments import parse_args
+
+    sys.argv = ["pretrain_longvila.py"] + list(argv)
+    args = parse_args(megatron_lm.args_provider_for(_script().extra_args_provider))
+    try:
+        megatron_lm._finalize(args)
+        r = resolve_model(args, LLMS["tiny"], given=args.model_flags_given, cuda=False, te=False,
+                          shape_source="--llm tiny")
+    except ArgumentError as e:
+        return str(e)
+    return r.llm, r.sources["llm"]
+
+
+def test_megatron_command_line_flags_are_resolved_or_refused(manifest):
+    """Under --use-megatron-training the flags the user gave reach the configs with Megatron's meaning; Megatron's
+    parser defaults (dropouts of 0.1, fusions on) do not; an unmapped flag, a shape contradiction and FP8 without
+    Transformer Engine are refused with their reasons."""
+    base = _argv(manifest) + ["--use-megatron-training"]
+    cases = [
+        ["--init-method-std", "0.01", "--hidden-dropout", "0.05", "--no-persist-layer-norm", "--disable-bias-linear",
+         "--num-layers", "2", "--norm-epsilon", "1e-6"],
+        ["--deterministic-mode", "--num-workers", "2"],
+        ["--hidden-size", "99"],
+        ["--fp8-format", "hybrid", "--bf16"],
+    ]
+    out = [run_distributed(_resolve_command_line, 1, base + extra, timeout=120)[0] for extra in cases]
+    llm, sources = out[0]
+    assert llm["init_method_std"] == 0.01 and sources["init_method_std"] == "flag --init-method-std"
+    assert llm["hidden_dropout"] == 0.05 and llm["attention_dropout"] == 0.0, llm
+    assert sources["attention_dropout"].startswith("recipe")
+    assert llm["persist_layer_norm"] is False and sources["persist_layer_norm"] == "flag --no-persist-layer-norm"
+    assert llm["masked_softmax_fusion"] is False and llm["apply_rope_fusion"] is False  # a CPU run, not given
+    assert "--deterministic-mode: not mapped" in out[1] and "--num-workers: LongVILA's data stream" in out[1], out[1]
+    assert "--hidden-size 99 contradicts" in out[2] and "48" in out[2], out[2]
+    assert "Transformer Engine" in out[3], out[3]
+
+
+def _text_manifest(path: str) -> str:
+    import json
+
+    with open(path, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"id": f"text_{i}", "conversations": [
+                {"from": "human", "value": f"Count to {i % 5 + 2}."},
+                {"from": "gpt", "value": " ".join(str(k) for k in range(1, i % 5 + 3))}]}) + "\n")
+    return path
+
+
+def _megatron_overlap(rank, world, manifest, extra):
+    sys.path.insert(0, MEGATRON_LM)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    mod = _script()
+    megatron_lm.enable_megatron_training_on_cpu()
+    import megatron.training.training as mt
+
+    losses, log = {}, mt.training_log
+
+    def record(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
+        if "lm loss" in loss_dict:
+            losses[iteration] = float(loss_dict["lm loss"])
+        return log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
+
+    mt.training_log = record
+    mod.main(["--cpu", "--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny", "--seq-length",
+              "128", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "3", "--lr", "2e-3",
+              "--min-lr", "2e-4", "--lr-warmup-iters", "1", "--data-path", manifest, "--log-interval", "1",
+              "--seed", "7", "--use-megatron-training", *extra])
+    return losses
+
+
+def test_megatron_training_overlap_with_a_trainable_encoder_and_no_frames(tmp_path):
+    """megatron.training at DP 2 with the encoder training and micro-batches without media: with
+    --overlap-grad-reduce the run completes (megatron-core's buckets for the encoder are reported by every backward)
+    and its losses equal the run without overlap, bitwise."""
+    manifest = _text_manifest(str(tmp_path / "text.jsonl"))
+    plain = run_distributed(_megatron_overlap, 2, manifest, [], timeout=280)[-1]
+    overlap = run_distributed(_megatron_overlap, 2, manifest, ["--overlap-grad-reduce"], timeout=280)[-1]
+    assert sorted(plain) == [1, 2, 3], plain
+    assert overlap == plain, (overlap, plain)

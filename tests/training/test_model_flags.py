@@ -157,7 +157,8 @@ def test_no_transformer_engine_stops_a_real_launch_naming_it():
     if te_available():
         pytest.skip("Transformer Engine imports here")
     with pytest.raises(ArgumentError, match="Transformer Engine"):
-        resolve_model(Args(), LLMS["tiny"], given={"transformer_impl"}, cuda=True, te=False, shape_source="--llm tiny")
+        resolve_model(Args(), LLMS["tiny"], given={"transformer_impl": "transformer_engine"}, cuda=True, te=False,
+                      shape_source="--llm tiny")
 
 
 def test_training_without_cuda_and_without_cpu_names_cpu(manifest, tmp_path):
