@@ -416,9 +416,12 @@ def run_demo(user_argv: list) -> int:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    pre, _ = extra_args_provider(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
     from megatron_longvila.errors import ArgumentError
+    from megatron_longvila.training.arguments import expand_flag_files
+
+    # Flag files (@examples/configs/...) expanded once, so the dispatch below and Megatron-LM's parser see them.
+    argv = expand_flag_files(sys.argv[1:] if argv is None else argv)
+    pre, _ = extra_args_provider(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
 
     if pre.dry_run:
         if pre.use_megatron_training:

@@ -67,6 +67,10 @@ LLMS: Dict[str, LLMShape] = {
     "qwen2_7b": LLMShape(hidden_size=3584, num_layers=28, num_attention_heads=28, num_query_groups=4,
                          ffn_hidden_size=18944, vocab_size=152064, rotary_base=1000000, norm_epsilon=1e-6,
                          qkv_bias=True, max_position_embeddings=32768),
+    # Qwen2-1.5B's published config: 12 query heads over 2 KV groups, embeddings shared with the output layer.
+    "qwen2_1_5b": LLMShape(hidden_size=1536, num_layers=28, num_attention_heads=12, num_query_groups=2,
+                           ffn_hidden_size=8960, vocab_size=151936, rotary_base=1000000, norm_epsilon=1e-6,
+                           qkv_bias=True, tie_embeddings=True, max_position_embeddings=32768),
     "llama3_8b": LLMShape(hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=8,
                           ffn_hidden_size=14336, vocab_size=128256, rotary_base=500000, norm_epsilon=1e-5,
                           qkv_bias=False, max_position_embeddings=8192),

@@ -259,6 +259,26 @@ def rank_work_of(planned, model) -> RankWork:
                     max_doc=int(plan.max_doc_len), ring_lens=tuple(int(x) for x in plan.ring_lens))
 
 
+MEMORY_MARGIN = 0.05
+"""The share of a GPU's memory a plan keeps free (allocator fragmentation, NCCL's and the kernels' buffers beyond the
+model's workspace): a plan fits when its predicted peak is at most (1 - MEMORY_MARGIN) of the memory."""
+
+
+def memory_budget_gib(gpu_gib: float, margin: float = MEMORY_MARGIN) -> float:
+    """The predicted peak a GPU of `gpu_gib` takes (the planner's and the dry run's verdict)."""
+    return gpu_gib * (1.0 - margin)
+
+
+VIDEO_FRACTION = 0.9
+"""The share of a sequence a plan gives to video when the frames are not known (the visual-heavy case)."""
+
+
+def planned_frames(seq_length: int, tokens_per_frame: int, media: bool = True) -> int:
+    """Frames a plan assumes in one sequence: video fills VIDEO_FRACTION of it (each frame's tokens and its media
+    token), none for a text-only stage. The planner and the dry run take the same figure."""
+    return int(VIDEO_FRACTION * seq_length / (tokens_per_frame + 1)) if media else 0
+
+
 def even_rank_work(shape: ModelShape, layout: Layout, seq_length: int, frames: int, frame_px: Optional[int] = None,
                    max_doc: Optional[int] = None) -> RankWork:
     """The average CP rank of a micro-batch of `seq_length` tokens holding `frames` video frames (the planner)."""

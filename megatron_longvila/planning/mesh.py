@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..models.offload import ActivationMemoryConfig, RecomputeConfig
-from .memory import GPU_KERNELS, Layout, ModelShape, Workload, even_rank_work, predict_rank_memory, rank_memory_gb
+from .memory import (GPU_KERNELS, MEMORY_MARGIN, Layout, ModelShape, Workload, even_rank_work, memory_budget_gib,
+                     predict_rank_memory, rank_memory_gb)
 from .timing import GpuProfile, PROFILES, step_time
 
 
@@ -42,6 +43,13 @@ class Cluster:
     """Usable device memory per GPU (GiB)."""
     profile: GpuProfile = PROFILES["h100"]
     """Throughput and bandwidths."""
+    memory_margin: float = MEMORY_MARGIN
+    """Share of the memory a plan keeps free (planning.memory.MEMORY_MARGIN)."""
+
+    @property
+    def budget_gb(self) -> float:
+        """The predicted peak a plan may reach."""
+        return memory_budget_gib(self.gpu_memory_gb, self.memory_margin)
 
 
 def _full(method: str, n: int) -> ActivationMemoryConfig:
@@ -193,12 +201,13 @@ def plan_mesh(shape: ModelShape, cluster: Cluster, seq_length: int, frames: int 
                     for name, setting in settings_for(shape.layers // pp):
                         p = evaluate(shape, cluster, layout, seq_length, frames, gb, name, setting, frame_px)
                         frugal = p if frugal is None or p.memory_gb < frugal.memory_gb else frugal
-                        if p.memory_gb <= cluster.gpu_memory_gb and (best is None or p.step_time_s < best.step_time_s):
+                        if p.memory_gb <= cluster.budget_gb and (best is None or p.step_time_s < best.step_time_s):
                             best = p
                     if best is None:
                         infeasible.append({"layout": lay, "kind": "memory", "reason": (
                             f"memory: {frugal.memory_gb:.1f} GiB per GPU even with {frugal.setting} "
-                            f"(the GPU has {cluster.gpu_memory_gb:g} GiB)")})
+                            f"(the GPU has {cluster.gpu_memory_gb:g} GiB, of which a plan may take "
+                            f"{cluster.budget_gb:.1f})")})
                     else:
                         plans.append(best)
     plans.sort(key=lambda p: p.step_time_s)

@@ -56,11 +56,12 @@ class GpuProfile:
 
 
 PROFILES: Dict[str, GpuProfile] = {
-    # H100 SXM: 989 TFLOP/s dense bf16, 80 GB HBM3, NVLink 4 900 GB/s both ways, one 400 Gb/s NIC per GPU, PCIe Gen5.
-    "h100": GpuProfile(name="h100", memory_gb=80, bf16_tflops=989, nvlink_gbps=450, network_gbps=50, host_gbps=50,
+    # H100 SXM: 989 TFLOP/s dense bf16, 80 GB HBM3 (81,559 MiB visible to CUDA), NVLink 4 900 GB/s both ways, one
+    # 400 Gb/s NIC per GPU, PCIe Gen5.
+    "h100": GpuProfile(name="h100", memory_gb=79.6, bf16_tflops=989, nvlink_gbps=450, network_gbps=50, host_gbps=50,
                        domain=8),
-    # H200: the H100's compute with 141 GB HBM3e.
-    "h200": GpuProfile(name="h200", memory_gb=141, bf16_tflops=989, nvlink_gbps=450, network_gbps=50, host_gbps=50,
+    # H200: the H100's compute with 141 GB HBM3e (143,771 MiB visible to CUDA).
+    "h200": GpuProfile(name="h200", memory_gb=140.4, bf16_tflops=989, nvlink_gbps=450, network_gbps=50, host_gbps=50,
                        domain=8),
     # GB200 (NVL72): 2.5 PFLOP/s dense bf16 per GPU, 186 GB HBM3e, NVLink 5 1.8 TB/s both ways across 72 GPUs, an
     # 800 Gb/s NIC per GPU, NVLink-C2C to the Grace CPU (900 GB/s both ways, shared by two GPUs).

@@ -13,7 +13,7 @@ Recipe values fill every flag left unset; an explicit flag always wins.
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from ..checkpoint.layout import read_tracker
 from ..errors import ArgumentError, CheckpointError, OffloadError
@@ -22,7 +22,24 @@ from .faults import add_fault_args, check_fault_args
 from .model_flags import add_model_flags
 from .recipes import get_recipe, recipe_rope, RECIPES
 
-__all__ = ["build_parser", "parse_args", "ArgumentError"]
+__all__ = ["build_parser", "parse_args", "expand_flag_files", "ArgumentError"]
+
+
+def expand_flag_files(argv: Sequence[str]) -> List[str]:
+    """`@FILE` arguments replaced by the file's lines (one argument per line, argparse's rule), recursively: the
+    project's parser reads them itself; Megatron-LM's parser does not, so both trainers take expanded lists."""
+    out: List[str] = []
+    for a in argv:
+        if not a.startswith("@"):
+            out.append(a)
+            continue
+        try:
+            with open(a[1:]) as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise ArgumentError(f"{a}: the flag file cannot be read ({e.strerror})") from None
+        out.extend(expand_flag_files(lines))
+    return out
 
 
 def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.ArgumentParser:

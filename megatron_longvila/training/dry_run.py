@@ -49,11 +49,13 @@ from ..models.te_classes import describe_spec
 from ..models.vision import norm_impl, vit_layer_spec
 from ..parallel.placement import check_groups
 from ..plan.frames import tokens_per_frame
-from ..planning.memory import GPU_KERNELS, Layout, ModelShape, Workload, rank_memory_gb
+from ..planning.memory import (GPU_KERNELS, MEMORY_MARGIN, Layout, ModelShape, Workload, memory_budget_gib,
+                               planned_frames, rank_memory_gb)
 from ..planning.timing import PROFILES
 from ..runtime.probes import te_available
 from .arguments import parse_args
 from .providers import checkpoint_record, model_settings, resolve_model_record
+from .recipes import get_recipe
 
 __all__ = ["dry_run", "format_report"]
 
@@ -261,21 +263,26 @@ def dry_run(argv: List[str], extra_args_provider: Optional[Callable] = None, *, 
     shape = ModelShape.from_configs(configs.llm_shape, configs.vision)
     px = configs.vision.image_size
     tpf = tokens_per_frame(px, px, configs.vision.patch_size)
-    frames = int(0.9 * args.seq_length / (tpf + 1))
+    media = get_recipe(args.recipe).media
+    frames = planned_frames(args.seq_length, tpf, media)
     micro = args.global_batch_size // (args.micro_batch_size * dp)
     layout = Layout(tp=tp, pp=pp, ulysses=u, ring=r, dp=dp, sequence_parallel=bool(args.sequence_parallel),
                     distributed_optimizer=bool(args.use_distributed_optimizer))
     predicted = rank_memory_gb(shape, layout, Workload(seq_length=args.seq_length, frames=frames, micro_batches=micro),
                                memory_cfg, element_bytes=2 if args.bf16 else 4, kernels=GPU_KERNELS)
     gpu_gib = PROFILES[gpu].memory_gb if gpu else None
+    budget = memory_budget_gib(gpu_gib) if gpu else None
     memory = {"predicted_gib_per_gpu": round(predicted["total"], 2), "gpu_gib": gpu_gib, "gpu": gpu,
+              "budget_gib": None if budget is None else round(budget, 2), "margin": MEMORY_MARGIN,
               "breakdown_gib": {k: round(v, 3) for k, v in predicted.items() if isinstance(v, float)},
-              "assumes": f"video fills 90% of every sequence ({frames} frames of {tpf} tokens), {micro} micro-batches "
-                         f"per step on each data-parallel rank, the memory model of planning.memory",
-              "fits": None if gpu_gib is None else predicted["total"] <= gpu_gib}
-    if gpu_gib is not None and predicted["total"] > gpu_gib:
+              "assumes": (f"video fills 90% of every sequence ({frames} frames of {tpf} tokens)" if media else
+                          "text only (the recipe's data)") + f", {micro} micro-batches per step on each data-parallel "
+                         f"rank, every parameter training, the memory model of planning.memory (as tools/plan_mesh.py)",
+              "fits": None if gpu_gib is None else predicted["total"] <= budget}
+    if gpu_gib is not None and predicted["total"] > budget:
         raise ArgumentError(
-            f"predicted {predicted['total']:.1f} GiB per GPU, more than the {gpu}'s {gpu_gib:g} GiB: add recompute "
+            f"predicted {predicted['total']:.1f} GiB per GPU, more than {budget:.1f} of the {gpu}'s {gpu_gib:g} GiB "
+            f"(a plan keeps {MEMORY_MARGIN:.0%} free): add recompute "
             f"(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1), "
             f"--cpu-offload-activations, --use-distributed-optimizer or more ranks (tools/plan_mesh.py --gpu {gpu} "
             f"finds a layout that fits)")
@@ -307,7 +314,8 @@ def format_report(rep: dict) -> str:
         f"activation memory: {rep['activation_memory']['label']}; DDP overlap: {rep['ddp']}",
         f"tokens per step: {rep['tokens_per_step']:,}; data: {rep['data']['train']['samples']} samples",
         f"memory: predicted {mem['predicted_gib_per_gpu']:.1f} GiB per GPU"
-        + (f" of the {mem['gpu']}'s {mem['gpu_gib']:g} GiB: fits" if mem["gpu_gib"] else ""),
+        + (f" of the {mem['gpu']}'s {mem['gpu_gib']:g} GiB (plans take up to {mem['budget_gib']:g}): fits"
+           if mem["gpu_gib"] else ""),
         "values that are not megatron-core's defaults, and where they came from:",
     ]
     for part in ("llm", "vision", "projector"):

@@ -35,7 +35,9 @@ class Recipe:
     weight_decay: float = 0.0
     """--weight-decay."""
     num_frames: Optional[int] = 8
-    """Frames sampled per video (None: text only)."""
+    """Frames sampled per video (None: images or text only)."""
+    media: bool = True
+    """The stage's samples carry images or video (False: text only; plans and dry runs then assume no frames)."""
     rotary_base: Optional[int] = None
     """RoPE base of the LLM; None keeps the registered LLM's."""
     previous: Optional[str] = None
