@@ -42,10 +42,19 @@ from ..parallel.state import mmsp_state
 from .mmsp import mmsp_attention
 
 __all__ = ["plan_for", "MMSPCoreAttention", "MMSPSelfAttention", "mark_plan_rope_table", "is_plan_rope_table",
-           "MMSPRuntimeError"]
+           "MMSPRuntimeError", "uses_fp8_attention"]
 
 
 _PLAN_ATTR = "_mmsp_plan"
+
+
+def uses_fp8_attention(config) -> bool:
+    """The ring's blocks run Transformer Engine's FP8 kernel: FP8 training with --fp8-dot-product-attention, or the
+    MM-SP settings' te_fp8 kernel (their device offsets then include the padded-layout coordinates)."""
+    if getattr(config, "fp8", None) and getattr(config, "fp8_dot_product_attention", False):
+        return True
+    state = mmsp_state(config) if config is not None else None
+    return state is not None and state.config.attention_backend == "te_fp8"
 
 
 def plan_for(packed_seq_params: Optional[PackedSeqParams], local_len: int, config=None) -> SequencePlan:
@@ -196,7 +205,7 @@ class MMSPCoreAttention(MegatronModule):
         """The local kernel: FP8 when configured, else the spec's choice, else what initialize_mmsp validated.
 
         Read at forward time, so a model built before initialize_mmsp still runs the kernel it configures."""
-        if getattr(self.config, "fp8", None) and getattr(self.config, "fp8_dot_product_attention", False):
+        if uses_fp8_attention(self.config):
             return "te_fp8"  # validated at start-up: TE imports and no other kernel was asked for
         if self._backend is not None:
             return self._backend

@@ -113,10 +113,11 @@ class PlannedMicroBatch:
         """Give this rank's frame `frame` its decoded [3, H, W] pixels (host)."""
         self.batch.frames[frame].pixels = pixels
 
-    def to(self, device, dtype: Optional[torch.dtype] = None) -> "PlannedMicroBatch":
+    def to(self, device, dtype: Optional[torch.dtype] = None, coords: bool = False) -> "PlannedMicroBatch":
         """Move every tensor the step reads to `device` (pinned, asynchronous where supported); returns self.
 
         dtype: cast the pixels to the encoder's parameter dtype on the way.
+        coords: also the attention blocks' padded-layout coordinates (FP8 attention; SequencePlan.to).
         """
         device = torch.device(device)
         for g in self.groups:
@@ -132,7 +133,7 @@ class PlannedMicroBatch:
         if self.row_order is not None:
             self.row_order = host_to_device(self.row_order, device)
         self.count_tensor = host_to_device(torch.tensor(self.local_count, dtype=torch.int), device)
-        self.plan.to(device)
+        self.plan.to(device, coords)
         if self.routing is not None:
             self.routing.to(device)
         self.device = device

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 
@@ -107,25 +106,21 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec=N
 
 
 class _PadLogitMask:
-    """Forward hook of the output layer: -inf on the logits of this TP rank's padding columns."""
+    """Forward hook of the output layer: -inf on the logits of this TP rank's padding columns, written in place
+    (the logits are the largest activation of the model: [s, b, V/TP]; a masked copy would double them). The
+    matmul that made them keeps its inputs, not its output, so autograd allows the write; the padding columns'
+    gradient is zero."""
 
     def __init__(self, vocab_size: int):
         self.vocab_size = int(vocab_size)
-        self._bias = {}
 
     def __call__(self, module, inputs, output):
         logits, bias = output
         local = logits.shape[-1]
-        start = self.start(module, local)
-        if start + local <= self.vocab_size:
-            return output
-        key = (logits.device, logits.dtype, local)
-        mask = self._bias.get(key)
-        if mask is None:  # built once per device and dtype, at the first forward (model set-up, not per step)
-            cols = torch.arange(start, start + local)
-            mask = torch.where(cols >= self.vocab_size, float("-inf"), 0.0).to(logits.dtype).to(logits.device)
-            self._bias[key] = mask
-        return logits + mask, bias
+        first_pad = self.vocab_size - self.start(module, local)  # this rank's first padding column
+        if first_pad < local:
+            logits[..., max(first_pad, 0):].fill_(float("-inf"))
+        return output
 
     @staticmethod
     def start(module, local: int) -> int:

@@ -32,8 +32,9 @@ class SequencePlan(SequenceLayout):
                          cp_rank=mesh.cp_rank, uniform=uniform, pad_to_multiple=pad_to_multiple)
         self.mesh = mesh
 
-    def to(self, device) -> "SequencePlan":
-        """Put every index tensor this rank's forward and backward use on `device`, once; returns self.
+    def to(self, device, coords: bool = False) -> "SequencePlan":
+        """Put every index tensor this rank's forward and backward use on `device`, once; returns self. `coords`:
+        also the ring blocks' padded-layout coordinates (Transformer Engine's FP8 attention reads them).
 
         Host-to-device copies are asynchronous from pinned memory where the build has it (CUDA); after this,
         attention, RoPE, gather and routing read device tensors only: no host synchronization inside the model.
@@ -43,7 +44,7 @@ class SequencePlan(SequenceLayout):
         if self.cp_size > 1:
             self._gather_index(device)
         compact_index(self, self.mesh.ring_rank, device)
-        prepare_ring_blocks(self, self.mesh.ring_rank, device)
+        prepare_ring_blocks(self, self.mesh.ring_rank, device, coords)
         return self
 
     # ------------------------------------------------------------------------------------------------

@@ -110,11 +110,14 @@ def ring_step_block(layout: SequenceLayout, r: int, j: int, causal: bool) -> Blo
     return blk
 
 
-def prepare_ring_blocks(layout: SequenceLayout, ring_rank: int, device) -> None:
-    """Build ring rank `ring_rank`'s blocks (both masks) and put their index tensors on `device`."""
+def prepare_ring_blocks(layout: SequenceLayout, ring_rank: int, device, coords: bool = False) -> None:
+    """Build ring rank `ring_rank`'s blocks (both masks) and put their index tensors on `device` (with `coords`, also
+    the padded-layout coordinates Transformer Engine's FP8 attention takes), so no kernel call copies from the host."""
     for j in range(layout.ring_size):
         for causal in (True, False):
             blk = ring_step_block(layout, ring_rank, j, causal)
             blk.rows_on(device)
             if not blk.empty and torch.device(device).type != "cpu":
                 blk.seg.device_tensors(device)
+                if coords:
+                    blk.seg.device_coords(device)

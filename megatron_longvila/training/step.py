@@ -39,6 +39,7 @@ from typing import Callable, Iterator, List, Optional, Union
 import torch
 import torch.distributed as dist
 
+from ..attention.megatron_core import uses_fp8_attention
 from ..batch.microbatch import PlannedMicroBatch, plan_microbatch
 from ..batch.sample import IGNORE_INDEX, MicroBatch
 from ..data.dataset import decode_media
@@ -181,7 +182,8 @@ class LongVILAStep:
                     for f, px in pixels.items():
                         planned.set_pixels(f, px)
         dtype = m.vision_model.conv1.weight.dtype if m.vision_model is not None else None
-        return planned.to(model_device(m), dtype)
+        # FP8 attention's padded-layout coordinates go to the device with the rest: no host copy inside the model.
+        return planned.to(model_device(m), dtype, coords=uses_fp8_attention(getattr(m, "config", None)))
 
     def _decode(self, packed, planned: PlannedMicroBatch) -> torch.Tensor:
         failed = torch.zeros(len(packed.media))

@@ -3,41 +3,67 @@
 import pytest
 import torch
 
-from megatron_longvila.plan.segments import Segments
+from megatron_longvila.plan.segments import Segments, token_coords
 from megatron_longvila.attention.backends import get_backend
 from megatron_longvila.runtime.probes import te_available
 from megatron_longvila.attention.backends.te import (bshd_to_thd, lse_to_stats, pack_segments, stats_to_lse,
-                                                     thd_to_bshd, token_coords)
+                                                     thd_to_bshd)
 
 # --------------------------------------------------------------------------------------------------
 # CPU: layout helpers
 # --------------------------------------------------------------------------------------------------
 
 
+def _device_token_coords(cu: torch.Tensor):
+    """The backend's former computation on the device tensor (a host sync per call: int(cu[-1]) and
+    repeat_interleave's output size): the reference the host plan must equal."""
+    cu = cu.long()
+    lens = cu[1:] - cu[:-1]
+    b = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens)
+    pos = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1].index_select(0, b)
+    return b, pos
+
+
+@pytest.mark.parametrize("cu", [[0, 3, 3, 7], [0, 5], [0, 0, 0, 2], [0, 1, 2, 3, 10], [0]])
+def test_host_token_coords_equal_the_device_computation(cu):
+    host = token_coords(cu)
+    ref = _device_token_coords(torch.tensor(cu, dtype=torch.int32)) if len(cu) > 1 else (torch.zeros(0),) * 2
+    assert all(h.dtype == torch.long and h.device.type == "cpu" for h in host)
+    assert [h.tolist() for h in host] == [r.tolist() for r in ref]
+
+
+def test_segments_plan_their_coordinates_once_per_device():
+    seg = Segments([0, 3, 7], [0, 2, 9], causal=False)
+    c = seg.device_coords("cpu")
+    assert c is seg.device_coords("cpu")  # cached with the segments, as their offsets
+    assert [t.tolist() for t in c.q] == [r.tolist() for r in _device_token_coords(torch.tensor([0, 3, 7]))]
+    assert [t.tolist() for t in c.k] == [r.tolist() for r in _device_token_coords(torch.tensor([0, 2, 9]))]
+
+
 def test_token_coords_and_bshd_round_trip():
-    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
-    b, pos = token_coords(cu)
-    assert b.tolist() == [0, 0, 0, 2, 2, 2, 2]
-    assert pos.tolist() == [0, 1, 2, 0, 1, 2, 3]
+    cu = [0, 3, 3, 7]
+    coords = token_coords(cu)
+    assert coords[0].tolist() == [0, 0, 0, 2, 2, 2, 2]
+    assert coords[1].tolist() == [0, 1, 2, 0, 1, 2, 3]
     x = torch.randn(7, 2, 4)
-    padded = thd_to_bshd(x, cu, 5)
+    padded = thd_to_bshd(x, coords, 3, 5)
     assert padded.shape == (3, 5, 2, 4)
     assert torch.equal(padded[2, :4], x[3:]) and padded[1].abs().sum() == 0 and padded[0, 3:].abs().sum() == 0
-    assert torch.equal(bshd_to_thd(padded, cu), x)
+    assert torch.equal(bshd_to_thd(padded, coords), x)
 
 
 def test_lse_stats_round_trip_packed_and_padded():
-    cu = torch.tensor([0, 2, 7], dtype=torch.int32)
+    coords = token_coords([0, 2, 7])
     lse = torch.randn(3, 7)
-    packed = lse_to_stats(lse, cu, 5, packed=True)
+    packed = lse_to_stats(lse, None, 2, 5, packed=True)
     assert packed.shape == (7, 3, 1) and packed.dtype == torch.float32
     assert torch.equal(packed[4, 1, 0], lse[1, 4])
-    padded = lse_to_stats(lse, cu, 6, packed=False)
+    padded = lse_to_stats(lse, coords, 2, 6, packed=False)
     assert padded.shape == (2, 3, 6, 1)
     assert torch.equal(padded[1, 2, 3, 0], lse[2, 5])  # token 5 = segment 1, position 3
     assert padded[0, :, 2:].abs().sum() == 0
     for stats in (packed, padded):
-        assert torch.equal(stats_to_lse(stats, cu), lse)
+        assert torch.equal(stats_to_lse(stats, coords), lse)
 
 
 def test_pack_segments_drops_empty_sides_and_gathers_only_when_needed():

@@ -185,3 +185,39 @@ def test_te_paths_fail_clearly_without_te():
         pytest.skip("Transformer Engine is importable here; its path is exercised on GPU machines")
     with pytest.raises(VisionConfigError, match="Transformer Engine"):
         vit_layer_spec(use_te=True)
+
+
+def test_padded_vocab_mask_is_written_in_place():
+    """The output layer's padding columns (ids >= the real vocabulary) get -inf in the logits tensor the layer made,
+    not in a masked copy, and the real columns' values and gradients are those of the unmasked layer."""
+    from megatron_longvila.models.gpt import mask_padded_vocab
+
+    class Output(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(12, 8))
+            self.made = None
+
+        def forward(self, x):
+            self.made = x @ self.weight.t()
+            return self.made, None
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.output_layer = Output()
+
+    torch.manual_seed(0)
+    model = mask_padded_vocab(Holder(), vocab_size=9)
+    x = torch.randn(5, 8)
+    logits, _ = model.output_layer(x)
+    assert logits.data_ptr() == model.output_layer.made.data_ptr()  # the same storage: no second [s, V] tensor
+    assert torch.isinf(logits[:, 9:]).all() and torch.isfinite(logits[:, :9]).all()
+    ref_w = model.output_layer.weight.detach().clone().requires_grad_(True)
+    ref = x @ ref_w.t()
+    torch.testing.assert_close(logits[:, :9], ref[:, :9], rtol=0, atol=0)
+    torch.log_softmax(logits, -1)[:, :9].sum().backward()
+    torch.log_softmax(ref[:, :9], -1).sum().backward()
+    g = model.output_layer.weight.grad
+    assert not g[9:].any()  # padding rows learn nothing
+    torch.testing.assert_close(g[:9], ref_w.grad[:9], rtol=1e-6, atol=1e-6)  # fp32, same ops

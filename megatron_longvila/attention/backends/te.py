@@ -31,10 +31,11 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
+from ...runtime.device import host_to_device
 from ...runtime.te_compat import implied_defaults, te_kwargs
 from .base import acc_dtype, AttentionBackend
 from ...errors import BackendUnavailable
-from ...plan.segments import Segments
+from ...plan.segments import SegmentCoords, Segments
 
 # ---------------------------------------------------------------------------------------------------
 # Pure helpers (torch only, any device): segment packing and softmax-statistics layouts.
@@ -73,46 +74,43 @@ def pack_segments(cu_q: List[int], cu_k: List[int]) -> PackedSegments:
     return PackedSegments(kq, kk, index(qi) if need_q else None, index(ki) if need_k else None)
 
 
-def token_coords(cu: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For packed tokens described by `cu` [B+1]: each token's (segment index, position in segment)."""
-    cu = cu.long()
-    lens = cu[1:] - cu[:-1]
-    b = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens)
-    pos = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1].index_select(0, b)
-    return b, pos
+# Padded layouts take each token's (segment, position) coordinates, planned on the host with the micro-batch
+# (plan.segments.token_coords / Segments.device_coords): computing them from a device cu_seqlens would need its total
+# on the host, a synchronization in every FP8 block.
 
-
-def thd_to_bshd(x: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
-    """[T, H, D] packed -> [B, max_len, H, D], zero padded."""
-    b, pos = token_coords(cu)
-    out = x.new_zeros((cu.numel() - 1, max_len) + tuple(x.shape[1:]))
+def thd_to_bshd(x: torch.Tensor, coords: Tuple[torch.Tensor, torch.Tensor], segments: int,
+                max_len: int) -> torch.Tensor:
+    """[T, H, D] packed -> [segments, max_len, H, D], zero padded."""
+    b, pos = coords
+    out = x.new_zeros((segments, max_len) + tuple(x.shape[1:]))
     out[b, pos] = x
     return out
 
 
-def bshd_to_thd(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+def bshd_to_thd(x: torch.Tensor, coords: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """[B, S, H, D] padded -> [T, H, D] packed."""
-    b, pos = token_coords(cu)
+    b, pos = coords
     return x[b, pos]
 
 
-def stats_to_lse(stats: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+def stats_to_lse(stats: torch.Tensor, coords: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """TE softmax statistics -> lse [H, T] fp32. Accepts packed [T, H, 1] or padded [B, H, S, 1]."""
     if stats.dim() == 3:
         return stats[..., 0].transpose(0, 1).float()
     if stats.dim() == 4:
-        b, pos = token_coords(cu.to(stats.device))
+        b, pos = coords
         return stats[b, :, pos, 0].transpose(0, 1).float()
     raise ValueError(f"unexpected softmax statistics shape {tuple(stats.shape)}")
 
 
-def lse_to_stats(lse: torch.Tensor, cu: torch.Tensor, max_len: int, packed: bool) -> torch.Tensor:
+def lse_to_stats(lse: torch.Tensor, coords: Tuple[torch.Tensor, torch.Tensor], segments: int, max_len: int,
+                 packed: bool) -> torch.Tensor:
     """lse [H, T] -> TE softmax statistics fp32, packed [T, H, 1] or padded [B, H, max_len, 1]."""
     lse = lse.float()
     if packed:
         return lse.transpose(0, 1).unsqueeze(-1).contiguous()
-    b, pos = token_coords(cu.to(lse.device))
-    stats = lse.new_zeros(cu.numel() - 1, lse.shape[0], max_len, 1)  # padding rows are never read
+    b, pos = coords
+    stats = lse.new_zeros(segments, lse.shape[0], max_len, 1)  # padding rows are never read
     stats[b, :, pos, 0] = lse.transpose(0, 1)
     return stats
 
@@ -298,12 +296,18 @@ class TEBackend(AttentionBackend):
     def _cu(seg: Segments, p: PackedSegments, device):
         if p.cu_q == list(seg.cu_q) and p.cu_k == list(seg.cu_k):
             return seg.device_tensors(device)  # cached on the segments, the common case
-        return (torch.tensor(p.cu_q, dtype=torch.int32, device=device),
-                torch.tensor(p.cu_k, dtype=torch.int32, device=device))
+        return (host_to_device(torch.tensor(p.cu_q, dtype=torch.int32), device),
+                host_to_device(torch.tensor(p.cu_k, dtype=torch.int32), device))
+
+    @staticmethod
+    def _coords(seg: Segments, p: PackedSegments, device) -> SegmentCoords:
+        if p.cu_q == list(seg.cu_q) and p.cu_k == list(seg.cu_k):
+            return seg.device_coords(device)  # moved with the micro-batch under FP8 attention
+        return SegmentCoords.of(p.cu_q, p.cu_k, device)
 
     @staticmethod
     def _rows(x, index, n):
-        return (x[:n] if index is None else x.index_select(0, index.to(x.device))).contiguous()
+        return (x[:n] if index is None else x.index_select(0, host_to_device(index, x.device))).contiguous()
 
     @staticmethod
     def _max(cu: List[int]) -> int:
@@ -323,15 +327,16 @@ class TEBackend(AttentionBackend):
         kk = self._rows(k, p.k_index, p.cu_k[-1])
         vv = self._rows(v, p.k_index, p.cu_k[-1])
         sq, skv = self._max(p.cu_q), self._max(p.cu_k)
+        co = lambda: self._coords(seg, p, q.device)  # noqa: E731  (the padded layouts only)
         if self.config.fp8:
-            o, l = self._forward_fp8(qq, kk, vv, cu_q, cu_k, sq, skv, seg.causal, scale)
+            o, l = self._forward_fp8(qq, kk, vv, cu_q, cu_k, sq, skv, seg.causal, scale, co())
         else:
-            o, l = self._forward_f16(qq, kk, vv, cu_q, cu_k, sq, skv, seg.causal, scale)
+            o, l = self._forward_f16(qq, kk, vv, cu_q, cu_k, sq, skv, seg.causal, scale, co)
         if p.q_index is None:
             out[: p.cu_q[-1]] = o
             lse[:, : p.cu_q[-1]] = l
         else:
-            idx = p.q_index.to(q.device)
+            idx = host_to_device(p.q_index, q.device)
             out.index_copy_(0, idx, o.to(out.dtype))
             lse.index_copy_(1, idx, l)
         return out, lse
@@ -342,16 +347,16 @@ class TEBackend(AttentionBackend):
                     cu_seqlens_q_padded=cu_q, cu_seqlens_kv_padded=cu_k, attn_scale=scale, dropout=0.0,
                     fast_zero_fill=True, attn_bias_type="no_bias", attn_mask_type=mask, window_size=window)
 
-    def _forward_f16(self, q, k, v, cu_q, cu_k, sq, skv, causal, scale):
+    def _forward_f16(self, q, k, v, cu_q, cu_k, sq, skv, causal, scale, coords):
         te = self.te
         backend = self._backend(False, q, k, "thd_thd_thd", causal, sq, skv)
         res = te.call_fwd(is_training=True, q=q, k=k, v=v, fake_dtype=q.dtype, fused_attention_backend=backend,
                           qkv_layout="thd_thd_thd", o_format="thd", **self._common(causal, scale, cu_q, cu_k, sq, skv))
         o, aux = res[0], res[1]
         te.observe_stats(q.device, aux[0])
-        return o, stats_to_lse(aux[0], cu_q)
+        return o, stats_to_lse(aux[0], coords().q if aux[0].dim() == 4 else None)
 
-    def _forward_fp8(self, q, k, v, cu_q, cu_k, sq, skv, causal, scale):
+    def _forward_fp8(self, q, k, v, cu_q, cu_k, sq, skv, causal, scale, coords: SegmentCoords):
         te = self.te
         from transformer_engine.pytorch.tensor.float8_tensor import Float8CurrentScalingQuantizer, Float8Quantizer
 
@@ -360,7 +365,9 @@ class TEBackend(AttentionBackend):
         dev = q.device
         # Separate current-scaling quantizers: q, k and v each get their own amax-derived scale per call.
         cs = lambda: Float8CurrentScalingQuantizer(e4m3, dev, rowwise=True, columnwise=False)  # noqa: E731
-        qf, kf, vf = (cs()(thd_to_bshd(x, cu, n)) for x, cu, n in ((q, cu_q, sq), (k, cu_k, skv), (v, cu_k, skv)))
+        nseg = cu_q.numel() - 1
+        qf, kf, vf = (cs()(thd_to_bshd(x, c, nseg, n))
+                      for x, c, n in ((q, coords.q, sq), (k, coords.k, skv), (v, coords.k, skv)))
         s_quant = Float8Quantizer(torch.full((1,), self.config.fp8_s_scale, dtype=torch.float32, device=dev),
                                   torch.zeros(1, dtype=torch.float32, device=dev), e4m3,
                                   rowwise=True, columnwise=False)
@@ -371,7 +378,7 @@ class TEBackend(AttentionBackend):
         if hasattr(o, "dequantize"):  # a current-scaling O comes back unquantized; be safe otherwise
             o = o.dequantize(dtype=q.dtype)
         # aux[0] is cuDNN's stats ([B, H, S, 1]); 2.9-2.15 also return an unused ZInv before rng_state.
-        return bshd_to_thd(o, cu_q).to(q.dtype), stats_to_lse(aux[0], cu_q)
+        return bshd_to_thd(o, coords.q).to(q.dtype), stats_to_lse(aux[0], coords.q)
 
     # -- backward ---------------------------------------------------------------------------------
 
@@ -387,10 +394,11 @@ class TEBackend(AttentionBackend):
         qq, kk, vv = self._rows(q, p.q_index, nq), self._rows(k, p.k_index, nk), self._rows(v, p.k_index, nk)
         oo = self._rows(out.to(q.dtype), p.q_index, nq)
         do = self._rows(dout.to(q.dtype), p.q_index, nq)
-        ll = lse[:, :nq] if p.q_index is None else lse.index_select(1, p.q_index.to(lse.device))
+        ll = lse[:, :nq] if p.q_index is None else lse.index_select(1, host_to_device(p.q_index, lse.device))
         sq, skv = self._max(p.cu_q), self._max(p.cu_k)
         backend = self._backend(False, qq, kk, "thd_thd_thd", seg.causal, sq, skv)
-        stats = lse_to_stats(ll, cu_q, sq, te.stats_packed(q.device))
+        packed = te.stats_packed(q.device)
+        stats = lse_to_stats(ll, None if packed else self._coords(seg, p, q.device).q, len(p.cu_q) - 1, sq, packed)
         rng_state = torch.zeros(2, dtype=torch.int64, device=q.device)  # unused: dropout is 0
         g = te.call_bwd(q=qq, k=kk, v=vv, o=oo, d_o=do, fake_dtype=q.dtype, dqkv_dtype=te.TE_DType[q.dtype],
                         aux_ctx_tensors=[stats, rng_state], fused_attention_backend=backend,
@@ -402,5 +410,5 @@ class TEBackend(AttentionBackend):
             if index is None:
                 full[:n] = part
             else:
-                full.index_copy_(0, index.to(full.device), part.to(full.dtype))
+                full.index_copy_(0, host_to_device(index, full.device), part.to(full.dtype))
         return dq, dk, dv
