@@ -1,13 +1,13 @@
 """Training logs: loss, tokens/s, TFLOP/s per device, MFU, memory; terminal progress, TensorBoard, JSON lines.
 
-    TrainLogger(args, flops_per_token, world_size, is_logging_rank)
-        .log(iteration, loss, tokens, step_time, lr, grad_norm, extra=None) -> dict   (the metrics record)
+    TrainLogger(args, world_size, is_logging_rank)
+        .log(iteration, loss, tokens, flops, step_time, lr, grad_norm, extra=None) -> dict   (the metrics record)
         .close()
-    model_flops_per_token(llm_params, vision_params, num_layers, hidden, seq_length, vision_tokens_fraction)
 
-MFU counts model FLOPs (forward + backward = 3 x forward, frozen parts included, as Megatron does) over the
-device's dense peak: --peak-tflops, else 989 TFLOP/s (H100/H200 bf16) on CUDA; on a CPU no MFU is reported
-unless --peak-tflops is given (a CPU has no agreed peak).
+TFLOP/s per device are the step's model FLOPs (planning.flops: the step's own documents, causal attention per
+document, the encoder per frame, the backward that runs given what trains) over the step time and the world size;
+MFU divides them by the device's dense peak: --peak-tflops, else 989 TFLOP/s (H100/H200 bf16) on CUDA; on a CPU
+no MFU is reported unless --peak-tflops is given (a CPU has no agreed peak).
 """
 
 from __future__ import annotations
@@ -21,20 +21,10 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TrainLogger", "model_flops_per_token", "HOPPER_BF16_PEAK_TFLOPS"]
+__all__ = ["TrainLogger", "HOPPER_BF16_PEAK_TFLOPS"]
 
 HOPPER_BF16_PEAK_TFLOPS = 989.0
 """H100/H200 SXM dense bf16 peak, the MFU denominator on CUDA unless --peak-tflops says otherwise."""
-
-
-def model_flops_per_token(*, llm_params: int, num_layers: int, hidden: int, avg_doc_len: float,
-                          vision_params: int = 0, visual_token_fraction: float = 0.0, patches_per_token: float = 4.0
-                          ) -> float:
-    """Training FLOPs per sequence token: 6 x parameters for the matmuls, plus causal attention
-    (12 x layers x hidden x doc_len / 2), plus the encoder's 6 x parameters per patch for visual tokens."""
-    llm = 6.0 * llm_params + 6.0 * num_layers * hidden * avg_doc_len
-    vision = 6.0 * vision_params * patches_per_token * visual_token_fraction
-    return llm + vision
 
 
 def _memory_gb() -> float:
@@ -54,9 +44,8 @@ def _duration(seconds: float) -> str:
 class TrainLogger:
     """Formats and writes one record per iteration on the logging rank (the last rank, as Megatron's)."""
 
-    def __init__(self, args, *, flops_per_token: float, world_size: int, is_logging_rank: bool):
+    def __init__(self, args, *, world_size: int, is_logging_rank: bool):
         self.args = args
-        self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.active = is_logging_rank
         self.peak = args.peak_tflops if args.peak_tflops is not None else (
@@ -76,13 +65,14 @@ class TrainLogger:
 
             self.tb = SummaryWriter(args.tensorboard_dir)
 
-    def log(self, iteration: int, *, loss: float, tokens: int, step_time: float, lr: float,
+    def log(self, iteration: int, *, loss: float, tokens: int, flops: Optional[float], step_time: float, lr: float,
             grad_norm: Optional[float], extra: Optional[dict] = None) -> dict:
+        """flops: the step's model FLOPs over the whole world (None where the data stream does not count them)."""
         tps = tokens / step_time if step_time > 0 else 0.0
-        tflops = tps * self.flops_per_token / self.world_size / 1e12
+        tflops = flops / step_time / self.world_size / 1e12 if flops is not None and step_time > 0 else None
         rec = {"iteration": iteration, "loss": loss, "tokens_per_s": tps, "tflops_per_device": tflops,
-               "mfu": (tflops / self.peak) if self.peak else None, "step_time_s": step_time, "lr": lr,
-               "grad_norm": grad_norm, "tokens": tokens, "memory_gb": _memory_gb()}
+               "mfu": (tflops / self.peak) if self.peak and tflops is not None else None, "step_time_s": step_time,
+               "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "flops": flops, "memory_gb": _memory_gb()}
         if extra:
             rec.update(extra)
         if not self.active:
@@ -100,7 +90,7 @@ class TrainLogger:
             gn = f" | grad norm {grad_norm:.3f}" if grad_norm is not None else ""
             # A CPU has no agreed peak and its TFLOP/s are noise at three decimals: shown only on GPUs (or with
             # --peak-tflops), at one decimal.
-            fl = f" | {tflops:.1f} TFLOP/s/device{mfu}" if self.peak else ""
+            fl = f" | {tflops:.1f} TFLOP/s/device{mfu}" if self.peak and tflops is not None else ""
             line = (f"iteration {iteration:>6}/{self.args.train_iters} | loss {loss:.4f} | lr {lr:.3e}{gn} | "
                     f"{tps:,.0f} tokens/s{fl} | {rec['memory_gb']:.2f} GB | {step_time * 1000:.0f} ms/step")
             if self.progress:

@@ -37,7 +37,7 @@ from ..runtime.cpu import enable_cpu_runtime
 from ..runtime.entry import once
 from .arguments import build_parser, check_load, parse_args
 from .faults import FaultGuard
-from .logging import TrainLogger, model_flops_per_token
+from .logging import TrainLogger
 
 __all__ = ["pretrain", "get_args", "TrainResult"]
 
@@ -173,43 +173,26 @@ def _build_optimizer(ddp, args):
     return optimizer, scheduler
 
 
-def _flops_per_token(model, args) -> float:
-    """Model FLOPs per token for MFU, from parameter counts summed over the model-parallel group."""
-    from megatron.core import parallel_state as ps
-
-    def count(part):
-        return sum(p.numel() for p in part.parameters()) if part is not None else 0
-
-    lm = getattr(model, "language_model", model)
-    counts = torch.tensor([count(lm), count(getattr(model, "vision_model", None))], dtype=torch.float64)
-    if torch.cuda.is_available():
-        counts = counts.cuda()
-    dist.all_reduce(counts, group=ps.get_model_parallel_group())
-    cfg = model.config
-    return model_flops_per_token(llm_params=int(counts[0]), num_layers=cfg.num_layers, hidden=cfg.hidden_size,
-                                 avg_doc_len=args.seq_length / 2, vision_params=int(counts[1]),
-                                 visual_token_fraction=0.5 if counts[1] else 0.0)
-
-
-def _step_figures(store: list, tokens: int) -> tuple:
-    """(loss sum, loss count, tokens) of a step over the whole world, in one all-reduce.
+def _step_figures(store: list, tokens: int, flops: float = 0.0) -> tuple:
+    """(loss sum, loss count, tokens, model FLOPs) of a step over the whole world, in one all-reduce.
 
     The loss reports live on the last pipeline stage, each rank holding its local [sum, count]; tensor-parallel
-    ranks hold copies, so tensor-parallel rank 0 contributes them. Tokens are counted once per DP replica (its
-    CP/TP ranks read the same sequences): by CP rank 0, TP rank 0 of the first stage.
+    ranks hold copies, so tensor-parallel rank 0 contributes them. Tokens and FLOPs are counted once per DP replica
+    (its CP/TP ranks read the same sequences): by CP rank 0, TP rank 0 of the first stage.
     """
     from megatron.core import parallel_state as ps
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    figures = torch.zeros(3, dtype=torch.float64, device=device)
+    figures = torch.zeros(4, dtype=torch.float64, device=device)
     if store and ps.get_tensor_model_parallel_rank() == 0:
         figures[:2] = torch.stack([item["lm loss"].detach().double().to(device) for item in store]).sum(0)
     if ps.get_context_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.is_pipeline_first_stage():
         figures[2] = float(tokens)
+        figures[3] = float(flops)
     dist.all_reduce(figures)
-    s, c, t = figures.cpu().tolist()
-    return s, c, int(t)
+    s, c, t, f = figures.cpu().tolist()
+    return s, c, int(t), f
 
 
 def _run_schedule(forward_step_func, iterator, ddp, args, num_microbatches, forward_only=False):
@@ -222,14 +205,19 @@ def _run_schedule(forward_step_func, iterator, ddp, args, num_microbatches, forw
 
 
 class _CountingIterator:
-    """Counts the real (non-filler) tokens a step consumed: a StepBatches iterator counts them itself; a plain one
-    is wrapped (its items have a length)."""
+    """Counts the real (non-filler) tokens a step consumed: a StepBatches iterator counts them itself, and their
+    model FLOPs; a plain one is wrapped (its items have a length; no FLOPs)."""
 
     def __init__(self, it):
         self.it = it
         self._counts_itself = hasattr(it, "tokens")
         self._start = it.tokens() if self._counts_itself else 0
+        self._flops_start = it.flops() if hasattr(it, "flops") else None
         self._tokens = 0
+
+    @property
+    def flops(self) -> Optional[float]:
+        return None if self._flops_start is None else self.it.flops() - self._flops_start
 
     @property
     def iterator(self):
@@ -255,7 +243,7 @@ def _evaluate(forward_step_func, valid_ds, ddp, args, num_microbatches) -> float
     with torch.no_grad():
         for _ in range(args.eval_iters):
             store = _run_schedule(forward_step_func, it, ddp, args, num_microbatches, forward_only=True)
-            s, c, _ = _step_figures(store, 0)
+            s, c, _, _ = _step_figures(store, 0)
             total[0] += s
             total[1] += c
     ddp.train()
@@ -329,8 +317,7 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     elif iteration > 0 and not args.no_load_optim:
         raise CheckpointError(f"{args.load} has no data position for this rank; cannot resume exactly")
 
-    logger = TrainLogger(args, flops_per_token=_flops_per_token(model, args),
-                         world_size=dist.get_world_size(), is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
+    logger = TrainLogger(args, world_size=dist.get_world_size(), is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
     if loaded is not None:
         logger.message(f"loaded iteration {loaded.iteration} from "
                        f"{args.load if iteration else args.pretrained_checkpoint} (layout {loaded.layout})")
@@ -353,10 +340,12 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
             if stepped:
                 scheduler.step(increment=args.global_batch_size)
             iteration += 1
-            s, c, tokens = _step_figures(store, counting.tokens)
+            flops = counting.flops
+            s, c, tokens, world_flops = _step_figures(store, counting.tokens, flops or 0.0)
         loss = s / max(c, 1.0)
         step_time = time.perf_counter() - t0
-        rec = logger.log(iteration, loss=loss, tokens=tokens, step_time=step_time,
+        rec = logger.log(iteration, loss=loss, tokens=tokens, flops=None if flops is None else world_flops,
+                         step_time=step_time,
                          lr=optimizer.param_groups[0]["lr"],
                          grad_norm=float(grad_norm) if grad_norm is not None else None)
         result.losses[iteration] = loss

@@ -49,6 +49,8 @@ from ..data.image_processor import SiglipImageProcessor
 from ..errors import SkipThresholdExceeded, StepError
 from ..parallel import comm
 from ..parallel.state import get_mmsp_mesh
+from ..planning.flops import Trains, sequence_flops
+from ..planning.memory import ModelShape
 from ..runtime.modules import model_device, unwrap_model
 
 __all__ = ["StepConfig", "LongVILAStep", "StepBatches", "drop_documents_with_failed_media"]
@@ -122,6 +124,10 @@ class StepBatches:
         """Real tokens of the sequences this rank's step prepared so far."""
         return self.step.tokens_seen
 
+    def flops(self) -> float:
+        """Model FLOPs of those sequences (first pipeline stage; planning.flops), for TFLOP/s and MFU."""
+        return self.step.flops_seen
+
 
 class LongVILAStep:
     """Megatron's forward step for LongVILA (see the module docstring), for this rank's model (planning reads its
@@ -135,6 +141,9 @@ class LongVILAStep:
         """Media items blanked after failing to decode at training time (this rank's count)."""
         self.tokens_seen = 0
         """Real (non-filler) tokens of the micro-batches this rank prepared."""
+        self.flops_seen = 0.0
+        """Model training FLOPs of those micro-batches, counted on the first pipeline stage (planning.flops)."""
+        self._flops_model = None
 
     # -- preparing ----------------------------------------------------------------------------------------
     @property
@@ -156,6 +165,7 @@ class LongVILAStep:
         size = (cfg.image_size, cfg.image_size)
         mb = MicroBatch.from_packed(packed, [None] * len(packed.media), [size] * len(packed.media))
         self.tokens_seen += mb.total_len
+        self.flops_seen += self._sequence_flops(mb)
         planned = plan_microbatch(m.visual_spec, mb, mesh, uniform=cfg.uniform_shards,
                                   pad_to_multiple=cfg.pad_to_multiple,
                                   seq_length=cfg.seq_length if cfg.uniform_shards else None, pad_id=cfg.pad_id)
@@ -184,6 +194,22 @@ class LongVILAStep:
         dtype = m.vision_model.conv1.weight.dtype if m.vision_model is not None else None
         # FP8 attention's padded-layout coordinates go to the device with the rest: no host copy inside the model.
         return planned.to(model_device(m), dtype, coords=uses_fp8_attention(getattr(m, "config", None)))
+
+    def _sequence_flops(self, mb: MicroBatch) -> float:
+        """The model FLOPs of one packed sequence from its own documents and frames (the first pipeline stage holds
+        the encoder, so it counts; the loop counts one rank per replica)."""
+        m = self.model
+        if not m.pre_process:
+            return 0.0
+        if self._flops_model is None:
+            def trains(part):
+                return part is not None and any(p.requires_grad for p in part.parameters())
+
+            self._flops_model = (ModelShape.of(m), Trains(llm=trains(m.language_model),
+                                                          projector=trains(m.projector),
+                                                          vision=trains(m.vision_model)))
+        shape, parts = self._flops_model
+        return sequence_flops(shape, mb.seq_lens, [(f.height, f.width) for f in mb.frames], parts)["total"]
 
     def _decode(self, packed, planned: PlannedMicroBatch) -> torch.Tensor:
         failed = torch.zeros(len(packed.media))

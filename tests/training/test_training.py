@@ -251,3 +251,47 @@ def test_exact_resume_pipeline(manifest, tmp_path):
     for name, (straight, resumed) in out.items():
         assert sorted(straight) == [1, 2, 3] and all(math.isfinite(v) for v in straight.values()), name
         assert straight == resumed, (name, straight, resumed)
+
+
+def _flops_run(rank, world, manifest, tmp):
+    from megatron_longvila.training import step as step_mod
+
+    seen, model = [], []
+    original = step_mod.LongVILAStep._sequence_flops
+
+    def record(self, mb):
+        value = original(self, mb)
+        seen.append((list(mb.seq_lens), [(f.height, f.width) for f in mb.frames], value))
+        model[:] = [self._flops_model]  # (the shape read off the model, what trains)
+        return value
+
+    step_mod.LongVILAStep._sequence_flops = record
+    metrics = os.path.join(tmp, "flops.jsonl")
+    mod = _script()
+    mod.pretrain(mod.train_valid_test_datasets_provider, mod.model_provider, mod.forward_step,
+                 extra_args_provider=mod.extra_args_provider,
+                 argv=_argv(manifest, tp=1, u=2, r=1, iters=2, extra=["--metrics-file", metrics]))
+    logged = [json.loads(line) for line in open(metrics)] if rank == world - 1 else None
+    return {"seen": seen, "logged": logged, "model": model}
+
+
+def test_tflops_count_the_step_s_own_sequences_once_per_replica(manifest, tmp_path):
+    """DP 2 x CP 2: each step's logged FLOPs are the model FLOPs of the sequences the two replicas trained (their
+    own documents and frames, planning.flops; the CP ranks of a replica see the same ones, counted once), and
+    TFLOP/s per device divide them by the step time and the 4 ranks."""
+    from megatron_longvila.planning.flops import Trains, sequence_flops
+    from megatron_longvila.planning.memory import ModelShape
+
+    out = run_distributed(_flops_run, 4, manifest, str(tmp_path), timeout=240)
+    seen = [o["seen"] for o in out]
+    assert len(seen[0]) == 2 and seen[0] == seen[1] and seen[2] == seen[3]  # one sequence per replica per step
+    assert any(frames for _, frames, _ in seen[0] + seen[2])  # the data has video
+    # The tiny LLM and SigLIP-tiny; the demo tokenizer's vocabulary padded to a multiple of 128; short_sft trains all.
+    shape = ModelShape(hidden=48, layers=2, heads=4, kv_heads=2, ffn=64, vocab=384, v_hidden=32, v_layers=2,
+                       v_layers_run=2, v_heads=4, v_ffn=64, patch=14, image=56)
+    assert out[0]["model"] == [(shape, Trains())]
+    for k, rec in enumerate(out[-1]["logged"]):
+        want = sum(sequence_flops(shape, docs, frames, Trains())["total"] for docs, frames, _ in
+                   (seen[0][k], seen[2][k]))
+        assert rec["flops"] == pytest.approx(want, rel=1e-12)
+        assert rec["tflops_per_device"] == pytest.approx(want / rec["step_time_s"] / 4 / 1e12, rel=1e-9)
