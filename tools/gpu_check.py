@@ -13,12 +13,12 @@
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
@@ -160,40 +160,63 @@ def bench_schedule(device, backend, T, R, heads, kv_heads, d, iters, rank):
             "fused_tflops": flops * pairs_full / t_full / 1e12, "efficiency": eff}
 
 
+def _init(device: str) -> None:
+    """Nothing to set up: each check builds its own process group or none."""
+
+
+def _max_err(rows, keys=("out", "lse", "dq", "dk", "dv")) -> float:
+    return max(r[k] for r in rows for k in keys if k in r)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the tool's plumbing on a CPU: every section needs CUDA and says so")
     p.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--rings", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--iters", type=int, default=10)
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("tools/gpu_check.py needs a CUDA GPU: torch.cuda.is_available() is False", file=sys.stderr)
-        sys.exit(2)
+    from gpu_sections import Goal, Section, emit, run_sections
     from megatron_longvila.runtime.probes import te_available
 
     dev = torch.device("cuda")
-    res = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "te_available": te_available()}
+    res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "te_available": te_available()}
     names = ["torch_cuda"] + (["te", "te_fp8"] if res["te_available"] else [])
-    res["kernels"] = check_kernels(names, dev)
-    res["mmsp_1x1"] = [check_mmsp_single(dev, n) for n in names if n != "te_fp8"]
-    res["mmsp_mesh"] = [check_mmsp_mesh(n, U, R) for n in names if n != "te_fp8" for U, R in ((2, 2), (1, 4), (4, 1))]
-    res["schedule"] = []
-    for n in names[:2]:
-        for T in a.seq:
-            for R in a.rings:
-                for rank in (0, R - 1):
-                    res["schedule"].append(bench_schedule(dev, n, T, R, 32, 8, 128, a.iters, rank))
-    if a.json:
-        print(json.dumps(res))
-    else:
-        print(json.dumps(res, indent=1))
-        for s in res["schedule"]:
-            print(f"{s['backend']:10s} T={s['T']:7d} R={s['R']} rank {s['rank']}: schedule {s['schedule_s']*1e3:8.2f} ms "
-                  f"({s['schedule_tflops']:.0f} TFLOP/s), fused {s['fused_causal_s']*1e3:8.2f} ms "
-                  f"({s['fused_tflops']:.0f} TFLOP/s), efficiency {s['efficiency']:.3f}")
 
+    def schedule():
+        return [bench_schedule(dev, n, T, R, 32, 8, 128, a.iters, rank)
+                for n in names[:2] for T in a.seq for R in a.rings for rank in (0, R - 1)]
+
+    def kernels_ok(rows):
+        done = [r for r in rows if "skipped" not in r]
+        bf16 = [r for r in done if r["backend"] != "te_fp8"]
+        fp8 = [r for r in done if r["backend"] == "te_fp8"]
+        ok = (not bf16 or _max_err(bf16) <= 2e-2) and (not fp8 or _max_err(fp8) <= 0.1)
+        return ok, (f"bf16 max {_max_err(bf16):.2e}" if bf16 else "no bf16 kernel") + \
+            (f", fp8 max {_max_err(fp8):.2e}" if fp8 else "")
+
+    sections = {
+        "kernels": Section(lambda: check_kernels(names, dev), goal=Goal(
+            "each kernel within 2e-2 (bf16; 0.1 FP8) relative L2 of the fp32 math kernel", kernels_ok)),
+        "mmsp_1x1": Section(lambda: [check_mmsp_single(dev, n) for n in names if n != "te_fp8"], goal=Goal(
+            "mmsp_attention on one rank within 2e-2 of float64 attention",
+            lambda rows: (_max_err(rows, ("out", "dq", "dk", "dv")) <= 2e-2,
+                          f"max {_max_err(rows, ('out', 'dq', 'dk', 'dv')):.2e}"))),
+        "mmsp_mesh": Section(lambda: [check_mmsp_mesh(n, U, R) for n in names if n != "te_fp8"
+                                      for U, R in ((2, 2), (1, 4), (4, 1))], goal=Goal(
+            "2x2, 1x4 and 4x1 meshes within 2e-2 of float64 attention",
+            lambda rows: (max(max(r["rel_err"].values()) for r in rows) <= 2e-2,
+                          f"max {max(max(r['rel_err'].values()) for r in rows):.2e}"))),
+        "schedule": Section(schedule, goal=Goal(
+            "ring schedule efficiency >= 0.95 (pairs/s against one fused causal call)",
+            lambda rows: (min(r["efficiency"] for r in rows) >= 0.95,
+                          f"min {min(r['efficiency'] for r in rows):.3f} over {len(rows)}"))),
+    }
+    status = run_sections("gpu_check", sections, list(sections), a.dry_run, res, _init)
+    if status != 2:
+        emit(res, a.json)
+    return status
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -70,7 +69,7 @@ def _cpu_reference(path):
 def check_bf16_vs_cpu(device):
     ref, error = g.cpu_reference(__file__)
     if error is not None:
-        return {"error": error}
+        raise RuntimeError(f"the CPU reference subprocess failed: {error}")
     kernel = g._KERNEL[device]
     tokens, logits = _generate(device, torch.bfloat16 if device == "cuda" else torch.float32, kernel, True)
     verdict, compared = "equal", 0
@@ -126,26 +125,19 @@ def main(argv=None):
     if a.cpu_reference:
         _cpu_reference(a.cpu_reference)
         return 0
-    res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
-    if a.dry_run:
-        g._init("cpu")
-        res["device"] = "cpu (dry run: figures mean nothing)"
-        res["bf16_vs_cpu"] = check_bf16_vs_cpu("cpu")
-        res["figures"] = figures("cpu", big=False)
-    else:
-        if not torch.cuda.is_available():
-            print("tools/gpu_inference_check.py needs a CUDA GPU; use --dry-run on a CPU", file=sys.stderr)
-            return 2
-        g._init("cuda")
-        res["device"] = torch.cuda.get_device_name(0)
-        for name, fn in (("bf16_vs_cpu", lambda: check_bf16_vs_cpu("cuda")), ("figures", lambda: figures("cuda", True))):
-            try:
-                res[name] = fn()
-            except Exception as e:  # one failing part must not lose the other's figures
-                res[name] = {"error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(res) if a.json else json.dumps(res, indent=1))
-    return 0
+    from gpu_sections import Goal, Section, emit, run_sections
 
+    res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    sections = {
+        "bf16_vs_cpu": Section(lambda: check_bf16_vs_cpu("cuda"), lambda: check_bf16_vs_cpu("cpu"),
+                               Goal("greedy bf16 tokens equal CPU fp32's up to a near tie of the top-2 logits",
+                                    lambda r: (r["ok"], f"{r['verdict']} over {r['steps_compared']} steps"))),
+        "figures": Section(lambda: figures("cuda", True), lambda: figures("cpu", big=False)),
+    }
+    status = run_sections("gpu_inference_check", sections, list(sections), a.dry_run, res, g._init)
+    if status != 2:
+        emit(res, a.json)
+    return status
 
 if __name__ == "__main__":
     sys.exit(main())

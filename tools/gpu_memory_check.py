@@ -22,7 +22,6 @@ by --dry-run (CI runs it through tools/gpu_session.sh --dry-run).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -271,22 +270,24 @@ def main(argv=None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         p.error(f"--only: unknown sections {unknown}; choose from {sorted(SECTIONS)}")
-    from gpu_train_check import run_sections
+    from gpu_sections import Section, emit, run_sections
+    from gpu_train_check import _init
 
     res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "planned_s": {s: SECTIONS[s] for s in only}}
-    dry = {"a": lambda: section_a("cpu", n=128, seq=128, iters=1),
-           "b": lambda: section_b("cpu", layer="tiny", layers=2, seq=128),
-           "c": lambda: section_c("cpu", layer="tiny", start=64, step=64, max_seq=512, budget_bytes=4 * 2 ** 20,
-                                  deadline_s=30)}
-    gpu = {"a": lambda: section_a("cuda"), "b": lambda: section_b("cuda"), "c": lambda: section_c("cuda")}
-    status = run_sections("gpu_memory_check.py", only, a.dry_run, dry, gpu, res)
-    if status:
+    sections = {
+        "a": Section(lambda: section_a("cuda"), lambda: section_a("cpu", n=128, seq=128, iters=1)),
+        "b": Section(lambda: section_b("cuda"), lambda: section_b("cpu", layer="tiny", layers=2, seq=128)),
+        "c": Section(lambda: section_c("cuda"),
+                     lambda: section_c("cpu", layer="tiny", start=64, step=64, max_seq=512, budget_bytes=4 * 2 ** 20,
+                                       deadline_s=30)),
+    }
+    status = run_sections("gpu_memory_check", sections, only, a.dry_run, res, _init)
+    if status == 2:
         return status
     if isinstance(res.get("a"), dict) and "kernel_figures" in res["a"]:
         res["kernel_figures"] = res["a"]["kernel_figures"]  # what plan_mesh.py --kernel-figures reads
-    print(json.dumps(res) if a.json else json.dumps(res, indent=1))
-    return 0
-
+    emit(res, a.json)
+    return status
 
 if __name__ == "__main__":
     sys.exit(main())

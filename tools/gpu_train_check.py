@@ -11,6 +11,13 @@ Sections (each writes its part of one JSON object; `--only a,b` runs some of the
   d  the MM-SP layer spec at CP=1 against megatron-core's local GPT layer spec whose core attention is the same
      flash kernel, forward + backward of a 1-document sequence (goal: <= 2% overhead)
   e  peak memory per token of one Llama-3-8B-shaped layer (MM-SP spec, bf16), forward + backward
+  f  (Transformer Engine) the tiny LongVILA step built with --transformer-impl transformer_engine (TE layers for the
+     LLM, the encoder and the projector; MM-SP's ring blocks on TE's fused kernel) in bf16, host syncs as errors, its
+     per-token losses against the same weights in the local spec (goal: relative L2 <= 2e-2)
+  g  (Transformer Engine) FP8 attention under CP: a 2x2 MM-SP mesh of ranks sharing the GPU on the te_fp8 kernel
+     against float64 attention (goal: relative error <= 0.1)
+Each section's result is judged against its goal on the GPU (tools/gpu_sections.py): the tool exits 1 when a section
+raises or misses its goal, after running the others; f and g skip with the reason where TE does not import.
 
   python tools/gpu_train_check.py --json                 # on a CUDA machine (needs megatron-core)
   python tools/gpu_train_check.py --dry-run --json       # anywhere: the plan, and section a's tiny step on CPU
@@ -21,7 +28,6 @@ Weights are a function of each parameter's name (seeded), so the CPU and GPU mod
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,10 +36,13 @@ import time
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-SECTIONS = {"a": 110, "b": 40, "c": 60, "d": 45, "e": 35}
+from gpu_sections import Goal, Section, emit, run_sections  # noqa: E402
+
+SECTIONS = {"a": 110, "b": 40, "c": 60, "d": 45, "e": 35, "f": 40, "g": 40}
 """Planned seconds per section on an H200 (start-up of the process included in a)."""
 
 TINY_LLM = dict(hidden_size=256, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=512,
@@ -69,15 +78,27 @@ def _init(device: str) -> None:
     model_parallel_cuda_manual_seed(0)
 
 
-def _build(llm: dict, vision: dict, dtype: torch.dtype, device: str, backend: str):
+# Transformer Engine fuses a layer's norm into the next linear: its parameters are named after the linear. Seeding
+# by the local spec's names makes a TE model and a local one the same model.
+_TE_NAMES = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+             ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
+
+
+def canonical_name(name: str) -> str:
+    for te, local in _TE_NAMES:
+        name = name.replace(te, local)
+    return name
+
+
+def _build(llm: dict, vision: dict, dtype: torch.dtype, device: str, backend: str, use_te: bool = False):
     from megatron_longvila.parallel.state import initialize_mmsp
     from megatron_longvila.config import mmsp_config_from_megatron
     from megatron_longvila.models.registry import LLMShape, build_longvila
     from megatron_longvila.models.vision import VisionConfig
 
     model = build_longvila(encoder=VisionConfig(**vision), llm=LLMShape(**llm), params_dtype=dtype,
-                           media_token_id=MEDIA, llm_overrides={"calculate_per_token_loss": True,
-                                                                "bf16": dtype == torch.bfloat16})
+                           media_token_id=MEDIA, use_te=use_te,
+                           llm_overrides={"calculate_per_token_loss": True, "bf16": dtype == torch.bfloat16})
     if device == "cuda":
         model.cuda()
     cfg = mmsp_config_from_megatron(model.config)
@@ -85,6 +106,7 @@ def _build(llm: dict, vision: dict, dtype: torch.dtype, device: str, backend: st
     initialize_mmsp(model.config, cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            name = canonical_name(name)
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             base = 1.0 if ("norm" in name or "layernorm" in name) and name.endswith("weight") else 0.0
             p.copy_((base + 0.02 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype))
@@ -216,7 +238,7 @@ def cpu_reference(script: str):
 def section_b(device: str) -> dict:
     ref, error = cpu_reference(__file__)
     if error is not None:
-        return {"error": error}
+        raise RuntimeError(f"the CPU reference subprocess failed: {error}")
     mb = _micro_batch(4, 56, 14, 200, TINY_LLM["vocab_size"])
     fp32 = _build(TINY_LLM, TINY_VISION, torch.float32, device, "math")
     ce32, _ = _step(fp32, _planned(fp32, mb, device))
@@ -383,30 +405,62 @@ def section_e(device: str, layer: str = "llama3_8b", seqs=(8192, 16384, 32768)) 
     return out
 
 
-def run_sections(tool: str, only, dry_run: bool, dry: dict, gpu: dict, res: dict) -> int:
-    """Run the selected sections into `res`: at tiny size on the CPU (dry run), or on the GPU, where one failing
-    section records its error and the others still run. Returns the exit status (2: no GPU)."""
+def te_missing(dry_run: bool):
+    """Why a Transformer Engine section cannot run here (None: it can)."""
+    from megatron_longvila.runtime.probes import te_available
+
     if dry_run:
-        _init("cpu")
-        res["device"] = "cpu (dry run: tiny sizes, figures mean nothing)"
-        for s in only:
-            res[s] = dry[s]()
-        return 0
-    if not torch.cuda.is_available():
-        print(f"tools/{tool} needs a CUDA GPU (torch.cuda.is_available() is False); use --dry-run to check the "
-              f"script on a CPU", file=sys.stderr)
-        return 2
-    _init("cuda")
-    res["device"] = torch.cuda.get_device_name(0)
-    for s in only:
-        t0 = time.perf_counter()
-        try:
-            res[s] = gpu[s]()
-        except Exception as e:  # one failing section must not lose the others' figures
-            res[s] = {"error": f"{type(e).__name__}: {e}"}
-        res.setdefault("seconds", {})[s] = time.perf_counter() - t0
-        torch.cuda.empty_cache()
-    return 0
+        return "needs Transformer Engine on CUDA (a dry run is on the CPU)"
+    return None if te_available() else "Transformer Engine (transformer_engine.pytorch) does not import here"
+
+
+def section_f(device: str) -> dict:
+    """The tiny step with Transformer Engine's layers against the same weights in the local spec."""
+    mb = _micro_batch(4, 56, 14, 200, TINY_LLM["vocab_size"])
+    local = _build(TINY_LLM, TINY_VISION, torch.bfloat16, device, "torch_cuda")
+    ce_local, _ = _step(local, _planned(local, mb, device))
+    names_local = {canonical_name(n) for n, _ in local.named_parameters()}
+    del local
+    te = _build(TINY_LLM, TINY_VISION, torch.bfloat16, device, "te", use_te=True)
+    names_te = {canonical_name(n) for n, _ in te.named_parameters()}
+    if names_te != names_local:
+        raise RuntimeError(f"the TE and local models differ in parameters: TE only "
+                           f"{sorted(names_te - names_local)[:6]}, local only {sorted(names_local - names_te)[:6]}")
+    planned = _planned(te, mb, device)
+    out = _sync_free_step(te, planned, device)
+    ce_te, _ = _step(te, planned)
+    out.update(te_vs_local_rel_l2=_rel(ce_te.float(), ce_local.float()), finite=bool(torch.isfinite(ce_te).all()))
+    return out
+
+
+def section_g(device: str) -> dict:
+    """FP8 attention under CP: 2x2 ranks sharing the GPU on the te_fp8 kernel."""
+    import gpu_check
+
+    return gpu_check.check_mmsp_mesh("te_fp8", 2, 2)
+
+
+GOALS = {
+    "a": Goal("no host synchronization inside the model's step",
+              lambda r: (all(v.get("sync_free") for v in r.values() if isinstance(v, dict)),
+                         "; ".join(f"{k}: sync-free {v.get('sync_free')} {v.get('sync_error') or ''}".strip()
+                                   for k, v in r.items() if isinstance(v, dict)))),
+    "b": Goal("GPU fp32 vs CPU <= 1e-5 (max relative), bf16 vs fp32 <= 2e-2 (relative L2)",
+              lambda r: (r["fp32_ok"] and r["bf16_ok"],
+                         f"fp32 vs CPU {r['fp32_vs_cpu_max_rel']:.2e}, bf16 vs fp32 {r['bf16_vs_fp32_rel_l2']:.2e}")),
+    "c": Goal("ring schedule efficiency >= 0.95 (pairs/s against one fused causal call)",
+              lambda r: (min(x["efficiency"] for x in r) >= 0.95,
+                         "min " + f"{min(x['efficiency'] for x in r):.3f} over {len(r)} (T, R, rank)")),
+    "d": Goal("MM-SP spec overhead <= 2% against Megatron's spec with the same kernel",
+              lambda r: (r["overhead"] <= 0.02 and not r["state_dict_mismatch"],
+                         f"overhead {100 * r['overhead']:.2f}%, loss difference {r['loss_abs_diff']:.2e}")),
+    "f": Goal("TE step sync-free and finite, per-token losses within 2e-2 (relative L2) of the local spec",
+              lambda r: (bool(r.get("sync_free", True)) and r["finite"] and r["te_vs_local_rel_l2"] <= 2e-2,
+                         f"sync-free {r.get('sync_free')}, TE vs local {r['te_vs_local_rel_l2']:.2e}")),
+    "g": Goal("FP8 attention on a 2x2 mesh within relative error 0.1 of float64 attention",
+              lambda r: (max(r["rel_err"].values()) <= 0.1, f"relative error {max(r['rel_err'].values()):.3e} "
+                                                                 f"(out and gradients)")),
+}
 
 
 def main(argv=None):
@@ -428,17 +482,20 @@ def main(argv=None):
     res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "planned_s": {s: SECTIONS[s] for s in only}}
     small = dict(BIG_LLM, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
                  vocab_size=500)
-    dry = {"a": lambda: section_a("cpu", tiny_only=True), "b": lambda: section_b("cpu"),
-           "c": lambda: section_c("cpu", seqs=(256,), rings=(2,), iters=1),
-           "d": lambda: section_d("cpu", seq=64, llm=small, iters=1),
-           "e": lambda: section_e("cpu", layer="tiny", seqs=(64,))}
-    gpu = {"a": lambda: section_a("cuda", False), "b": lambda: section_b("cuda"), "c": lambda: section_c("cuda"),
-           "d": lambda: section_d("cuda"), "e": lambda: section_e("cuda")}
-    status = run_sections("gpu_train_check.py", only, a.dry_run, dry, gpu, res)
-    if status:
-        return status
-    print(json.dumps(res) if a.json else json.dumps(res, indent=1))
-    return 0
+    sections = {
+        "a": Section(lambda: section_a("cuda", False), lambda: section_a("cpu", tiny_only=True), GOALS["a"]),
+        "b": Section(lambda: section_b("cuda"), lambda: section_b("cpu"), GOALS["b"]),
+        "c": Section(lambda: section_c("cuda"), lambda: section_c("cpu", seqs=(256,), rings=(2,), iters=1),
+                     GOALS["c"]),
+        "d": Section(lambda: section_d("cuda"), lambda: section_d("cpu", seq=64, llm=small, iters=1), GOALS["d"]),
+        "e": Section(lambda: section_e("cuda"), lambda: section_e("cpu", layer="tiny", seqs=(64,))),
+        "f": Section(lambda: section_f("cuda"), goal=GOALS["f"], requires=te_missing),
+        "g": Section(lambda: section_g("cuda"), goal=GOALS["g"], requires=te_missing),
+    }
+    status = run_sections("gpu_train_check", sections, only, a.dry_run, res, _init)
+    if status != 2:
+        emit(res, a.json)
+    return status
 
 
 if __name__ == "__main__":
