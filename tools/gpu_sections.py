@@ -12,6 +12,9 @@ Rules: a section that raises records its exception's type and message and the ot
 figures mean nothing, so goals are printed, not enforced. A section whose requirement is missing (Transformer
 Engine, CUDA in a dry run) is skipped with the reason and does not fail the run.
 
+Run as a script it writes tools/gpu_session.sh's summary.txt from the tools' result files:
+    python3 tools/gpu_sections.py OUT_DIR [--suffix S] TOOL [TOOL ...]
+
 LONGVILA_GPU_CHECK_FAIL=tool:section[,tool:section] makes those sections raise (the harness's error path is tested
 on a CPU with it: tests/test_gpu_session.py).
 """
@@ -132,3 +135,59 @@ def report_lines(tool: str, res: dict) -> List[str]:
 def emit(res: dict, as_json: bool) -> None:
     """Print a tool's result: one JSON object (also when a section failed, so the figures are kept)."""
     print(json.dumps(res, default=str) if as_json else json.dumps(res, indent=1, default=str), flush=True)
+
+
+def _last_json(text: str) -> Optional[dict]:
+    for line in reversed(text.splitlines()):  # a tool's result is its last JSON line
+        try:
+            res = json.loads(line)
+        except ValueError:
+            continue
+        return res if isinstance(res, dict) else None
+    return None
+
+
+def summary_lines(out: str, suffix: str, names: Sequence[str]) -> List[str]:
+    """summary.txt: the environment, then per tool its exit line and one line per section (or its last words)."""
+    def read(name: str) -> str:
+        path = os.path.join(out, name)
+        return open(path).read() if os.path.exists(path) else ""
+
+    lines = [read(f"environment{suffix}.txt").strip()]
+    runs = {line.split(":", 1)[0]: line.strip() for line in read(f"runs{suffix}.txt").splitlines() if line.strip()}
+    for n in names:
+        lines.append(runs.get(n, f"{n}: not run"))
+        path = os.path.join(out, f"{n}{suffix}.json")
+        if not os.path.exists(path):
+            continue
+        text = read(f"{n}{suffix}.json").strip()
+        res = _last_json(text)
+        if res is not None and "report" in res:
+            lines.extend("  " + line for line in report_lines(n, res))
+        else:  # not a sectioned tool (pytest), or it died before printing: its last words
+            err = read(f"{n}{suffix}.err").strip().splitlines()
+            tail = [line for line in text.splitlines() + err if line.strip()][-3:]
+            lines.append(f"  {n}: " + (" | ".join(tail) if tail else "no output"))
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        description="Write the summary of a GPU session (tools/gpu_session.sh) from the result files in OUT_DIR: "
+                    "per tool its exit line, then each section's figures against its goal, its error, or why it "
+                    "skipped.")
+    p.add_argument("out", metavar="OUT_DIR", help="folder with environment.txt, runs.txt and TOOL.json/.err files")
+    p.add_argument("tools", metavar="TOOL", nargs="+", help="the tools to summarize, in order (train, attention, ...)")
+    p.add_argument("--suffix", default="", help="file-name suffix of the run (gpu_session.sh uses "
+                                                "'_dry_run' for a dry run)")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.out):
+        p.error(f"OUT_DIR {args.out!r} is not a folder")
+    print("\n".join(summary_lines(args.out, args.suffix, args.tools)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

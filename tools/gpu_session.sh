@@ -115,34 +115,6 @@ for n in "${selected[@]}"; do
 done
 
 # summary.txt: every section of every tool against its goal, its error, or why it skipped (tools/gpu_sections.py).
-python3 - "$out" "$suffix" "${selected[@]}" <<'PY' > "$out/summary.txt"
-import json, os, sys
-sys.path.insert(0, "tools")
-from gpu_sections import report_lines
-
-out, suffix, names = sys.argv[1], sys.argv[2], sys.argv[3:]
-print(open(os.path.join(out, f"environment{suffix}.txt")).read().strip())
-runs = {line.split(":", 1)[0]: line.strip() for line in open(os.path.join(out, f"runs{suffix}.txt"))}
-for n in names:
-    print(runs.get(n, f"{n}: not run"))
-    path = os.path.join(out, f"{n}{suffix}.json")
-    if not os.path.exists(path):
-        continue
-    text = open(path).read().strip()
-    res = None
-    for line in reversed(text.splitlines()):  # the tool's result is its last JSON line
-        try:
-            res = json.loads(line)
-            break
-        except ValueError:
-            continue
-    if isinstance(res, dict) and "report" in res:
-        for line in report_lines(n, res):
-            print("  " + line)
-    else:  # not a sectioned tool (pytest), or it died before printing: its last words
-        err = open(os.path.join(out, f"{n}{suffix}.err")).read().strip().splitlines()
-        tail = [line for line in text.splitlines() + err if line.strip()][-3:]
-        print(f"  {n}: " + (" | ".join(tail) if tail else "no output"))
-PY
+python3 tools/gpu_sections.py "$out" --suffix "$suffix" "${selected[@]}" > "$out/summary.txt"
 cat "$out/summary.txt"
 exit $status
