@@ -61,6 +61,11 @@ class InferenceError(RaisedAlike, ValueError):
     """A model, layout or prompt that MM-SP inference cannot serve; the message says what to change."""
 
 
+class TokenizerError(RaisedAlike, ValueError):
+    """Tokenizer files, a checkpoint's tokenizer facts or a chat template that cannot work together; the message
+    says what to change."""
+
+
 class CheckpointError(RaisedAlike, RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message says which flag to change."""
 
