@@ -12,6 +12,9 @@
 
 A re-save of an existing iteration moves the committed copy to `iter_N.old` first (checkpoint.distributed): until the
 new copy is renamed into place, `iter_N.old` is the committed one, and every reader here takes it.
+
+The readers here see the files through runtime.file_view (`visible`, `check_readable`), so a test can give one rank a
+stale or failing view of a checkpoint (checkpoint.resume agrees on what every rank loads); unset, nothing changes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 from typing import List, Optional
 
 from ..errors import CheckpointError
+from ..runtime.file_view import check_readable, visible
 from ..runtime.files import write_text_atomic
 
 __all__ = ["TRACKER", "checkpoint_dir", "read_tracker", "write_tracker", "committed_iterations", "committed_folder",
@@ -41,9 +45,14 @@ def checkpoint_dir(root: str, iteration: int) -> str:
 def read_tracker(root: str) -> Optional[int]:
     """The iteration named by the tracker file, or None when there is no complete checkpoint."""
     path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
+    if not (visible(path) and os.path.isfile(path)):
         return None
-    text = open(path).read().strip()
+    try:
+        check_readable(path)
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e.strerror or e})") from None
     if not text.isdigit():
         raise CheckpointError(f"{path} holds {text!r}, not an iteration number")
     return int(text)
@@ -56,25 +65,26 @@ def write_tracker(root: str, iteration: int) -> str:
 
 def committed_iterations(root: str) -> List[int]:
     """The iterations with an `iter_*` folder under `root`, oldest first."""
-    if not os.path.isdir(root):
+    if not _isdir(root):
         return []
     return sorted(int(m.group(1)) for m in map(_ITER_RE.match, os.listdir(root)) if m
-                  and os.path.isdir(os.path.join(root, m.group(0))))
+                  and _isdir(os.path.join(root, m.group(0))))
 
 
 def committed_folder(root: str, iteration: int) -> str:
     """The committed folder of `iteration`: iter_N, or iter_N.old when a re-save of it stopped mid-way."""
     path = checkpoint_dir(root, iteration)
-    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+    if not _isdir(path) and _isdir(path + ".old"):
         return path + ".old"
-    if not os.path.isdir(path):
+    if not _isdir(path):
         raise CheckpointError(f"{os.path.join(root, TRACKER)} names iteration {iteration} but {path} is missing")
     return path
 
 
 def is_iteration_folder(path: str) -> bool:
     """Whether `path` holds a torch_dist checkpoint itself (its .metadata and megatron-core's metadata.json)."""
-    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, "metadata.json"))
+    return all(visible(p) and os.path.isfile(p) for p in (os.path.join(path, ".metadata"),
+                                                           os.path.join(path, "metadata.json")))
 
 
 def iteration_folder(path: str) -> Optional[str]:
@@ -106,14 +116,21 @@ def recover_interrupted_resave(root: str) -> None:
             os.rename(old, final)
 
 
+def _isdir(path: str) -> bool:
+    return visible(path) and os.path.isdir(path)
+
+
 def safe_load(path: str):
     """A file the project wrote with torch.save, read with weights_only=True (no arbitrary unpickling)."""
     import torch  # here: the rest of this module serves --help and flag checks, which need no torch
 
     try:
+        check_readable(path)
         return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
+    except OSError as e:  # a failing read (EIO on a network file system), not a bad file
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e.strerror or e})") from None
     except Exception as e:  # pickle.UnpicklingError for forbidden globals, RuntimeError for corrupt zip files
         raise CheckpointError(f"{path} is not a checkpoint file this project wrote (refused to unpickle it: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.layout import read_tracker
+from ..checkpoint.resume import agree_resume, check_loaded
 from ..errors import ArgumentError, CheckpointError
 from ..parallel.placement import check_node_placement
 from ..parallel.timeouts import set_group_timeout
@@ -269,6 +269,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     from ..conversion import load_pretrained
 
     _init_distributed(pre.distributed_timeout_minutes)
+    # Before parse_args, whose --load check reads the tracker on each rank alone: one resume decision per job.
+    resume_iteration = agree_resume(pre.load)
     cpu = enable_cpu_runtime() if pre.cpu else False
     args = parse_args(argv, extra_args_provider, world_size=dist.get_world_size())
     if cpu and args.bf16:
@@ -294,11 +296,12 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     iteration = 0
     data_state = None
     loaded = None
-    if args.load and read_tracker(args.load) is not None:
+    if resume_iteration is not None:
         loaded = ckpt.load_checkpoint(args.load, model, None if args.no_load_optim else optimizer,
                                       None if args.no_load_optim else scheduler, load_rng=not args.no_load_rng,
                                       verify="checksums" if args.ckpt_verify_checksums else "sizes",
-                                      newest_valid=args.ckpt_load_newest_valid)
+                                      newest_valid=args.ckpt_load_newest_valid, iteration=resume_iteration)
+        check_loaded(args.load, loaded.iteration)
         iteration = loaded.iteration
         data_state = loaded.data_state
         guard.load_train_state(loaded.train_state)

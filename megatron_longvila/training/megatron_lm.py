@@ -31,6 +31,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ..checkpoint.data_state import data_state_path, read_data_state, writes_data_state
+from ..checkpoint.resume import agree_resume, check_loaded
 from ..errors import ArgumentError
 from ..models.record import write_model_record
 from ..models.registry import LLMS
@@ -271,6 +272,9 @@ def _finalize(args) -> None:
     args.recipe_changes_rope, args.recipe_rotary_base, args.rotary_base_explicit = recipe_rope(r, args.seq_length,
                                                                                                given)
     _check_activation_memory(args)
+    # One resume decision per job (checkpoint.resume), before the --load check reads the tracker on each rank alone;
+    # every rank gets here in the model provider. Megatron's own load then reads the tracker the ranks agreed on.
+    agree_resume(args.load)
     # Megatron-LM's --load only warns when it finds no checkpoint and trains from iteration 0; here, as in the
     # project's loop, that is an error unless starting fresh is meant (--load == --save, or a pretrained start).
     note = check_load(args)
@@ -405,6 +409,7 @@ def _streams(datasets_provider: Callable) -> Callable:
         args = get_args()  # adapt the arguments before the provider reads them
         train, valid, test = datasets_provider(train_val_test_num_samples)
         _TRAIN_STREAM = train
+        check_loaded(args.load, args.iteration if args.load else None)  # after Megatron's load: one iteration
         train_iter = None
         if train is not None and args.load and args.iteration > 0 and not args.finetune:
             train_iter = _resume_stream(train, args)
