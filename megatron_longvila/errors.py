@@ -148,6 +148,11 @@ class StepError(RaisedLocally, RuntimeError):
     """A step that cannot run as set up; the message says what to change."""
 
 
+class DataDisagreement(RaisedLocally, RuntimeError):
+    """The ranks of one model-parallel replica would train on different data (training.data_feed's fingerprint);
+    raised by the replica's reader, naming the ranks and the sample."""
+
+
 class PlacementError(RaisedLocally, RuntimeError):
     """Groups that must share a node (TP, Ulysses) but do not, where the ranks actually run."""
 
@@ -172,6 +177,7 @@ DATA_REASONS = {
     "malformed_manifest": "a manifest line is not a JSON object in the expected conversation format",
     "missing_file": "a media file named by the sample does not exist",
     "empty_file": "a media file has zero bytes",
+    "unreadable_file": "a media file exists but reading it failed (an I/O error, e.g. a failing network file system)",
     "corrupt_video": "a video file cannot be opened or decoded",
     "truncated_video": "a video file ends before the frames its container declares",
     "no_video_stream": "a media file has no video stream",

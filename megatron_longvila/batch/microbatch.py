@@ -113,6 +113,20 @@ class PlannedMicroBatch:
         """Give this rank's frame `frame` its decoded [3, H, W] pixels (host)."""
         self.batch.frames[frame].pixels = pixels
 
+    def stage(self, dtype: Optional[torch.dtype] = None, pin: bool = False) -> "PlannedMicroBatch":
+        """Gather each frame group's pixels into one host tensor (cast to `dtype`; pinned with `pin`), so that `to`
+        only copies: a data producer does this off the training thread. Returns self."""
+        for g in self.groups:
+            missing = [f for f in g.frames if self.batch.frames[f].pixels is None]
+            if missing:
+                raise LongVILAInputError(
+                    f"frames {missing} are assigned to this rank (stage 1) but their pixels are missing: decode the "
+                    f"frames PlannedMicroBatch.frames_encoded names before staging it")
+            px = torch.stack([self.batch.frames[f].pixels for f in g.frames])
+            px = px.to(dtype) if dtype is not None else px
+            g.pixels = px.pin_memory() if pin and not px.is_cuda else px
+        return self
+
     def to(self, device, dtype: Optional[torch.dtype] = None, coords: bool = False) -> "PlannedMicroBatch":
         """Move every tensor the step reads to `device` (pinned, asynchronous where supported); returns self.
 
@@ -120,14 +134,10 @@ class PlannedMicroBatch:
         coords: also the attention blocks' padded-layout coordinates (FP8 attention; SequencePlan.to).
         """
         device = torch.device(device)
+        if any(g.pixels is None for g in self.groups):
+            self.stage(dtype)
         for g in self.groups:
-            missing = [f for f in g.frames if self.batch.frames[f].pixels is None]
-            if missing:
-                raise LongVILAInputError(
-                    f"frames {missing} are assigned to this rank (stage 1) but their pixels are missing: decode the "
-                    f"frames PlannedMicroBatch.frames_encoded names before moving it to the device")
-            px = torch.stack([self.batch.frames[f].pixels for f in g.frames])
-            g.pixels = host_to_device(px.to(dtype) if dtype is not None else px, device)
+            g.pixels = host_to_device(g.pixels.to(dtype) if dtype is not None else g.pixels, device)
         for name in ("input_ids", "position_ids", "targets", "loss_weights"):
             setattr(self, name, host_to_device(getattr(self, name), device))
         if self.row_order is not None:

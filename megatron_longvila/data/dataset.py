@@ -28,6 +28,7 @@ from megatron_longvila.data.manifest import Manifest, ManifestRecord
 from megatron_longvila.data.packing import PackedSequence, concat_samples
 from megatron_longvila.data.sample import Sample
 from megatron_longvila.data.video import SUPPORTED_CODECS, decode_frames, probe_video
+from megatron_longvila.runtime.file_view import check_readable
 
 logger = logging.getLogger("megatron_longvila.data")
 
@@ -124,6 +125,7 @@ class VideoTextDataset:
         """A record from any reader (this dataset's source, or Energon's loader) prepared as `prepare` does."""
         cfg = self.config
         media: list[MediaFrames] = []
+        infos: list = []
         allowed = cfg.allowed_codecs
         if allowed is None:
             allowed = tuple(SUPPORTED_CODECS["pyav" if cfg.video_backend == "auto" else cfg.video_backend])
@@ -141,17 +143,23 @@ class VideoTextDataset:
                     start_s=record.start_s, end_s=record.end_s,
                 )
                 media.append(MediaFrames("video", ref.path, indices, info.fps))
+                infos.append(info)
             else:
                 check_image(ref.path)
                 media.append(MediaFrames("image", ref.path, [0]))
+                infos.append(None)
         weight = record.loss_weight
         if weight is None:
             weight = cfg.video_loss_weight if media else cfg.text_loss_weight
-        return tokenize_conversation(
+        sample = tokenize_conversation(
             record.conversations, media, self.tokenizer, cfg.template,
             tokens_per_frame=cfg.tokens_per_frame, frame_separator=cfg.frame_separator,
             max_seq_len=cfg.max_seq_len, loss_weight=weight, sample_id=record.id, index=index,
         )
+        # Each file is probed once per sample: decoding takes the probe from here.
+        for item, info in zip(sample.media, infos):
+            item.info = info
+        return sample
 
     # ---- iteration -----------------------------------------------------------------------------
 
@@ -244,8 +252,19 @@ class VideoTextDataset:
         self._logged = set(self.skipped)
 
 
+def _check_view(path: str) -> None:
+    """A read error this rank's view of the file system gives (runtime.file_view) as the DataError a failed read is."""
+    try:
+        check_readable(path)
+    except FileNotFoundError:
+        raise DataError("missing_file", f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError("unreadable_file", f"{path}: {e.strerror or e}") from None
+
+
 def check_image(path: str) -> None:
     """Cheap checks of an image file (header and integrity, no full decode). Raises DataError."""
+    _check_view(path)
     if not os.path.exists(path):
         raise DataError("missing_file", f"{path}: no such file")
     if os.path.getsize(path) == 0:
@@ -263,6 +282,7 @@ def load_image(path: str) -> torch.Tensor:
     """Decode an image to uint8 [H, W, 3] RGB. Raises DataError("corrupt_image")."""
     from PIL import Image
 
+    _check_view(path)
     try:
         with Image.open(path) as im:
             return torch.from_numpy(np.asarray(im.convert("RGB")).copy())
@@ -332,6 +352,8 @@ class DecodedFrames:
     """float32 [k, 3, S, S] after the image processor; without one, a list of uint8 [H, W, 3]."""
     failed: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     """Frames that could not be decoded and were blanked (only with on_error="blank")."""
+    errors: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Media item -> why its frames could not be decoded (the DataError's message; only with on_error="blank")."""
 
 
 def frame_keys(sample: Sample | PackedSequence) -> list[tuple[int, int]]:
@@ -372,18 +394,22 @@ def decode_media(
         by_item.setdefault(m, []).append(j)
     decoded: dict[tuple[int, int], torch.Tensor] = {}
     failed: list[tuple[int, int]] = []
+    errors: dict[int, str] = {}
     for m, js in by_item.items():
         item = sample.media[m]
         try:
             if item.kind == "video":
-                frames = decode_frames(item.path, [item.frame_indices[j] for j in js], backend=backend, device=device)
+                frames = decode_frames(item.path, [item.frame_indices[j] for j in js], backend=backend, device=device,
+                                       info=getattr(item, "info", None))
             else:
                 frames = load_image(item.path)[None].expand(len(js), -1, -1, -1)
         except DataError as e:
             if on_error == "raise":
                 raise
-            logger.warning("blanking %d frames of %s: %s", len(js), item.path, e)
+            # The caller names the sample and the rank (training.data_feed): here only at debug level.
+            logger.debug("blanking %d frames of %s: %s", len(js), item.path, e)
             failed.extend((m, j) for j in js)
+            errors[m] = str(e)
             continue
         if processor is not None:
             frames = processor(frames)
@@ -401,4 +427,4 @@ def decode_media(
     for row, key in enumerate(keys):
         if key in decoded:
             out[row] = decoded[key]
-    return DecodedFrames(keys, out, failed)
+    return DecodedFrames(keys, out, failed, errors)

@@ -26,6 +26,9 @@ class MediaItem:
     """Visual tokens per frame: positions frame_offsets[j] .. frame_offsets[j] + tokens_per_frame - 1."""
     fps: float | None = None
     """The video's frame rate (None for images)."""
+    info: object | None = None
+    """The video's probe (data.video.VideoInfo) from when the sample was read: decoding takes it instead of probing
+    the file again (None: not probed, e.g. an image)."""
 
     @property
     def num_frames(self) -> int:

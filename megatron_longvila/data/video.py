@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_longvila.runtime.file_view import check_readable
 from megatron_longvila.errors import BackendUnavailableError, DataError
 
 BACKENDS = ("auto", "pyav", "dali_cpu", "dali_gpu")
@@ -134,6 +135,12 @@ def resolve_backend(backend: str, codec: str, device: torch.device | str | None 
 
 
 def _check_file(path: str) -> int:
+    try:
+        check_readable(path)  # this rank's view of the file system (runtime.file_view; test injection)
+    except FileNotFoundError:
+        raise DataError("missing_file", f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError("unreadable_file", f"{path}: {e.strerror or e}") from None
     if not os.path.exists(path):
         raise DataError("missing_file", f"{path}: no such file")
     if not os.path.isfile(path):

@@ -1,6 +1,7 @@
 """Host (gloo) process groups for metadata: planning agreement, decode failures, step totals, checkpoint flags.
 
     host_group_of(group, *, separate=False) -> ProcessGroup | None
+    host_group_by(key, *, tag) -> (ProcessGroup | None, ranks)   the ranks whose key equals this rank's
 
 Metadata lives on the host; exchanging it on an NCCL group would copy it to the device and synchronize. A gloo
 group with the same ranks does it on the host. Creating a group is collective over the world (every rank calls
@@ -17,7 +18,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from .timeouts import group_timeout
 
-__all__ = ["host_group_of"]
+__all__ = ["host_group_of", "host_group_by"]
 
 _HOST_GROUPS: Dict[tuple, dist.ProcessGroup] = {}
 
@@ -51,3 +52,24 @@ def host_group_of(group, *, separate: bool = False) -> Optional[dist.ProcessGrou
             if peer_key not in _HOST_GROUPS:
                 _HOST_GROUPS[peer_key] = dist.new_group(list(peer), backend="gloo", timeout=group_timeout())
     return _HOST_GROUPS[key]
+
+
+def host_group_by(key, *, tag: str) -> Tuple[Optional[dist.ProcessGroup], Tuple[int, ...]]:
+    """A gloo group of the ranks whose `key` (any picklable value, e.g. the data-parallel rank: a model-parallel
+    replica) equals this rank's, and those ranks in order. Collective over the world: every rank calls it with its
+    own key and the same `tag`; each tag gets groups of its own, so the threads that use different tags never pair
+    their collectives. The group is None for a single rank (nothing to exchange)."""
+    gathered: List[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (tag, key))
+    if any(t != tag for t, _ in gathered):
+        raise RuntimeError(f"host_group_by: ranks called it with different tags ({sorted({t for t, _ in gathered})})")
+    members: Dict[object, List[int]] = {}
+    for rank, (_, k) in enumerate(gathered):
+        members.setdefault(repr(k), []).append(rank)
+    world = id(c10d._get_default_group())
+    mine = tuple(members[repr(key)])
+    for ranks in sorted(tuple(r) for r in members.values()):  # the same order on every rank
+        group_key = (world, "by:" + tag, ranks)
+        if group_key not in _HOST_GROUPS and len(ranks) > 1:
+            _HOST_GROUPS[group_key] = dist.new_group(list(ranks), backend="gloo", timeout=group_timeout())
+    return (_HOST_GROUPS[(world, "by:" + tag, mine)] if len(mine) > 1 else None), mine

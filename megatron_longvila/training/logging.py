@@ -1,7 +1,8 @@
 """Training logs: loss, tokens/s, TFLOP/s per device, MFU, memory; terminal progress, TensorBoard, JSON lines.
 
     TrainLogger(args, world_size, is_logging_rank)
-        .log(iteration, loss, tokens, flops, step_time, lr, grad_norm, extra=None) -> dict   (the metrics record)
+        .log(iteration, loss, tokens, flops, step_time, lr, grad_norm, data_wait=None, extra=None) -> dict
+                                                                                          (the metrics record)
         .close()
 
 TFLOP/s per device are the step's model FLOPs (planning.flops: the step's own documents, causal attention per
@@ -66,13 +67,15 @@ class TrainLogger:
             self.tb = SummaryWriter(args.tensorboard_dir)
 
     def log(self, iteration: int, *, loss: float, tokens: int, flops: Optional[float], step_time: float, lr: float,
-            grad_norm: Optional[float], extra: Optional[dict] = None) -> dict:
-        """flops: the step's model FLOPs over the whole world (None where the data stream does not count them)."""
+            grad_norm: Optional[float], data_wait: Optional[float] = None, extra: Optional[dict] = None) -> dict:
+        """flops: the step's model FLOPs over the whole world (None where the data stream does not count them);
+        data_wait: seconds the step waited for its data (the slowest data-parallel rank's)."""
         tps = tokens / step_time if step_time > 0 else 0.0
         tflops = flops / step_time / self.world_size / 1e12 if flops is not None and step_time > 0 else None
         rec = {"iteration": iteration, "loss": loss, "tokens_per_s": tps, "tflops_per_device": tflops,
                "mfu": (tflops / self.peak) if self.peak and tflops is not None else None, "step_time_s": step_time,
-               "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "flops": flops, "memory_gb": _memory_gb()}
+               "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "flops": flops, "memory_gb": _memory_gb(),
+               "data_wait_s": data_wait}
         if extra:
             rec.update(extra)
         if not self.active:
@@ -92,7 +95,8 @@ class TrainLogger:
             # --peak-tflops), at one decimal.
             fl = f" | {tflops:.1f} TFLOP/s/device{mfu}" if self.peak and tflops is not None else ""
             line = (f"iteration {iteration:>6}/{self.args.train_iters} | loss {loss:.4f} | lr {lr:.3e}{gn} | "
-                    f"{tps:,.0f} tokens/s{fl} | {rec['memory_gb']:.2f} GB | {step_time * 1000:.0f} ms/step")
+                    f"{tps:,.0f} tokens/s{fl} | {rec['memory_gb']:.2f} GB | {step_time * 1000:.0f} ms/step"
+                    + (f" | data wait {data_wait * 1000:.0f} ms" if data_wait is not None else ""))
             if self.progress:
                 done = iteration / self.args.train_iters
                 bar = "#" * int(30 * done) + "." * (30 - int(30 * done))

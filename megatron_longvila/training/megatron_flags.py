@@ -101,6 +101,7 @@ CONSUMED = frozenset({
     "exit_interval", "exit_duration_in_mins", "exit_signal_handler", "exit_signal",
     # data (LongVILA's manifests; the data loader is LongVILA's own)
     "data_path", "valid_data_path", "tokenizer_model", "eval_iters", "eval_interval", "dataloader_type",
+    "num_workers",  # the data producer's threads (training.data_feed), as under the project loop
     # checkpointing
     "save", "save_interval", "load", "finetune", "no_save_optim", "no_save_rng", "no_load_optim", "no_load_rng",
     "ckpt_format", "ckpt_step", "exit_on_missing_checkpoint", "ckpt_fully_parallel_load",
@@ -120,7 +121,6 @@ CONSUMED = frozenset({
 
 REFUSED_WHY: Dict[str, str] = {
     "fp16": "LongVILA trains in bf16 or fp32 (fp16's loss scaling is not wired into its model); use --bf16",
-    "num_workers": "LongVILA's data stream is its own (the external data loader): Megatron's loader workers are not used",
     "train_samples": "LongVILA's schedule counts iterations: use --train-iters",
     "tokenizer_type": "LongVILA loads its tokenizer from --tokenizer-model (or the checkpoint's record)",
     "vocab_size": "the vocabulary comes from the LLM (--llm or the checkpoint's record)",

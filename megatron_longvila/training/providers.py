@@ -46,7 +46,8 @@ from ..runtime.entry import once
 from ..runtime.modules import unwrap_model
 from ..runtime.probes import te_available
 from .model_flags import ResolvedModel, given_model_flags, resolve_model
-from .step import LongVILAStep, StepBatches, StepConfig
+from .data_feed import FeedConfig, StepFeed
+from .step import LongVILAStep, StepConfig
 
 __all__ = ["checkpoint_to_load", "resolve_model_record", "build_model", "build_step", "build_streams",
            "PlannedStream", "DEFAULT_LLM", "DEFAULT_VISION_ENCODER"]
@@ -97,7 +98,8 @@ def _tokenizer_facts(tokenizer, template: Optional[str]) -> dict:
     return {"vocab_size": int(tokenizer.vocab_size), "kind": kind.get(type(tokenizer).__name__),
             "media_token_id": special(IMAGE_TOKEN),
             "frame_separator_id": special(FRAME_SEP_TOKEN), "pad_id": getattr(tokenizer, "pad_id", None),
-            "eos_id": getattr(tokenizer, "eos_id", None), "template": template}
+            "eos_id": getattr(tokenizer, "eos_id", None), "bos_id": getattr(tokenizer, "bos_id", None),
+            "template": template}
 
 
 def checkpoint_record(args) -> Optional[ModelRecord]:
@@ -259,31 +261,33 @@ def build_step(args, model, tokenizer) -> LongVILAStep:
         pad_to_multiple=state.config.pad_to_multiple, pipeline_parallel=args.pipeline_model_parallel_size > 1,
         image_size=int(record.vision["image_size"]), image_mode=media_settings(record, args)["image_mode"],
         image_mean=media_settings(record, args)["image_mean"], image_std=media_settings(record, args)["image_std"],
-        host_cp_group=state.host_cp_group,
+        decode_backend=getattr(args, "decode_backend", "auto"),
         max_skip_fraction=getattr(args, "max_skip_fraction", 0.1),
         min_samples_for_skip_check=getattr(args, "min_samples_for_skip_check", 20)), m)
 
 
 class PlannedStream:
-    """A resumable packed-sequence stream whose iterator hands the step planned micro-batches (StepBatches).
+    """A resumable packed-sequence stream whose iterator hands the step planned micro-batches: its StepFeed
+    (training.data_feed: one reader per replica, --num-workers producers).
 
-    `state_dict` / `load_state_dict` are the packed stream's: a step takes its micro-batches whole, so at a
-    checkpoint (between steps) the stream stands exactly after the last step's sequences.
+    `state_dict` / `load_state_dict` are the feed's: the resume point after the last step handed out, the steps
+    prepared ahead not counted.
     """
 
-    def __init__(self, packed, step: LongVILAStep, num_microbatches):
+    def __init__(self, packed, step: LongVILAStep, num_microbatches, feed: StepFeed):
         self.packed = packed
         self.step = step
         self.num_microbatches = num_microbatches
+        self.feed = feed
 
-    def __iter__(self) -> StepBatches:
-        return self.step.batches(iter(self.packed), self.num_microbatches, getattr(self.packed, "dataset", None))
+    def __iter__(self) -> StepFeed:
+        return self.feed
 
     def state_dict(self) -> dict:
-        return self.packed.state_dict()
+        return self.feed.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.packed.load_state_dict(state)
+        self.feed.load_state_dict(state)
 
 
 def _num_microbatches(args, dp_size: int, training: bool):
@@ -310,18 +314,19 @@ def build_streams(args, tokenizer, step: LongVILAStep, dp_rank: int, dp_size: in
     media = media_settings(record, args)
     cfg = DataConfig(template=args.template, tokens_per_frame=tokens_per_frame(size, size, patch),
                      num_frames=media["num_frames"], frame_separator=media["frame_separator"],
-                     max_seq_len=args.seq_length, seed=args.seed, max_skip_fraction=1.0)
-
-    from megatron.core import parallel_state as ps
-
-    # One rank of each data-parallel replica tells of skipped samples (its CP / TP ranks read the same ones).
-    tells = ps.get_context_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
-        and ps.is_pipeline_first_stage()
+                     max_seq_len=args.seq_length, seed=args.seed, max_skip_fraction=1.0,
+                     video_backend=getattr(args, "decode_backend", "auto"))
 
     def stream(path, training):
-        ds = VideoTextDataset(path, tokenizer, cfg, dp_rank=dp_rank, dp_size=dp_size, log_skips=tells)
+        ds = VideoTextDataset(path, tokenizer, cfg, dp_rank=dp_rank, dp_size=dp_size)
         packed = PackedIterator(ds, args.seq_length, loss_weighting=getattr(args, "loss_weighting", "token"))
-        return PlannedStream(packed, step, _num_microbatches(args, dp_size, training))
+        # Collective: every rank builds the training stream's feed, then the validation stream's.
+        feed = StepFeed(packed, step, _num_microbatches(args, dp_size, training),
+                        FeedConfig(num_workers=getattr(args, "num_workers", 0) if training else 0),
+                        tag="train" if training else "valid")
+        ds.log_skips = feed.is_reader  # the replica's reader is the one rank that reads, so the one that tells
+        return PlannedStream(packed, step, _num_microbatches(args, dp_size, training), feed)
 
+    train = stream(args.data_path, True)
     valid = stream(args.valid_data_path, False) if args.valid_data_path else None
-    return stream(args.data_path, True), valid, None
+    return train, valid, None

@@ -3,21 +3,25 @@ path and inference.
 
     StepConfig                              how a step plans its micro-batches (lengths, padding, decoding)
     LongVILAStep(config, model)
-        .prepare(packed) -> PlannedMicroBatch            plan, decode this rank's frames, move to the device
-        .batches(iterator, num_microbatches) -> StepBatches
+        .plan(packed) -> PlannedMicroBatch               this rank's plan of one packed sequence (host)
+        .decode(packed, planned, mapper=map) -> (failed, errors)   this rank's frames (first pipeline stage)
+        .drop_failed(packed, planned, failed) -> PlannedMicroBatch  documents whose media failed, out of the loss
+        .stage(planned) / .to_device(planned)            pixels gathered (pinned on CUDA), then moved
+        .finish_step(planned, counts=None)               the step's loss scale and skip check (one host all-reduce)
         .forward_step(data_iterator, model)              Megatron's forward_step_func
         .loss_func(mb, output_tensor)                    Megatron's per-token loss triple
-    StepBatches                             a data iterator that plans a whole step before its first micro-batch
     drop_documents_with_failed_media(...)   decode failures after packing: drop their documents from the loss
 
-One step, on every rank of a pipeline stage (all of it on the host, before the model runs):
-1. `StepBatches` takes the step's micro-batches (num_microbatches packed sequences) from the data stream;
-2. each is planned (`batch.microbatch.plan_microbatch`); the first pipeline stage decodes only the frames
-   stage 1 gives this rank; the CP ranks agree on decode failures (a host collective) and drop those documents;
+The data iterator a schedule reads is training.data_feed.StepFeed: it takes a step's packed sequences from the
+replica's reader, plans and decodes them with the methods above (ahead of the step with --num-workers), agrees on
+decode failures over the replica, and calls `finish_step` when the step takes them:
+1. each packed sequence is planned (`batch.microbatch.plan_microbatch`); the first pipeline stage decodes only the
+   frames stage 1 gives this rank;
+2. every rank of the replica agrees on decode failures (a host collective) and drops those documents;
 3. the step's loss weight and learned-target count are summed over the micro-batches and all-reduced over
-   DP x CP once (a host collective of two numbers) -- see "Fractional loss weights";
-4. every planned micro-batch is moved to the model's device once; then Megatron's schedule runs
-   `forward_step` on each, which only calls the model.
+   DP x CP once (a host collective of a few numbers) -- see "Fractional loss weights";
+4. each planned micro-batch is moved to the model's device when the schedule asks for it; Megatron's schedule
+   runs `forward_step` on each, which only calls the model.
 
 Fractional loss weights (per-sample weighting, a manifest's `loss_weight`) through Megatron's schedules: with
 `calculate_per_token_loss` Megatron sums the loss of every micro-batch, sums the integer token counts the loss
@@ -26,15 +30,15 @@ instead would need fractional counts in megatron-core's int32 tensor. So the cou
 learned targets, and each micro-batch's loss sum of weight x CE is multiplied by N / W, W being the step's total
 weight over DP x CP: Megatron's division by N then gives exactly sum(weight x CE) / W, the weighted global
 mean, and its logged loss (sum of reports / sum of counts) is the same mean. With unit weights N == W and the
-factor is exactly 1. The price is one all-reduce of two numbers per step, on the host group.
+factor is exactly 1. The price is one all-reduce of a few numbers per step, on the host group.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,7 +46,7 @@ import torch.distributed as dist
 from ..attention.megatron_core import uses_fp8_attention
 from ..batch.microbatch import PlannedMicroBatch, plan_microbatch
 from ..batch.sample import IGNORE_INDEX, MicroBatch
-from ..data.dataset import decode_media
+from ..data.dataset import decode_media, frame_keys
 from ..data.errors import REASONS
 from ..data.errors import advice as advice_for
 from ..data.image_processor import SiglipImageProcessor
@@ -53,7 +57,7 @@ from ..planning.flops import Trains, sequence_flops
 from ..planning.memory import ModelShape
 from ..runtime.modules import model_device, unwrap_model
 
-__all__ = ["StepConfig", "LongVILAStep", "StepBatches", "drop_documents_with_failed_media"]
+__all__ = ["StepConfig", "LongVILAStep", "StepCounts", "drop_documents_with_failed_media"]
 
 logger = logging.getLogger("megatron_longvila.training")
 
@@ -71,7 +75,8 @@ class StepConfig:
     pad_to_multiple: int = 1
     """With uniform shards, the local length is a multiple of this (TP under sequence parallelism)."""
     pipeline_parallel: bool = False
-    """PP > 1: the loss lives on the last stage, which does not decode; decode failures are counted only."""
+    """PP > 1: the loss lives on the last stage, which does not decode (it learns of decode failures from the
+    replica's agreement, training.data_feed)."""
     image_size: int = 384
     """Side of the encoder's input frames."""
     image_mode: str = "pad"
@@ -84,49 +89,21 @@ class StepConfig:
     """Video decoder (data.video.decode_frames): auto, pyav, dali_cpu, dali_gpu."""
     totals_group: Optional[object] = None
     """Host (gloo) process group over DP x CP for the step totals; None: Megatron's."""
-    host_cp_group: Optional[object] = None
-    """Host (gloo) process group of this rank's CP group, for decode-failure agreement; None: none needed (CP 1)."""
     max_skip_fraction: float = 1.0
     """Stop when more than this fraction of the samples read so far, over all data-parallel ranks, was skipped."""
     min_samples_for_skip_check: int = 20
     """Samples read (over all data-parallel ranks) before the skip fraction is judged."""
 
 
-class StepBatches:
-    """The data iterator a step's schedule reads: the step's micro-batches planned, decoded and on the device.
+@dataclass(frozen=True)
+class StepCounts:
+    """What the replica's reader had read when it took a step's sequences (it travels with them to every rank of the
+    replica, so every rank judges the skip fraction alike)."""
 
-    Megatron's schedules take exactly `num_microbatches` items per step from the iterator they are given, on
-    every rank of a pipeline stage; this iterator takes that many packed sequences from `source` at the first
-    request of a step and prepares them together, so the step's weight totals are known before any loss.
-    """
-
-    def __init__(self, source: Iterator, step: "LongVILAStep", num_microbatches: Union[int, Callable[[], int]],
-                 dataset=None):
-        self.source = source
-        self.step = step
-        self.num_microbatches = num_microbatches
-        self.dataset = dataset  # the VideoTextDataset behind the stream: its good / skipped counts
-        self._ready: List[PlannedMicroBatch] = []
-        self.consumed = 0  # packed sequences taken from the source
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> PlannedMicroBatch:
-        if not self._ready:
-            n = self.num_microbatches() if callable(self.num_microbatches) else int(self.num_microbatches)
-            packed = [next(self.source) for _ in range(n)]
-            self.consumed += n
-            self._ready = self.step.prepare_step(packed, self.dataset)
-        return self._ready.pop(0)
-
-    def tokens(self) -> int:
-        """Real tokens of the sequences this rank's step prepared so far."""
-        return self.step.tokens_seen
-
-    def flops(self) -> float:
-        """Model FLOPs of those sequences (first pipeline stage; planning.flops), for TFLOP/s and MFU."""
-        return self.step.flops_seen
+    ok: int = 0
+    """Samples read and kept so far by this replica's stream."""
+    skipped: Dict[str, int] = field(default_factory=dict)
+    """Samples skipped so far, by reason (data.errors.REASONS)."""
 
 
 class LongVILAStep:
@@ -138,14 +115,10 @@ class LongVILAStep:
         self.model = unwrap_model(model)
         self._processor = None
         self.blanked_media = 0
-        """Media items blanked after failing to decode at training time (this rank's count)."""
-        self.tokens_seen = 0
-        """Real (non-filler) tokens of the micro-batches this rank prepared."""
-        self.flops_seen = 0.0
-        """Model training FLOPs of those micro-batches, counted on the first pipeline stage (planning.flops)."""
+        """Media items blanked after failing to decode at training time (agreed over the replica)."""
         self._flops_model = None
 
-    # -- preparing ----------------------------------------------------------------------------------------
+    # -- preparing (host) ---------------------------------------------------------------------------------
     @property
     def processor(self):
         if self._processor is None:
@@ -153,51 +126,81 @@ class LongVILAStep:
                                                    mean=self.config.image_mean, std=self.config.image_std)
         return self._processor
 
-    def batches(self, iterator: Iterator, num_microbatches: Union[int, Callable[[], int]], dataset=None
-                ) -> StepBatches:
-        return StepBatches(iterator, self, num_microbatches, dataset)
-
-    def prepare(self, packed) -> PlannedMicroBatch:
-        """One packed sequence -> this rank's planned micro-batch, frames decoded, on the model's device."""
+    def _plan(self, mb: MicroBatch) -> PlannedMicroBatch:
         cfg = self.config
+        return plan_microbatch(self.model.visual_spec, mb, get_mmsp_mesh(self.model.config),
+                               uniform=cfg.uniform_shards, pad_to_multiple=cfg.pad_to_multiple,
+                               seq_length=cfg.seq_length if cfg.uniform_shards else None, pad_id=cfg.pad_id)
+
+    def plan(self, packed) -> PlannedMicroBatch:
+        """One packed sequence -> this rank's planned micro-batch (host tensors, frames not yet decoded)."""
+        size = (self.config.image_size, self.config.image_size)
+        return self._plan(MicroBatch.from_packed(packed, [None] * len(packed.media), [size] * len(packed.media)))
+
+    def decode(self, packed, planned: PlannedMicroBatch, mapper: Callable = map,
+               device=None) -> Tuple[torch.Tensor, Dict[int, str]]:
+        """Decode the frames stage 1 gave this rank (first pipeline stage only), one media item per `mapper` call (a
+        thread pool's map decodes items in parallel). Returns (failed [media items] 0/1, {media item: why}): a
+        frame that cannot be read is blanked, so the ranks stay in step until they agree on it."""
+        failed = torch.zeros(len(packed.media))
+        errors: Dict[int, str] = {}
+        mine = planned.frames_encoded
+        if not (self.model.pre_process and mine):
+            return failed, errors
+        keys = frame_keys(packed)
+        by_item: Dict[int, List[int]] = {}
+        for g in mine:
+            by_item.setdefault(keys[g][0], []).append(g)
+
+        def one(frames: List[int]):
+            return decode_media(packed, frames, processor=self.processor, backend=self.config.decode_backend,
+                                device=device, on_error="blank")
+
+        groups = list(by_item.values())
+        for frames, decoded in zip(groups, mapper(one, groups)):
+            for g, px in zip(frames, decoded.pixels):
+                planned.set_pixels(g, px)
+            for media, _ in decoded.failed:
+                failed[media] = 1
+            errors.update(decoded.errors)
+        return failed, errors
+
+    def drop_failed(self, packed, planned: PlannedMicroBatch, failed: torch.Tensor) -> PlannedMicroBatch:
+        """`planned` without the documents whose media failed on any rank of the replica (`failed`, agreed): their
+        loss weights and labels are zeroed and the sequence planned again (host only), the decoded pixels kept."""
+        if not bool(failed.any()):
+            return planned
+        self.blanked_media += int(failed.sum())
+        drop_documents_with_failed_media(planned.batch, packed, failed)
+        pixels = {f: planned.batch.frames[f].pixels for f in planned.frames_encoded}
+        replanned = self._plan(planned.batch)
+        for f, px in pixels.items():
+            replanned.set_pixels(f, px)
+        return replanned
+
+    def stage(self, planned: PlannedMicroBatch) -> PlannedMicroBatch:
+        """Gather the pixels in the encoder's dtype, pinned where a CUDA device will take them (off the training
+        thread under a data producer)."""
         m = self.model
-        mesh = get_mmsp_mesh(m.config)
-        size = (cfg.image_size, cfg.image_size)
-        mb = MicroBatch.from_packed(packed, [None] * len(packed.media), [size] * len(packed.media))
-        self.tokens_seen += mb.total_len
-        self.flops_seen += self._sequence_flops(mb)
-        planned = plan_microbatch(m.visual_spec, mb, mesh, uniform=cfg.uniform_shards,
-                                  pad_to_multiple=cfg.pad_to_multiple,
-                                  seq_length=cfg.seq_length if cfg.uniform_shards else None, pad_id=cfg.pad_id)
-        if m.pre_process and mb.frames:
-            failed = self._decode(packed, planned)
-            if mesh.cp_size > 1:
-                if cfg.host_cp_group is None:
-                    raise StepError("StepConfig.host_cp_group is needed with context parallelism (decode failures "
-                                    "are agreed on over the CP group)")
-                comm.all_reduce(failed, cfg.host_cp_group, op=dist.ReduceOp.MAX, kind="decode_failures")
-            if bool(failed.any()):
-                self.blanked_media += int(failed.sum())
-                if cfg.pipeline_parallel:
-                    logger.warning("%d media item(s) failed to decode and were blanked (not dropped from the loss "
-                                   "under pipeline parallelism)", int(failed.sum()))
-                else:
-                    drop_documents_with_failed_media(planned.batch, packed, failed)
-                    # The weights changed: plan again (cheap, host only) so every derived figure agrees.
-                    pixels = {f: planned.batch.frames[f].pixels for f in planned.frames_encoded}
-                    planned = plan_microbatch(m.visual_spec, planned.batch, mesh, uniform=cfg.uniform_shards,
-                                              pad_to_multiple=cfg.pad_to_multiple,
-                                              seq_length=cfg.seq_length if cfg.uniform_shards else None,
-                                              pad_id=cfg.pad_id)
-                    for f, px in pixels.items():
-                        planned.set_pixels(f, px)
+        dtype = m.vision_model.conv1.weight.dtype if m.vision_model is not None else None
+        return planned.stage(dtype, pin=model_device(m).type == "cuda")
+
+    def to_device(self, planned: PlannedMicroBatch) -> PlannedMicroBatch:
+        """The micro-batch on the model's device (asynchronous copies from pinned memory on CUDA)."""
+        m = self.model
         dtype = m.vision_model.conv1.weight.dtype if m.vision_model is not None else None
         # FP8 attention's padded-layout coordinates go to the device with the rest: no host copy inside the model.
         return planned.to(model_device(m), dtype, coords=uses_fp8_attention(getattr(m, "config", None)))
 
+    def sequence_figures(self, packed) -> Tuple[int, float]:
+        """(real tokens, model FLOPs) of one packed sequence, for throughput and MFU: the FLOPs on the first pipeline
+        stage (it holds the encoder; the loop counts one rank per replica), 0 elsewhere."""
+        size = (self.config.image_size, self.config.image_size)
+        mb = MicroBatch.from_packed(packed, [None] * len(packed.media), [size] * len(packed.media))
+        return mb.total_len, self._sequence_flops(mb)
+
     def _sequence_flops(self, mb: MicroBatch) -> float:
-        """The model FLOPs of one packed sequence from its own documents and frames (the first pipeline stage holds
-        the encoder, so it counts; the loop counts one rank per replica)."""
+        """The model FLOPs of one packed sequence from its own documents and frames."""
         m = self.model
         if not m.pre_process:
             return 0.0
@@ -211,29 +214,18 @@ class LongVILAStep:
         shape, parts = self._flops_model
         return sequence_flops(shape, mb.seq_lens, [(f.height, f.width) for f in mb.frames], parts)["total"]
 
-    def _decode(self, packed, planned: PlannedMicroBatch) -> torch.Tensor:
-        failed = torch.zeros(len(packed.media))
-        mine = planned.frames_encoded
-        if mine:
-            decoded = decode_media(packed, mine, processor=self.processor, backend=self.config.decode_backend,
-                                   on_error="blank")
-            for g, px in zip(mine, decoded.pixels):
-                planned.set_pixels(g, px)
-            for media, _ in decoded.failed:
-                failed[media] = 1
-        return failed
-
-    def prepare_step(self, packed_list, dataset=None) -> List[PlannedMicroBatch]:
-        """Prepare a step's micro-batches and give each the step's loss scale (one host all-reduce)."""
-        return self.finish_step([self.prepare(p) for p in packed_list], dataset)
-
-    def finish_step(self, planned: List[PlannedMicroBatch], dataset=None) -> List[PlannedMicroBatch]:
+    def finish_step(self, planned: List[PlannedMicroBatch], dataset=None,
+                    counts: Optional[StepCounts] = None) -> List[PlannedMicroBatch]:
         """Give a step's planned micro-batches the step's loss scale, learned targets / loss weight, both summed over
-        the micro-batches and DP x CP, and judge the data's skip fraction over DP: one host all-reduce."""
+        the micro-batches and DP x CP, and judge the data's skip fraction over DP: one host all-reduce.
+
+        counts: the replica's reading counts when the step was taken (StepCounts); else `dataset`'s current ones."""
         reasons = sorted(REASONS)
-        skipped = dict(dataset.skipped) if dataset is not None else {}
+        if counts is None and dataset is not None:
+            counts = StepCounts(ok=dataset.ok, skipped=dict(dataset.skipped))
+        skipped = dict(counts.skipped) if counts is not None else {}
         totals = torch.tensor([sum(p.local_weight for p in planned), float(sum(p.local_count for p in planned)),
-                               float(dataset.ok if dataset is not None else 0)]
+                               float(counts.ok if counts is not None else 0)]
                               + [float(skipped.get(r, 0)) for r in reasons], dtype=torch.float64)
         group = self.config.totals_group
         if group is None:
@@ -247,8 +239,8 @@ class LongVILAStep:
         scale = count / weight if weight > 0 else 1.0
         for p in planned:
             p.step_scale = scale
-        if dataset is not None:
-            # Every CP rank of a replica reads the same samples: counts over DP x CP are CP times the DP counts.
+        if counts is not None:
+            # Every CP rank of a replica holds its reader's counts: counts over DP x CP are CP times the DP counts.
             cp = self.model.config.context_parallel_size
             ok = totals[2].item() / cp
             by_reason = {r: int(round(v / cp)) for r, v in zip(reasons, totals[3:].tolist()) if v}
@@ -312,5 +304,6 @@ def drop_documents_with_failed_media(mb: MicroBatch, packed, failed: torch.Tenso
         start = int(ends[doc - 1]) if doc else 0
         mb.labels[start:int(ends[doc])] = IGNORE_INDEX
         mb.loss_weights[start:int(ends[doc])] = 0
-    logger.warning("dropped the documents of %d media item(s) that failed to decode from this micro-batch's loss",
-                   int(failed.sum()))
+    # The rank that could not read the file names it (training.data_feed); the drop itself is the same everywhere.
+    logger.debug("dropped the documents of %d media item(s) that failed to decode from this micro-batch's loss",
+                 int(failed.sum()))

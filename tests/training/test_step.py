@@ -150,7 +150,7 @@ def _meta_mesh(rank, world):
     mesh = initialize_mmsp(model.config, packed=True)
     state = mmsp_state(model.config)
     model = model.to("meta")
-    step = LongVILAStep(StepConfig(seq_length=512, host_cp_group=state.host_cp_group), model)
+    step = LongVILAStep(StepConfig(seq_length=512), model)
     planned = [plan_microbatch(model.visual_spec, micro_batch(c), mesh) for c in ("seven", "three")]
     # Planning collectives: host tensors on host groups (real gloo communication), before the model runs.
     step.finish_step([p.to("meta", torch.float32) for p in planned])
@@ -209,7 +209,7 @@ def _fractional(rank, world):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from tests.models._longvila_cases import build, load_from, setup_megatron, tp_slice
 
-    from megatron_longvila.parallel.state import initialize_mmsp, mmsp_state
+    from megatron_longvila.parallel.state import initialize_mmsp
     from megatron_longvila.parallel.mesh import single_rank_mesh
     from megatron_longvila.runtime.modules import model_device
     from megatron_longvila.batch.microbatch import plan_microbatch
@@ -239,7 +239,7 @@ def _fractional(rank, world):
         ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(), model)
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.no_sync_func = ddp.no_sync
-        step = LongVILAStep(StepConfig(seq_length=512, host_cp_group=mmsp_state(cfg).host_cp_group), model)
+        step = LongVILAStep(StepConfig(seq_length=512), model)
         dp_rank = ps.get_data_parallel_rank()
         planned = [plan_microbatch(model.visual_spec, _weighted_batch(dp_rank, m), mesh).to(model_device(model))
                    for m in range(2)]

@@ -1,0 +1,402 @@
+"""The data feed of a training stream: one data decision per model-parallel replica, each step ready before the
+schedule asks for it.
+
+    FeedConfig                                       workers, prefetch depth, how many unreadable files are logged
+    StepFeed(packed, step, num_microbatches, config, tag)   the data_iterator Megatron's schedules read
+        next(feed) -> PlannedMicroBatch (on the device)      a step's micro-batches, in order
+        .state_dict() / .load_state_dict(state)              the resume point after the last step handed out
+        .replay(n)                                           skip n packed sequences (a resume without data state)
+        .tokens() / .flops() / .data_wait()                  running totals of the steps handed out
+        .unreadable                                          {file: count} this rank could not read
+        .close()
+    fingerprint(packed_list) -> int                  what a step trains on, as a 48-bit number
+
+One step, made by `_produce` (on the training thread with --num-workers 0, else one step ahead on a producer thread):
+1. Read once per replica. The replica's reader (its lowest global rank) takes the step's packed sequences from its
+   stream (reading, probing and tokenizing the samples) and broadcasts them, with the stream's resume state and its
+   sample counts, over a host (gloo) group spanning the replica's TP x CP x PP ranks: one pickled broadcast. No other
+   rank of the replica reads, probes or tokenizes, so none can skip a sample, pack a sequence or start a resume
+   differently (Megatron's own loaders read on one rank and broadcast for the same reason). The reader's probe of each
+   video travels with it: no file is probed twice.
+2. Plan and decode. Every rank plans each sequence for its place in the mesh; the first pipeline stage decodes only
+   the frames stage 1 gives it. The TP ranks of one CP position decode the same frames in parallel rather than one
+   decoding and sending: a frame's pixels (3 x 384 x 384 float32, 1.7 MB) take longer to send over a host group than
+   to decode (docs/PERFORMANCE.md: "Data feed"), and no rank then waits on another to start the step's encoder.
+3. Agree. One all-reduce (MAX) over the replica's host group of every media item's could-not-read flag and the
+   step's fingerprint (+f, -f): every rank of the replica, the last pipeline stage included, blanks and drops the same
+   documents; a fingerprint that differs (a rank would train on other sequences than its peers) stops the job naming
+   the ranks and the first sample where they differ. The rank that could not read a file logs it with the sample, for
+   its first `logged_unreadable` files; past those it counts them (`unreadable`, printed at the end of the run).
+4. The step's micro-batches wait on the host (pixels in the encoder's dtype, pinned on CUDA) in a queue of at most
+   `prefetch_steps` steps. The training thread takes a step (the time it waits is the step's data_wait_s), sums the
+   step totals (LongVILAStep.finish_step, one host all-reduce over DP x CP) and moves each micro-batch to the device
+   only when the schedule asks for it: one micro-batch's tensors on the device at a time.
+
+Memory: besides the step being trained, the producer holds up to `prefetch_steps` prepared steps and the one it is
+preparing, on the host: per step, its micro-batches' token tensors (a few bytes per token) and this rank's decoded
+frames (3 x S x S in the encoder's dtype each: 0.9 MB at 384 px in bf16, 1.7 MB in fp32).
+
+Errors on the producer thread are raised on the training thread when the step that met them is taken, with their
+own message; an error of the reader stops its peers too (they learn of it through the broadcast and end quietly,
+the reader printing it). With any --num-workers the steps, their order and their resume points are the same: a run
+saved with one value resumes with another on the same sample, with bitwise equal losses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import queue
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from ..batch.microbatch import PlannedMicroBatch
+from ..errors import DataDisagreement, FaultExit, StepError
+from ..parallel import comm
+from ..parallel.groups import host_group_by
+from ..runtime.modules import model_device
+from .step import LongVILAStep, StepCounts
+
+__all__ = ["FeedConfig", "StepFeed", "fingerprint"]
+
+logger = logging.getLogger("megatron_longvila.training")
+
+
+@dataclass(kw_only=True)
+class FeedConfig:
+    """How a stream's steps are prepared."""
+
+    num_workers: int = 0
+    """--num-workers: 0 prepares each step on the training thread when the schedule asks for it; N >= 1 runs a
+    producer thread that prepares the next step while the current one trains, N threads decoding its media items."""
+    prefetch_steps: int = 1
+    """Prepared steps that may wait in the queue (with num_workers >= 1)."""
+    logged_unreadable: int = 3
+    """Files this rank could not read that are logged one by one (with the sample); past it they are counted."""
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_steps < 1:
+            raise ValueError(f"FeedConfig.prefetch_steps must be >= 1, got {self.prefetch_steps}")
+
+
+@dataclass
+class _Step:
+    """One prepared step (host)."""
+
+    n: int
+    planned: List[PlannedMicroBatch]
+    state: dict
+    counts: StepCounts
+    tokens: int
+    flops: float
+
+
+class _Failed:
+    """An error met while preparing a step, carried to the training thread."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def fingerprint(packed_list) -> int:
+    """What a step trains on (its sequences' sample ids and lengths, and each media file with its frames), as a 48-bit
+    number: exact in a float64, so it can ride along in a MAX all-reduce."""
+    h = hashlib.blake2b(digest_size=6)
+    for p in packed_list:
+        h.update(repr((list(p.sample_ids), list(p.seq_lens),
+                       [(m.path, list(m.frame_indices)) for m in p.media])).encode())
+    return int.from_bytes(h.digest(), "little")
+
+
+class StepFeed:
+    """Megatron's data iterator for one stream (see the module docstring).
+
+    Args:
+        packed: the replica's PackedIterator (only the reader reads it; every rank holds its resume state).
+        step: this rank's LongVILAStep.
+        num_microbatches: per step, or a callable (megatron.training's calculator: batch-size ramp-up).
+        config: FeedConfig.
+        tag: names the stream's host group; every rank builds its streams' feeds in the same order (collective).
+    """
+
+    def __init__(self, packed, step: LongVILAStep, num_microbatches: Union[int, Callable[[], int]],
+                 config: Optional[FeedConfig] = None, *, tag: str = "train"):
+        self.packed = packed
+        self.step = step
+        self.num_microbatches = num_microbatches
+        self.config = config or FeedConfig()
+        self.group, self.replica, self.reader = None, (0,), 0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            from megatron.core import parallel_state as ps
+
+            self.group, self.replica = host_group_by(ps.get_data_parallel_rank(), tag=f"data:{tag}")
+            self.reader = self.replica[0]
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.is_reader = self.rank == self.reader
+        self._source = None  # the reader's generator over `packed`
+        self._state = packed.state_dict()  # the resume point after the last step handed out
+        self._ready: List[PlannedMicroBatch] = []
+        self._queue: Optional[queue.Queue] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(self.config.num_workers, thread_name_prefix="longvila-decode") \
+            if self.config.num_workers > 1 else None
+        self._tokens, self._flops, self._wait = 0, 0.0, 0.0
+        self.unreadable: Counter = Counter()
+        self.closed = False
+
+    # -- the schedule's side ------------------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> PlannedMicroBatch:
+        if not self._ready:
+            t0 = time.perf_counter()
+            n = self.num_microbatches() if callable(self.num_microbatches) else int(self.num_microbatches)
+            item = self._take(n)
+            planned = self.step.finish_step(item.planned, counts=item.counts)
+            self._state = item.state
+            self._tokens += item.tokens
+            self._flops += item.flops
+            self._ready = list(planned)
+            self._wait += time.perf_counter() - t0
+        return self.step.to_device(self._ready.pop(0))
+
+    def tokens(self) -> int:
+        """Real tokens of the steps handed out (this rank's replica)."""
+        return self._tokens
+
+    def flops(self) -> float:
+        """Model FLOPs of those steps (first pipeline stage; planning.flops), for TFLOP/s and MFU."""
+        return self._flops
+
+    def data_wait(self) -> float:
+        """Seconds the training thread waited for its steps' data so far (the step totals' all-reduce included)."""
+        return self._wait
+
+    # -- resumption --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where a resumed run starts: after the last step handed out (not after the steps prepared ahead)."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._halt()
+        self.packed.load_state_dict(state)
+        self._state = dict(state)
+        self._source = None
+        self._ready = []
+
+    def replay(self, sequences: int) -> None:
+        """Skip `sequences` packed sequences (a resume from a checkpoint saved without a data state): the reader
+        reads them again; its state reaches the others with the next step."""
+        self._halt()
+        if self.is_reader:
+            source = self._reader_source()
+            for _ in range(sequences):
+                next(source)
+            self._state = self.packed.state_dict()
+
+    # -- producing -------------------------------------------------------------------------------------------------
+    def _reader_source(self):
+        if self._source is None:
+            self._source = iter(self.packed)
+        return self._source
+
+    def _take(self, n: int) -> _Step:
+        if self.config.num_workers == 0:
+            return self._produce(n)
+        while True:
+            if self._thread is None:
+                self._start(n)
+            item = self._get()
+            if isinstance(item, _Failed):
+                self._thread = None
+                raise item.error
+            if item.n == n:
+                return item
+            # The step size changed (batch-size ramp-up) after this step was prepared: start again from the last
+            # step handed out, with the new size. Every rank of the replica sees the same sizes, so all rewind.
+            self._halt()
+            self.packed.load_state_dict(self._state)
+            self._source = None
+
+    def _get(self):
+        while True:
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise StepError("the data producer thread ended without a word (see the log above)") from None
+
+    def _start(self, n: int) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.config.prefetch_steps)
+        device = model_device(self.step.model)
+        self._thread = threading.Thread(target=self._run, args=(n, device), name="longvila-data-producer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, n: int, device) -> None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is per thread
+        while True:
+            try:
+                item = self._produce(n)
+            except BaseException as e:  # carried to the training thread, raised there
+                item = _Failed(e)
+            # The stop flag is read only while the queue is full: every rank's producer then stops after the same
+            # number of steps, so the replica's collectives stay paired when the feed rewinds.
+            while True:
+                try:
+                    self._queue.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    if self._stop.is_set():
+                        return
+            if isinstance(item, _Failed):
+                return
+
+    def _halt(self) -> None:
+        """Stop the producer after the steps it has prepared (they are dropped)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        self._thread = None
+        self._queue = None
+        self._stop.clear()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._thread is not None and self._thread.is_alive():
+            self._stop.set()
+            # Not joined: at the end of a run its peers' producers may wait on it in a collective that will not come.
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _produce(self, n: int) -> _Step:
+        payload = None
+        if self.is_reader:
+            try:
+                source = self._reader_source()
+                seqs = [next(source) for _ in range(n)]
+                ds = self.packed.dataset
+                payload = {"n": n, "packed": seqs, "state": self.packed.state_dict(),
+                           "counts": StepCounts(ok=int(ds.ok), skipped=dict(ds.skipped))}
+            except BaseException as e:
+                if self.group is not None:  # the peers stop with it instead of waiting for the broadcast
+                    self._broadcast({"error": f"{type(e).__name__}: {e}"})
+                raise
+        if self.group is not None:
+            payload = self._broadcast(payload)
+        if "error" in payload:
+            raise FaultExit(f"rank {self.reader}, which reads this replica's data, stopped: {payload['error']}")
+        seqs = payload["packed"]
+        step = self.step
+        planned = [step.plan(p) for p in seqs]
+        mapper = self._pool.map if self._pool is not None else map
+        device = model_device(step.model) if step.config.decode_backend == "dali_gpu" else None
+        decoded = [step.decode(p, pl, mapper=mapper, device=device) for p, pl in zip(seqs, planned)]
+        failed = self._agree(seqs, [f for f, _ in decoded])
+        for p, (mine, errors) in zip(seqs, decoded):
+            self._tell_unreadable(p, errors)
+        tokens, flops = 0, 0.0
+        out = []
+        for p, pl, f in zip(seqs, planned, failed):
+            t, fl = step.sequence_figures(p)
+            tokens += t
+            flops += fl
+            out.append(step.stage(step.drop_failed(p, pl, f)))
+        return _Step(n=payload["n"], planned=out, state=payload["state"], counts=payload["counts"], tokens=tokens,
+                     flops=flops)
+
+    def _broadcast(self, payload):
+        """The reader's payload on every rank of the replica: its pickled size, then its bytes."""
+        size = torch.zeros(1, dtype=torch.int64)
+        if self.is_reader:
+            data = torch.frombuffer(bytearray(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)),
+                                    dtype=torch.uint8)
+            size[0] = data.numel()
+        comm.broadcast(size, self.reader, self.group, kind="data_feed")
+        if not self.is_reader:
+            data = torch.empty(int(size[0]), dtype=torch.uint8)
+        comm.broadcast(data, self.reader, self.group, kind="data_feed")
+        # Our own job's bytes, from a rank of this job, over its own process group.
+        return payload if self.is_reader else pickle.loads(data.numpy().tobytes())
+
+    def _agree(self, seqs, failed: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Decode failures agreed over the replica (MAX), and the step's fingerprint compared in the same
+        all-reduce."""
+        fp = float(fingerprint(seqs))
+        flags = torch.cat([f.double() for f in failed] + [torch.tensor([fp, -fp], dtype=torch.float64)])
+        if self.group is not None:
+            comm.all_reduce(flags, self.group, op=dist.ReduceOp.MAX, kind="data_agreement")
+        if flags[-2].item() != -flags[-1].item():
+            self._disagreement(seqs)
+        out, start = [], 0
+        for f in failed:
+            out.append(flags[start:start + f.numel()].float())
+            start += f.numel()
+        return out
+
+    def _disagreement(self, seqs) -> None:
+        """Name the ranks and the first sample where the replica's ranks differ; the reader raises, the others end
+        quietly (one message)."""
+        mine = [(list(p.sample_ids), list(p.seq_lens)) for p in seqs]
+        gathered: List[object] = [None] * len(self.replica)
+        dist.all_gather_object(gathered, (self.rank, mine), group=self.group)
+        ref_rank, ref = gathered[0]
+        where = "?"
+        for rank, theirs in gathered[1:]:
+            if theirs == ref:
+                continue
+            for i, (a, b) in enumerate(zip(ref, theirs)):
+                if a != b:
+                    diff = next((k for k, (x, y) in enumerate(zip(a[0], b[0])) if x != y), min(len(a[0]), len(b[0])))
+                    ours = a[0][diff] if diff < len(a[0]) else "nothing"
+                    other = b[0][diff] if diff < len(b[0]) else "nothing"
+                    where = (f"rank {ref_rank} would train on sample {ours!r} and rank {rank} on {other!r} (micro-batch "
+                             f"{i}, document {diff})")
+                    break
+            else:
+                where = f"rank {ref_rank} and rank {rank} hold different numbers of sequences"
+            break
+        message = (f"the ranks of data-parallel replica {self.replica} disagree about this step's data: {where}. "
+                   f"They must train on the same sequences; this is a bug or a corrupted exchange, not bad data")
+        if self.is_reader:
+            raise DataDisagreement(message)
+        raise FaultExit(message)
+
+    def _tell_unreadable(self, packed, errors: Dict[int, str]) -> None:
+        """This rank's files that could not be read: logged with the sample (the first few), then counted."""
+        if not errors:
+            return
+        ends = torch.cumsum(torch.tensor(packed.seq_lens), 0)
+        for media, why in errors.items():
+            item = packed.media[media]
+            doc = int(torch.searchsorted(ends, item.frame_offsets[0], right=True))
+            self.unreadable[item.path] += 1
+            if sum(self.unreadable.values()) <= self.config.logged_unreadable:
+                logger.warning("rank %d could not read %s (sample %r): %s; its frames are blanked and its document "
+                               "dropped from this step's loss on every rank of the replica", self.rank, item.path,
+                               packed.sample_ids[doc] if doc < len(packed.sample_ids) else "?", why)
+
+    def summary(self) -> Optional[str]:
+        """One line on the files this rank could not read (None if none)."""
+        if not self.unreadable:
+            return None
+        total = sum(self.unreadable.values())
+        top = ", ".join(f"{path} ({k})" for path, k in self.unreadable.most_common(3))
+        return (f"rank {self.rank} could not read {total} media item(s) in {len(self.unreadable)} file(s), each "
+                f"blanked and its document dropped on every rank of its replica: {top}")
