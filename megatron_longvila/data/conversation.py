@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_longvila.errors import DataError
+from megatron_longvila.errors import DataError, TokenizerError
 from megatron_longvila.data.sample import IGNORE_INDEX, MediaItem, Sample
 from megatron_longvila.data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
 
@@ -48,6 +48,11 @@ class ChatTemplate:
     """Text after each complete assistant turn; not learned."""
     add_bos: bool = False
     """Start the sequence with the tokenizer's BOS id."""
+    markers: tuple[str, ...] = ()
+    """Tokens of the layout that must each be one id the tokenizer has (`check_template`)."""
+    end_token: str | None = None
+    """The marker that ends each reply (learned, and where generation stops): the template's EOS, whatever the
+    tokenizer's own EOS is."""
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -60,6 +65,21 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_prefix="<|im_start|>assistant\n",
         assistant_suffix="<|im_end|>",
         turn_separator="\n",
+        markers=("<|im_start|>", "<|im_end|>"),
+        end_token="<|im_end|>",
+    ),
+    # Llama-3 Instruct (Llama-3-based LongVILA models), VILA's llama_3 system prompt; BOS is <|begin_of_text|>.
+    "llama3": ChatTemplate(
+        name="llama3",
+        system="You are a helpful language and vision assistant. You are able to understand the visual content that "
+        "the user provides, and assist the user with a variety of tasks using natural language.",
+        system_format="<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
+        user_format="<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
+        assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        assistant_suffix="<|eot_id|>",
+        add_bos=True,
+        markers=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        end_token="<|eot_id|>",
     ),
     # Vicuna v1 (Llama-2-based VILA models): "SYSTEM USER: ... ASSISTANT: ...</s>".
     "vicuna": ChatTemplate(
@@ -83,6 +103,43 @@ def get_template(name_or_template: str | ChatTemplate) -> ChatTemplate:
     if name_or_template not in TEMPLATES:
         raise ValueError(f"unknown chat template {name_or_template!r}; known: {sorted(TEMPLATES)}")
     return TEMPLATES[name_or_template]
+
+
+def _template_problem(tokenizer, tpl: ChatTemplate) -> str | None:
+    """Why `tokenizer` cannot serve `tpl`, or None."""
+    ends = (tpl.end_token,) if tpl.end_token else ()
+    for marker in ends + tuple(m for m in tpl.markers if m not in ends):  # the EOS first: it matters most
+        ids = tokenizer.encode(marker)
+        # A tokenizer.json lists every special token its model knows: a marker past them is one it never saw.
+        foreign = getattr(tokenizer, "names_its_special_tokens", False) and \
+            marker in getattr(tokenizer, "appended_tokens", ())
+        if len(ids) != 1 or foreign:
+            what = "ends each reply with" if marker == tpl.end_token else "uses"
+            return f"chat template {tpl.name!r} {what} {marker!r}, which the tokenizer lacks"
+    if tpl.add_bos and tokenizer.bos_id is None:
+        return f"chat template {tpl.name!r} starts with a BOS, and the tokenizer names none"
+    if tpl.assistant_eos and tokenizer.eos_id is None:
+        return f"chat template {tpl.name!r} ends each reply with the tokenizer's EOS, and the tokenizer names none"
+    return None
+
+
+def check_template(tokenizer, template: str | ChatTemplate) -> ChatTemplate:
+    """The template, after checking that the tokenizer can serve it: its BOS and EOS where the template needs them,
+    each marker one id of the tokenizer (for a tokenizer.json, one of its own tokens: a marker the project would
+    append is one the model never saw, and a reply ended by it would never stop).
+
+    Raises:
+        TokenizerError: naming the templates this tokenizer can serve.
+    """
+    tpl = get_template(template)
+    problem = _template_problem(tokenizer, tpl)
+    if problem is None:
+        return tpl
+    eos = tokenizer.eos_id
+    fits = [name for name, t in TEMPLATES.items() if _template_problem(tokenizer, t) is None]
+    eos_text = "none" if eos is None else repr(tokenizer.token_text(eos))
+    raise TokenizerError(f"{problem} (its EOS: {eos_text}): use a template it can serve ({', '.join(fits)}), or the "
+                         f"tokenizer of the model the template belongs to")
 
 
 @dataclasses.dataclass(slots=True)
@@ -118,7 +175,7 @@ def tokenize_conversation(
         conversations: turns [{"from": "human"|"user"|"gpt"|"assistant"|"system", "value": str}, ...].
         media: the sample's media with their selected frames, in placeholder order.
         tokenizer: a tokenizer from `megatron_longvila.data.tokenizer`.
-        template: a ChatTemplate or the name of one in TEMPLATES.
+        template: a ChatTemplate or the name of one in TEMPLATES (`check_template` must accept the pair).
         tokens_per_frame: visual tokens per frame after the projector (e.g. 196 for SigLIP-384 with
             2x2 downsampling of its 27x27 patches, rounded as the projector does).
         frame_separator: after each frame's visual tokens, True puts one frame-separator id (`<frame_sep>`); a
@@ -127,10 +184,11 @@ def tokenize_conversation(
 
     Raises:
         DataError: no_assistant_turn, bad_conversation, undecodable_text or too_long.
+        TokenizerError: the tokenizer cannot serve the template.
     """
     if tokens_per_frame < 1:
         raise ValueError(f"tokens_per_frame must be >= 1, got {tokens_per_frame}")
-    tpl = get_template(template)
+    tpl = check_template(tokenizer, template)
     turns = _check_turns(conversations)
     image_id = tokenizer.token_id(IMAGE_TOKEN)
     if isinstance(frame_separator, str):
@@ -166,9 +224,7 @@ def tokenize_conversation(
         ids.extend(piece)
         labels.extend(piece if learn else [IGNORE_INDEX] * len(piece))
 
-    def add_id(token: int | None, learn: bool) -> None:
-        if token is None:
-            raise ValueError(f"template {tpl.name!r} needs a BOS/EOS id the tokenizer does not define")
+    def add_id(token: int, learn: bool) -> None:  # check_template made sure the ids exist
         ids.append(token)
         labels.append(token if learn else IGNORE_INDEX)
 

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from megatron_longvila.data.conversation import MediaFrames, tokenize_conversation
+from megatron_longvila.data.conversation import MediaFrames, check_template, tokenize_conversation
 from megatron_longvila.errors import DataError, SkipThresholdExceeded
 from megatron_longvila.data.frames import select_frame_indices
 from megatron_longvila.data.manifest import Manifest, ManifestRecord
@@ -103,6 +103,7 @@ class VideoTextDataset:
         self.source = source
         self.tokenizer = tokenizer
         self.config = config or DataConfig()
+        check_template(tokenizer, self.config.template)  # at start-up, not at the first sample
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.epoch = 0
         self.position = 0  # next slot of this rank's share of the epoch order

@@ -6,6 +6,10 @@ keeps documents apart. Position ids restart at 0 for every sample, so each sampl
 would see alone. Per-token loss weights carry each sample's `loss_weight`, optionally divided by its
 number of learned tokens so that every sample (a long video answer or a one-line text reply) counts the
 same in the loss, as Large World Model training balances its mixed batches.
+
+A sample's first label is never learned: position t predicts labels[t + 1] of the same document, and nothing
+precedes the first token (the step's `batch.sample.shift_targets`). Its weight is 0 here, so a per-sample weight
+divides by the labels actually learned.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ class PackedSequence:
     position_ids: torch.Tensor
     """LongTensor [total], 0.. within each sample."""
     loss_weights: torch.Tensor
-    """FloatTensor [total]: weight of each position's loss (0 where labels are IGNORE_INDEX)."""
+    """FloatTensor [total]: weight of learning each position's label (0 where labels are IGNORE_INDEX and at each
+    sample's first position, whose label no position predicts)."""
     seq_lens: list[int]
     """Length of each packed sample, in order: the argument of `plan_sequence`."""
     media: list[MediaItem]
@@ -62,7 +67,8 @@ def concat_samples(samples: Sequence[Sample], *, loss_weighting: str = "token") 
 
     Args:
         loss_weighting: "token": every learned token of a sample has weight `loss_weight`; "sample":
-            `loss_weight / (learned tokens of the sample)`, so each sample's loss sums to its weight.
+            `loss_weight / (learned tokens of the sample)`, so each sample's loss sums to its weight. Learned
+            tokens: labels other than IGNORE_INDEX after the sample's first position.
     """
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
@@ -76,6 +82,7 @@ def concat_samples(samples: Sequence[Sample], *, loss_weighting: str = "token") 
         labels.append(s.labels)
         pos.append(torch.arange(n, dtype=torch.long))
         learned = s.labels != IGNORE_INDEX
+        learned[:1] = False  # no position predicts a document's first token
         w = float(s.loss_weight)
         if loss_weighting == "sample":
             w = w / max(int(learned.sum()), 1)

@@ -1,4 +1,7 @@
-"""HFTokenizerFile on a real tokenizer.json: a tiny Qwen2-style byte-level BPE trained here with `tokenizers`."""
+"""HFTokenizerFile on a real tokenizer.json: a tiny Qwen2-style byte-level BPE trained here with `tokenizers`, with
+Qwen2 Instruct's tokenizer_config.json beside it."""
+
+import json
 
 import pytest
 import torch
@@ -28,6 +31,9 @@ def tokenizer_json(tmp_path_factory):
     tok.train_from_iterator(lines, trainer)
     path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
     tok.save(str(path))
+    (path.parent / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": {str(tok.token_to_id(t)): {"content": t, "special": True} for t in VOCAB_SPECIALS},
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
     return path
 
 
@@ -44,7 +50,8 @@ def test_loading_and_special_tokens(hf, tokenizer_json):
     base = hf.tok.get_vocab_size(with_added_tokens=True)
     # Tokens the vocabulary has are reused; the others are appended after it, and vocab_size counts them.
     assert hf.token_id("<|im_start|>") == hf.tok.token_to_id("<|im_start|>") < base
-    assert hf.eos_id == hf.token_id("<|im_end|>") == hf.pad_id and hf.bos_id is None
+    assert hf.eos_id == hf.token_id("<|im_end|>") and hf.bos_id is None
+    assert hf.pad_id == hf.tok.token_to_id("<|endoftext|>")  # from tokenizer_config.json, not the EOS
     assert {hf.image_token_id, hf.frame_sep_token_id} == {base, base + 1} and hf.vocab_size == base + 2
     for path in (tokenizer_json, tokenizer_json.parent):  # the file, or a folder holding it
         t = load_tokenizer(path)
