@@ -16,6 +16,7 @@ each one equal to the uninterrupted run, bitwise in fp32.
   --ckpt-load-newest-valid resumes from the newest intact checkpoint.
 """
 
+import glob
 import json
 import os
 import re
@@ -223,3 +224,20 @@ def test_corrupt_shards_are_named_and_refused(manifest, reference, tmp_path):
     got = losses(metrics)
     assert {i: got[i] for i in (3, 4, 5, 6)} == {i: reference["losses"][i] for i in (3, 4, 5, 6)}
     assert _check(save, "--all")[0] == 0  # the re-saves replaced both corrupt checkpoints
+
+
+def test_rank_that_cannot_see_the_checkpoint_stops_the_job(manifest, reference, tmp_path):
+    """Issue 19: 4 ranks resume (--load = --save) from a checkpoint that rank 3 alone cannot see, as on a node with a
+    stale network file system (runtime/file_view.py): before, rank 3 started over while its peers loaded, and the job
+    hung silently; now it stops at start-up, with default flags, naming rank 3 and --load as given."""
+    save = str(tmp_path / "ckpt")
+    shutil.copytree(reference["save"], save)
+    given = os.path.relpath(save, ROOT)  # the launch runs in ROOT: a relative --load must come back verbatim
+    metrics = str(tmp_path / "m.jsonl")
+    run = torchrun(_argv(manifest, given, metrics, "--load", given), procs=4, timeout=180,
+                   env={"MEGATRON_LONGVILA_HIDE_FILES": f"missing@3:{glob.escape(save)}"})
+    assert run.rc != 0 and max(run.ends) < 120, (run.ends, run.out[-4000:])
+    assert run.out.count(f"the ranks see different checkpoints in --load {given};") == 1, run.out[-4000:]
+    assert run.out.count("rank 3 (host ") == 1 and "): no checkpoint (no latest_checkpointed_iteration.txt)" in run.out
+    assert re.search(r"ranks 0-2 \(host [^)]+\): iteration 6 \(iter_0000006\)", run.out), run.out[-4000:]
+    assert not os.path.exists(metrics) and _tracker(save) == ITERS  # stopped before training, nothing saved
