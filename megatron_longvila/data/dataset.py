@@ -192,9 +192,10 @@ class VideoTextDataset:
     def iter_forever(self) -> Iterator[Sample]:
         """Epoch after epoch (stops only by SkipThresholdExceeded, or when no sample is good)."""
         while True:
-            before = self.ok
+            before, whole = self.ok, self.position == 0
             yield from self
-            if self.ok == before:
+            # A resume may start at the very end of an epoch (nothing left in it): only a whole epoch counts.
+            if self.ok == before and whole:
                 from megatron_longvila.data.errors import advice
 
                 top = max(self.skipped, key=self.skipped.get) if self.skipped else None

@@ -1,0 +1,129 @@
+"""The data feed (training/data_feed.py) on CPU ranks: one data decision per replica, the producer, the agreement.
+
+- At the demo's sizes (its flags and videos, the 2x2 MM-SP mesh on 4 ranks): 6 steps with --num-workers 0 and the
+  same 6 steps as 3 with --num-workers 2, saved, then resumed for 3 with --num-workers 1 give bitwise equal losses;
+  every iteration's metrics object carries data_wait_s (the first included) and nothing else is in the file.
+- One rank alone cannot read some of the videos its peers read (runtime/file_view's test-only injection): the run
+  trains to its end, every rank blanks and drops the same documents, only that rank names the files.
+- An injected disagreement (two ranks of one replica holding different sequences) stops at the fingerprint with a
+  message naming both ranks and the first sample where they differ; the reader raises it, its peer ends quietly.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_longvila.errors import DataDisagreement, FaultExit
+from megatron_longvila.parallel.launch import run_distributed
+
+from .example_script import load_example_script
+
+HIDDEN = "*clip_00[0-5].mp4"
+"""The videos rank 2 cannot read in the unreadable-files run (its peers can)."""
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    mod = load_example_script()
+    return mod.write_demo_dataset(str(tmp_path_factory.mktemp("feed_data")), num_videos=16)
+
+
+def _demo_argv(manifest, iters, extra=()):
+    mod = load_example_script()
+    argv = list(mod.DEMO_FLAGS)
+    argv[argv.index("--train-iters") + 1] = str(iters)
+    argv[argv.index("--lr-warmup-iters") + 1] = "1"
+    at = argv.index("--save-interval")  # the demo saves into its folder; these runs save only where told
+    del argv[at:at + 2]
+    return argv + ["--data-path", manifest, "--log-interval", "100", *extra]
+
+
+def _runs(rank, world, manifest, tmp):
+    from megatron_longvila.runtime import file_view
+
+    mod = load_example_script()
+    state = {}
+
+    def run(argv, hooks=None):
+        res = mod.pretrain(mod.train_valid_test_datasets_provider, mod.model_provider, mod.forward_step,
+                           extra_args_provider=mod.extra_args_provider, argv=argv, hooks=hooks)
+        state["step"] = mod._STATE["step"]
+        return res
+
+    out = {}
+    metrics = os.path.join(tmp, "straight.jsonl")
+    out["straight"] = run(_demo_argv(manifest, 6, ["--num-workers", "0", "--metrics-file", metrics])).losses
+    save = os.path.join(tmp, "ckpt")
+    first = run(_demo_argv(manifest, 6, ["--num-workers", "2", "--save", save, "--save-interval", "3"]),
+                hooks={"stop_after": 3})
+    second = run(_demo_argv(manifest, 6, ["--num-workers", "1", "--load", save]))
+    out["resumed"] = {**first.losses, **second.losses}
+    out["resumed_from"] = second.start_iteration
+    if rank == world - 1:
+        out["metrics"] = [json.loads(line) for line in open(metrics)]
+
+    # Rank 2 alone cannot read some videos (an I/O error, as from a failing network file system).
+    os.environ[file_view.HIDE_ENV] = f"eio@2:{HIDDEN}"
+    file_view._rules = None
+    try:
+        res = run(_demo_argv(manifest, 3, ["--num-workers", "1"]))
+    finally:
+        del os.environ[file_view.HIDE_ENV]
+        file_view._rules = None
+    out["unreadable_losses"] = res.losses
+    out["blanked"] = state["step"].blanked_media
+    return out
+
+
+def test_workers_resume_and_one_rank_that_cannot_read(demo_data, tmp_path, capfd):
+    results = run_distributed(_runs, 4, demo_data, str(tmp_path), timeout=280)
+    last = results[-1]
+    assert sorted(last["straight"]) == list(range(1, 7))
+    assert last["resumed_from"] == 3
+    # Bitwise: --num-workers 0, 2 (saved at 3) and 1 (resumed) train on the same sequences in the same order.
+    assert last["straight"] == last["resumed"], (last["straight"], last["resumed"])
+    rows = last["metrics"]
+    assert [r["iteration"] for r in rows] == list(range(1, 7))
+    assert all(isinstance(r["data_wait_s"], float) and r["data_wait_s"] >= 0 for r in rows)
+    assert all({"iteration", "loss", "grad_norm"} <= set(r) for r in rows)
+
+    # The unreadable run trained to its end; every rank blanked the same media (agreed over the replica).
+    assert sorted(last["unreadable_losses"]) == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(v)) for v in last["unreadable_losses"].values())
+    blanked = {r["blanked"] for r in results}
+    assert len(blanked) == 1 and blanked.pop() > 0, [r["blanked"] for r in results]
+    err = capfd.readouterr().err
+    told = [line for line in err.splitlines() if "could not read" in line]
+    assert told and all("rank 2 could not read" in line for line in told), told
+    assert any("clip_00" in line and "sample" in line for line in told), told
+
+
+def _disagree(rank, world):
+    from megatron_longvila.data.sample import MediaItem
+    from megatron_longvila.parallel.groups import host_group_by
+    from megatron_longvila.training.data_feed import StepFeed
+
+    class Packed:  # what the fingerprint reads of a packed sequence
+        def __init__(self, ids):
+            self.sample_ids, self.seq_lens = ids, [5] * len(ids)
+            self.media = [MediaItem("video", "/v/a.mp4", [0, 3], [0, 1], 1)]
+
+    feed = StepFeed.__new__(StepFeed)
+    feed.group, feed.replica = host_group_by(0, tag="test")
+    feed.reader, feed.rank = feed.replica[0], rank
+    feed.is_reader = rank == feed.reader
+    seqs = [Packed(["s0", "s1"]), Packed(["s2", "s3" if rank == 0 else "s9"])]  # injected: rank 1's second sequence
+    try:
+        feed._agree(seqs, [torch.zeros(1), torch.zeros(1)])
+    except (DataDisagreement, FaultExit) as e:
+        return type(e).__name__, str(e) if isinstance(e, DataDisagreement) else e.message
+    return None, None
+
+
+def test_injected_disagreement_stops_at_the_fingerprint():
+    (kind0, msg0), (kind1, msg1) = run_distributed(_disagree, 2, timeout=60)
+    assert kind0 == "DataDisagreement" and kind1 == "FaultExit"
+    assert msg0 == msg1
+    assert "rank 0 would train on sample 's3' and rank 1 on 's9' (micro-batch 1, document 1)" in msg0, msg0
