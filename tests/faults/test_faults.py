@@ -13,7 +13,8 @@ each one equal to the uninterrupted run, bitwise in fp32.
 - a save that fails with a real write error (rank 1 under RLIMIT_FSIZE, SIGXFSZ ignored): reported once, nothing
   committed, the previous checkpoint stays the latest;
 - a shard truncated and one byte-flipped after saving: check_checkpoint.py and --load name the files and refuse;
-  --ckpt-load-newest-valid resumes from the newest intact checkpoint.
+  --ckpt-load-newest-valid resumes from the newest intact checkpoint;
+- a checkpoint that one rank of 4 cannot see (runtime/file_view.py): the resumed job stops at start-up, naming it.
 """
 
 import glob
