@@ -2,6 +2,8 @@
 
     build_parser(extra_args_provider=None) -> argparse.ArgumentParser
     parse_args(argv=None, extra_args_provider=None) -> argparse.Namespace   (recipe applied, validated)
+    check_data_paths(args)      --data-path / --valid-data-path name readable files (the trainers call it right
+                                after parse_args, before any model is built)
     ArgumentError: a bad combination; the message names the flag to change
 
 Flags Megatron users know keep Megatron's names and meanings (--tensor-model-parallel-size, --seq-length,
@@ -13,11 +15,13 @@ Recipe values fill every flag left unset; an explicit flag always wins.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable, List, Optional, Sequence
 
 from ..checkpoint.layout import read_tracker
 from ..errors import ArgumentError, CheckpointError, OffloadError
 from ..runtime.entry import ProjectArgumentParser
+from ..runtime.file_view import check_readable, visible
 from .faults import add_fault_args, check_fault_args
 from .model_flags import add_model_flags
 from .recipes import get_recipe, recipe_rope, RECIPES
@@ -214,6 +218,28 @@ def check_load(a: argparse.Namespace) -> Optional[str]:
     what = "does not exist" if not os.path.exists(load) else "holds no checkpoint (no latest_checkpointed_iteration.txt)"
     raise ArgumentError(f"--load {load} {what}: check the path; to start a fresh run drop --load, or give --load "
                         f"equal to --save to resume when a checkpoint exists and start otherwise")
+
+
+def check_data_paths(a: argparse.Namespace) -> None:
+    """--data-path (and --valid-data-path) name files this rank can read, checked before any model is built; one
+    line naming the flag. ArgumentError is raised alike: every rank sees the same path. Where one rank alone cannot
+    read it (a failing network file system), that rank prints it itself (runtime.entry.run_main)."""
+    for flag, path in (("--data-path", getattr(a, "data_path", None)),
+                       ("--valid-data-path", getattr(a, "valid_data_path", None))):
+        if path is None:
+            continue
+        if not visible(path):
+            raise ArgumentError(f"{flag} {path} does not exist: give a JSON Lines manifest (see "
+                                f"tools/make_manifest.py)")
+        if os.path.isdir(path):
+            raise ArgumentError(f"{flag} {path} is a folder: give a JSON Lines manifest file")
+        try:
+            check_readable(path)
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise ArgumentError(f"{flag} {path} cannot be read ({e.strerror or e}): check the file's permissions "
+                                f"and its file system") from None
 
 
 def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> None:

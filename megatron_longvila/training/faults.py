@@ -1,10 +1,14 @@
 """Faults in long runs: non-finite steps, hung or dead ranks, failed saves -- each ends or recovers with one message.
 
     add_fault_args(parser) / check_fault_args(args)   the flags (Megatron's names where Megatron has them)
+    start_monitor(args) -> Watchdog | None            every rank, right after the process group exists: a rank
+                                    that fails from then on (start-up included) ends the job promptly (watchdog.py)
     FaultGuard(args, ddp=, config=)                   what the project's loop runs each step through:
         .step(iteration)            context: times the step for the watchdog; a collective that fails because a
                                     peer died becomes one message naming that peer
-        .watch(iterator)            records each micro-batch's sample ids (for the messages)
+        .watch(iterator)            records each micro-batch's sample ids (for the messages) and marks its
+                                    data and forward-backward synchronization points for the watchdog
+        .mark(point)                the loop is about to enter a host synchronization (watchdog.STEP_POINTS)
         .wrap_forward_step(fn)      test injection only (see INJECT_ENV); returns fn itself otherwise
         .optimizer_step(optimizer, store) -> (stepped, grad_norm)   the NaN/Inf check and skip policy
         .saving(iteration)          context around a save: a failed save ends the run with its one message
@@ -30,6 +34,8 @@ Test-only fault injection: INJECT_ENV holds comma-separated `kind@iteration:rank
     sigstop    rank R stops itself (SIGSTOP) in micro-batch M's loss function, mid-step
     sigkill    rank R kills itself (SIGKILL) there
     fsize      rank R saves this iteration under RLIMIT_FSIZE = B bytes with SIGXFSZ ignored (a real write error)
+    startup    rank R raises InjectedFault at start-up, once its monitor runs and before any model is built
+               (the iteration is ignored: `startup@0:rank=R`)
 Production code reads the variable once per run; with it unset nothing is wrapped and nothing is checked per step.
 """
 
@@ -45,12 +51,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
 from ..checkpoint.layout import read_tracker
-from ..errors import ArgumentError, CheckpointError, FaultExit, SaveFailed
+from ..errors import ArgumentError, CheckpointError, FaultExit, RaisedLocally, SaveFailed
 from ..runtime.entry import report, run_prefix
-from .watchdog import Watchdog, WatchdogConfig
+from .watchdog import Watchdog, WatchdogConfig, mark
 
 __all__ = ["FaultGuard", "add_fault_args", "check_fault_args", "INJECT_ENV", "Injection", "injections_from_env",
-           "is_peer_failure", "resume_hint"]
+           "is_peer_failure", "resume_hint", "start_monitor", "InjectedFault"]
 
 INJECT_ENV = "MEGATRON_LONGVILA_INJECT_FAULT"
 """Test-only: faults to inject (see the module docstring)."""
@@ -143,7 +149,12 @@ class Injection:
     """fsize: the file-size limit in bytes."""
 
 
-KINDS = ("nan_loss", "nan_grad", "sigstop", "sigkill", "fsize")
+KINDS = ("nan_loss", "nan_grad", "sigstop", "sigkill", "fsize", "startup")
+
+
+class InjectedFault(RaisedLocally, RuntimeError):
+    """Test-only: the error INJECT_ENV's `startup` kind raises on one rank (a local error, as one rank's unreadable
+    file would be)."""
 
 
 def injections_from_env() -> List[Injection]:
@@ -187,23 +198,58 @@ def is_peer_failure(e: BaseException) -> bool:
 # ------------------------------------------------------------------------------------------------------
 
 class _Recording:
-    """Passes the schedule's micro-batches through, noting each one's sample ids."""
+    """Passes the schedule's micro-batches through, noting each one's sample ids (when `sink` is a list) and marking
+    the data wait and the forward-backward that follows it for the watchdog."""
 
-    def __init__(self, it: Iterator, sink: list):
+    def __init__(self, it: Iterator, sink: Optional[list]):
         self.it = it
         self.sink = sink
+        self.index = 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        mark("data", self.index)  # the step's data: decoding and the replica's host agreement on it
         item = next(self.it)
-        batch = getattr(item, "batch", item)
-        self.sink.append(list(getattr(batch, "sample_ids", None) or []))
+        mark("forward-backward", self.index)
+        self.index += 1
+        if self.sink is not None:
+            batch = getattr(item, "batch", item)
+            self.sink.append(list(getattr(batch, "sample_ids", None) or []))
         return item
 
 
 _SESSIONS = [0]  # pretrain calls in this process (the same count on every rank): store keys per run
+
+
+def _watchdog_config(args) -> WatchdogConfig:
+    return WatchdogConfig(step_factor=args.watchdog_step_factor, min_seconds=args.watchdog_min_seconds,
+                          interval_s=args.watchdog_interval,
+                          timeout_minutes=getattr(args, "distributed_timeout_minutes", None))
+
+
+def _start_watchdog(args) -> Optional[Watchdog]:
+    _SESSIONS[0] += 1
+    return Watchdog.start(_watchdog_config(args), prefix=f"{run_prefix()}/wd/{_SESSIONS[0]}",
+                          resume=lambda: resume_hint(args.save or args.load))
+
+
+def start_monitor(args) -> Optional[Watchdog]:
+    """Every rank, right after the process group exists (before the arguments' full check and any model): the
+    monitor that ends the job when one rank fails (its fault flags checked first, alike on every rank). None for
+    one rank, or without a TCP rendezvous store. Then this rank's injected start-up fault, if any (tests)."""
+    import torch.distributed as dist
+
+    check_fault_args(args)
+    current = Watchdog.current()
+    if current is not None:  # an earlier run in this process that did not end cleanly
+        current.close()
+    wd = _start_watchdog(args) if dist.get_world_size() > 1 else None
+    me = dist.get_rank()
+    if any(i.kind == "startup" and i.rank == me for i in injections_from_env()):
+        raise InjectedFault(f"rank {me}: start-up fault injected by {INJECT_ENV} (test-only)")
+    return wd
 
 
 class FaultGuard:
@@ -226,17 +272,14 @@ class FaultGuard:
         self._samples: List[list] = []
         self._forwards = 0
         self._grad_flag = None
-        _SESSIONS[0] += 1
-        self.session = _SESSIONS[0]
-        if self.check or self._injected("nan_grad"):
+        # The monitor started at start-up (start_monitor); started here for callers that did not.
+        self.watchdog = Watchdog.current()
+        if self.watchdog is None and self.world > 1:
+            self.watchdog = _start_watchdog(args)
+        if self.watchdog is not None:
+            self.watchdog.arm(timing=bool(getattr(args, "watchdog", True)))
+        if self.check or self._injected("nan_grad") or self.watchdog is not None:
             self._wrap_finalize(config)
-        self.watchdog = None
-        if getattr(args, "watchdog", True) and self.world > 1:
-            self.watchdog = Watchdog.start(
-                WatchdogConfig(step_factor=args.watchdog_step_factor, min_seconds=args.watchdog_min_seconds,
-                               interval_s=args.watchdog_interval,
-                               timeout_minutes=getattr(args, "distributed_timeout_minutes", None)),
-                prefix=f"{run_prefix()}/wd/{self.session}", resume=lambda: resume_hint(args.save or args.load))
 
     # -- injection -------------------------------------------------------------------------------------
     def _injected(self, kind: str, iteration: Optional[int] = None, microbatch: Optional[int] = None):
@@ -289,6 +332,7 @@ class FaultGuard:
             inj = self._injected("nan_grad", self.iteration)
             if inj is not None and buffers:
                 buffers[0].grad_data.view(-1)[0] = float("nan")
+            mark("gradient reduction")
             if self.check and buffers:
                 # One sum per buffer, on the device (no host sync here): NaN and Inf survive a sum. This rank's
                 # own gradients, before the reduction spreads a non-finite value to every data-parallel peer.
@@ -325,13 +369,22 @@ class FaultGuard:
             self.iteration = 0
 
     def watch(self, iterator):
-        return _Recording(iterator, self._samples) if self.check else iterator
+        if not self.check and self.watchdog is None:
+            return iterator
+        return _Recording(iterator, self._samples if self.check else None)
+
+    def mark(self, point: str) -> None:
+        """The loop is about to enter the host synchronization `point` (watchdog.STEP_POINTS)."""
+        mark(point)
 
     def optimizer_step(self, optimizer, store: list) -> Tuple[bool, Optional[float]]:
         """The optimizer's step unless the step is non-finite (then skipped or stopped, see the module docstring).
         Returns (stepped, grad norm)."""
-        if self.check and self._nonfinite(store):
-            return False, None
+        if self.check:
+            mark("non-finite check")
+            if self._nonfinite(store):
+                return False, None
+        mark("optimizer step")
         ok, grad_norm, _ = optimizer.step()
         if not ok:
             raise RuntimeError(f"iteration {self.iteration}: the optimizer skipped its step (non-finite gradients)")

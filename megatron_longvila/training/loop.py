@@ -35,8 +35,8 @@ from ..parallel.placement import check_node_placement
 from ..parallel.timeouts import set_group_timeout
 from ..runtime.cpu import enable_cpu_runtime
 from ..runtime.entry import once
-from .arguments import build_parser, check_load, parse_args
-from .faults import FaultGuard
+from .arguments import build_parser, check_data_paths, check_load, parse_args
+from .faults import FaultGuard, start_monitor
 from .logging import TrainLogger
 
 __all__ = ["pretrain", "get_args", "TrainResult"]
@@ -269,10 +269,12 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     from ..conversion import load_pretrained
 
     _init_distributed(pre.distributed_timeout_minutes)
+    start_monitor(pre)  # from here on, a rank that fails alone ends the job promptly (training.watchdog)
     # Before parse_args, whose --load check reads the tracker on each rank alone: one resume decision per job.
     resume_iteration = agree_resume(pre.load)
     cpu = enable_cpu_runtime() if pre.cpu else False
     args = parse_args(argv, extra_args_provider, world_size=dist.get_world_size())
+    check_data_paths(args)  # before any model is built: one line naming the flag
     if cpu and args.bf16:
         raise ArgumentError("--bf16 on a CPU run: drop --bf16 (CPU runs are fp32, which makes resume bitwise)")
     _ARGS = args
@@ -344,6 +346,7 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
                 scheduler.step(increment=args.global_batch_size)
             iteration += 1
             flops = counting.flops
+            guard.mark("step totals")
             s, c, tokens, world_flops = _step_figures(store, counting.tokens, flops or 0.0)
         loss = s / max(c, 1.0)
         step_time = time.perf_counter() - t0

@@ -40,7 +40,7 @@ from ..runtime import cpu as cpu_runtime
 from ..runtime.cpu import enable_cpu_runtime
 from ..runtime.probes import te_available
 from ..runtime.versions import applying
-from .arguments import add_activation_memory_args, check_activation_memory_args, check_load
+from .arguments import add_activation_memory_args, check_activation_memory_args, check_data_paths, check_load
 from .loop import check_device
 from .loop import get_args as loop_args
 from .megatron_flags import check_megatron_flags, given_dests, model_flags_from_megatron
@@ -309,6 +309,7 @@ def get_args():
     args = megatron_args()
     if not _FINALIZED:
         _finalize(args)
+        check_data_paths(args)  # before the model provider builds anything: one line naming the flag
         _FINALIZED = True
     return args
 
