@@ -37,12 +37,15 @@ setup(
         # decoder is checked against PyAV in the tests (the wheel installs and imports without a GPU).
         # megatron.training (a Megatron-LM checkout on PYTHONPATH, see docs/TRAINING.md) imports these.
         "megatron-lm": ["regex", "pydantic"],
-        # Megatron-Energon reads our webdataset shards (tools/make_manifest.py --energon); ~50 packages, so optional.
+        # Megatron-Energon reads our webdataset shards (tools/make_manifest.py --energon): optional for training (it
+        # brings 38 more packages), required by the tests (in "test" below: about 9 s more of set-up).
         "energon": ["megatron-energon==7.4.1"],
-        # tokenizers loads Hugging Face tokenizer.json files (Qwen2-style); tested when installed.
+        # tokenizers loads Hugging Face tokenizer.json files (Qwen2-style).
         # transformers builds the tiny random Qwen2 / Llama / SigLIP references of the conversion tests.
         # import-linter checks the package's layer order (.importlinter; tests/test_layers.py runs it).
+        # Every one is required: the test run stops at start-up when one is missing, and a test may skip only for a
+        # GPU-only dependency or a Megatron-LM checkout (tests/_rules, docs/TESTING.md).
         "test": ["pytest", "pytest-timeout", "imageio-ffmpeg", "nvidia-dali-cuda130", "tokenizers", "transformers",
-                 "safetensors", "import-linter==2.17"],
+                 "safetensors", "import-linter==2.17", "megatron-energon==7.4.1"],
     },
 )

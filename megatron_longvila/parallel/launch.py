@@ -4,25 +4,39 @@
 in each, calls `fn(rank, world_size, *args)` and returns the list of per-rank return values. Any rank's
 exception fails the whole call with that rank's traceback; a run that exceeds `timeout` is killed and
 raises instead of hanging. `fn` must be importable by name (a module-level function).
+
+Nothing a call starts outlives it: each rank leads a process group of its own (its forked helpers stay in it) and
+carries the call's mark (runtime.processes) in its environment, inherited by whatever it starts (a torchrun's
+workers in their own sessions too); when the call ends, each rank's group and every process still carrying the mark
+is killed. `stop_helpers()` ends the start server of the ranks and multiprocessing's resource tracker, which
+otherwise live until this process exits (for a caller that checks that nothing it started is left, the test run).
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
+import platform
 import queue
+import signal
 import tempfile
 import time
 import traceback
 from typing import Any, Callable, List
 
 from ..errors import DistributedRunError
+from ..runtime import processes
+from ..runtime.versions import applying
 
-__all__ = ["run_distributed", "DistributedRunError"]
+__all__ = ["run_distributed", "DistributedRunError", "stop_helpers"]
 
 
 def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, kwargs: dict,
-            results: "mp.Queue", threads: int) -> None:
+            results: "mp.Queue", threads: int, mark: str) -> None:
+    # A group of its own, so the launcher can end this rank's forked helpers with it; the mark for the others.
+    os.setpgid(0, 0)
+    os.environ.update(processes.with_mark(os.environ, mark))
     try:
         import torch
         import torch.distributed as dist
@@ -80,12 +94,14 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks; return per-rank results."""
     ctx = _context()
     results = ctx.Queue()
+    mark = processes.new_mark()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "pg_init")
         # Not daemonic: megatron-core's checkpoint writer starts child processes, which daemons may not. The
-        # finally-block below kills every rank that is still alive, so none outlives the call.
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, kwargs, results, threads),
-                             daemon=False) for r in range(world_size)]
+        # finally-block below kills every rank that is still alive and everything the ranks started, so nothing
+        # outlives the call.
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, kwargs, results, threads,
+                                                   mark), daemon=False) for r in range(world_size)]
         for p in procs:
             p.start()
         outputs: dict = {}
@@ -132,4 +148,54 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 if p.is_alive():
                     p.kill()
                     p.join()
+            _reap(procs, mark)
     return [outputs[r] for r in range(world_size)]
+
+
+def _reap(procs: list, mark: str) -> None:
+    """End what the ranks started and left: a rank killed above leaves its helpers running (megatron-core's
+    checkpoint writer serves a multiprocessing Manager that never notices its parent's death)."""
+    for p in procs:
+        if p.pid is None:
+            continue
+        try:
+            # The group outlives its leader while a member lives, and its id is not reused meanwhile.
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # no member left
+            pass
+    processes.end(processes.marked(mark))
+
+
+def stop_helpers(wait: float = 10.0) -> None:
+    """End this process's start server and multiprocessing's resource tracker (they otherwise end only when this
+    process exits); the next `run_distributed` starts new ones. Call it when no rank is running."""
+    from multiprocessing import forkserver, resource_tracker
+
+    applying("mp_helpers_stop", version=platform.python_version())
+    server = forkserver._forkserver
+    with server._lock:
+        if server._forkserver_pid is not None:
+            # Killed, not asked: it would wait for every holder of its "alive" pipe, the ranks' helpers included.
+            os.kill(server._forkserver_pid, signal.SIGKILL)
+            server._stop_unlocked()
+    # Past calls' queues no longer referenced (a failed call's traceback cycle) unlink their semaphores now; the
+    # tracker would unlink them at its exit, and their finalizers would then fail.
+    gc.collect()
+    tracker = resource_tracker._resource_tracker
+    with tracker._lock:
+        if tracker._pid is not None:
+            # Closing its pipe ends it once no other process holds the pipe (it ignores SIGINT and SIGTERM).
+            os.close(tracker._fd)
+            pid, tracker._fd, tracker._pid = tracker._pid, None, None
+            deadline = time.monotonic() + wait
+            while _running_child(pid):
+                if time.monotonic() > deadline:  # a leftover holds it; the caller's check names both
+                    break
+                time.sleep(0.02)
+
+
+def _running_child(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:  # reaped already
+        return False

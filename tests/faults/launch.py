@@ -5,14 +5,15 @@ torchrun(argv, nodes=1, procs=2, env=None) runs one torchrun with `procs` ranks,
 each (a multi-node job on one host: each node's agent only watches its own rank, so a rank killed on one "node"
 must be noticed by the others' own code). Returns every agent's exit status and exit time and the combined output.
 Workers run in sessions of their own (torch elastic), so the helper records their pids while they run and kills any
-left behind (a SIGSTOPped rank) by pid.
+left behind (a SIGSTOPped rank) by pid. Every process of a launch carries its mark (runtime.processes): whatever is
+still alive when it ends (a killed rank's checkpoint-writer helper, which never notices its parent's death) is killed
+too and listed in `helpers_left`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from megatron_longvila.runtime import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "pretrain_longvila.py")
@@ -39,6 +42,8 @@ class Launch:
     """Wall-clock time (time.time()) of the start."""
     workers_left: List[int] = field(default_factory=list)
     """Worker pids still alive after the agents ended (then killed)."""
+    helpers_left: List[str] = field(default_factory=list)
+    """Other processes of the launch still alive after it ended (then killed), described."""
 
     @property
     def rc(self) -> int:
@@ -76,12 +81,12 @@ def _children(pid: int) -> List[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+def _reap(mark: str) -> List[str]:
+    """Kill what is left of a launch; describe it."""
+    left = processes.marked(mark)
+    out = [processes.describe(p) for p in left]
+    processes.end(left)
+    return out
 
 
 def torchrun(argv: List[str], *, nodes: int = 1, procs: int = 2, env: Optional[Dict[str, str]] = None,
@@ -90,6 +95,8 @@ def torchrun(argv: List[str], *, nodes: int = 1, procs: int = 2, env: Optional[D
     run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     run_env.pop("MEGATRON_LONGVILA_INJECT_FAULT", None)
     run_env.update(env or {})
+    mark = processes.new_mark()
+    run_env = processes.with_mark(run_env, mark)
     if nodes == 1:
         cmds = [[TORCHRUN, "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1", "--master-port", str(port),
                  SCRIPT, *argv]]
@@ -117,19 +124,17 @@ def torchrun(argv: List[str], *, nodes: int = 1, procs: int = 2, env: Optional[D
             if a.poll() is None:
                 a.kill()
                 a.wait()
-        left = [w for w in workers if _alive(w)]
-        for w in left:  # a stopped rank outlives its agent otherwise
-            try:
-                os.kill(w, signal.SIGKILL)
-            except OSError:
-                pass
+        left = [w for w in workers if processes.alive(w)]
+        processes.end(left)  # a stopped rank outlives its agent otherwise
+        helpers = _reap(mark)
     text = []
     for i, log in enumerate(logs):
         log.seek(0)
         text.append(f"----- node {i} -----\n" + log.read())
         log.close()
     return Launch(rcs=[a.returncode for a in agents], ends=[e if e is not None else float("inf") for e in ends],
-                  out="\n".join(text), seconds=time.monotonic() - t0, started_at=wall0, workers_left=left)
+                  out="\n".join(text), seconds=time.monotonic() - t0, started_at=wall0, workers_left=left,
+                  helpers_left=helpers)
 
 
 def envrun(argv: List[str], *, procs: int = 2, env: Optional[Dict[str, str]] = None,
@@ -137,34 +142,41 @@ def envrun(argv: List[str], *, procs: int = 2, env: Optional[Dict[str, str]] = N
     """The ranks started directly with env:// variables (no torchrun): rank 0's own process hosts the store, as in
     the CPU demo or `srun python ...`."""
     port = free_port()
+    mark = processes.new_mark()
     t0, wall0 = time.monotonic(), time.time()
     logs, ranks = [], []
-    for r in range(procs):
-        run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", RANK=str(r),
-                       LOCAL_RANK=str(r), WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        run_env.pop("MEGATRON_LONGVILA_INJECT_FAULT", None)
-        run_env.update(env or {})
-        logs.append(tempfile.TemporaryFile(mode="w+"))
-        ranks.append(subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=logs[-1], stderr=subprocess.STDOUT,
-                                      env=run_env, cwd=ROOT))
     ends: List[Optional[float]] = [None] * procs
-    while any(e is None for e in ends) and time.monotonic() - t0 < timeout:
-        for i, p in enumerate(ranks):
-            if ends[i] is None and p.poll() is not None:
-                ends[i] = time.monotonic() - t0
-        time.sleep(0.05)
-    left = [p.pid for p in ranks if p.poll() is None]
-    for p in ranks:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    try:
+        for r in range(procs):
+            run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
+                           RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port))
+            run_env.pop("MEGATRON_LONGVILA_INJECT_FAULT", None)
+            run_env.update(env or {})
+            logs.append(tempfile.TemporaryFile(mode="w+"))
+            ranks.append(subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=logs[-1],
+                                          stderr=subprocess.STDOUT, env=processes.with_mark(run_env, mark), cwd=ROOT))
+        while any(e is None for e in ends) and time.monotonic() - t0 < timeout:
+            for i, p in enumerate(ranks):
+                if ends[i] is None and p.poll() is not None:
+                    ends[i] = time.monotonic() - t0
+            time.sleep(0.05)
+    finally:
+        left = [p.pid for p in ranks if p.poll() is None]
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        # Rank 0 killed by the other rank's watchdog leaves its checkpoint writer's Manager running.
+        helpers = _reap(mark)
     text = []
     for i, log in enumerate(logs):
         log.seek(0)
         text.append(f"----- rank {i} -----\n" + log.read())
         log.close()
     return Launch(rcs=[p.returncode for p in ranks], ends=[e if e is not None else float("inf") for e in ends],
-                  out="\n".join(text), seconds=time.monotonic() - t0, started_at=wall0, workers_left=left)
+                  out="\n".join(text), seconds=time.monotonic() - t0, started_at=wall0, workers_left=left,
+                  helpers_left=helpers)
 
 
 def losses(metrics_file: str) -> Dict[int, float]:
