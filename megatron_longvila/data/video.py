@@ -545,6 +545,7 @@ def _decode_dali(path: str, wanted: list[int], info: VideoInfo, *, gpu: bool, de
         if dev.type != "cuda":
             raise ValueError(f"backend 'dali_gpu' decodes onto a CUDA device, got device={device}")
         device_id = dev.index if dev.index is not None else torch.cuda.current_device()
+    _check_file(path)
     encoded = np.fromfile(path, dtype=np.uint8)
     with _dali_lock:
         pipe = _dali_pipeline(gpu, device_id)

@@ -19,9 +19,11 @@ One step, made by `_produce` (on the training thread with --num-workers 0, else 
    differently (Megatron's own loaders read on one rank and broadcast for the same reason). The reader's probe of each
    video travels with it: no file is probed twice.
 2. Plan and decode. Every rank plans each sequence for its place in the mesh; the first pipeline stage decodes only
-   the frames stage 1 gives it. The TP ranks of one CP position decode the same frames in parallel rather than one
-   decoding and sending: a frame's pixels (3 x 384 x 384 float32, 1.7 MB) take longer to send over a host group than
-   to decode (docs/PERFORMANCE.md: "Data feed"), and no rank then waits on another to start the step's encoder.
+   the frames stage 1 gives it. The TP ranks of one CP position need the same frames: each decodes 1/TP of them and
+   they all-gather the pixels over a host group of their own. Measured (tools/bench_data.py --part tp,
+   docs/PERFORMANCE.md "Data feed"): decoding and preprocessing a 720p H.264 frame costs about 100 times what
+   broadcasting its 384 x 384 pixels over gloo does, so sharing beats every TP rank decoding everything. Frames
+   decoded by NVDEC (dali_gpu) land on each rank's own GPU, whose decoder is its own: those TP ranks decode alike.
 3. Agree. One all-reduce (MAX) over the replica's host group of every media item's could-not-read flag and the
    step's fingerprint (+f, -f): every rank of the replica, the last pipeline stage included, blanks and drops the same
    documents; a fingerprint that differs (a rank would train on other sequences than its peers) stops the job naming
@@ -59,6 +61,7 @@ import torch
 import torch.distributed as dist
 
 from ..batch.microbatch import PlannedMicroBatch
+from ..data.video import dali_gpu_available
 from ..errors import DataDisagreement, FaultExit, StepError
 from ..parallel import comm
 from ..parallel.groups import host_group_by
@@ -136,11 +139,16 @@ class StepFeed:
         self.num_microbatches = num_microbatches
         self.config = config or FeedConfig()
         self.group, self.replica, self.reader = None, (0,), 0
+        self.tp_group, self.tp_ranks = None, (0,)
         if dist.is_initialized() and dist.get_world_size() > 1:
             from megatron.core import parallel_state as ps
 
             self.group, self.replica = host_group_by(ps.get_data_parallel_rank(), tag=f"data:{tag}")
             self.reader = self.replica[0]
+            # The TP ranks of one CP position of one stage split the decoding of their (identical) frames.
+            self.tp_group, self.tp_ranks = host_group_by(
+                (ps.get_data_parallel_rank(), ps.get_context_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
+                tag=f"data:{tag}:tp")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_reader = self.rank == self.reader
         self._source = None  # the reader's generator over `packed`
@@ -306,8 +314,11 @@ class StepFeed:
         step = self.step
         planned = [step.plan(p) for p in seqs]
         mapper = self._pool.map if self._pool is not None else map
-        device = model_device(step.model) if step.config.decode_backend == "dali_gpu" else None
-        decoded = [step.decode(p, pl, mapper=mapper, device=device) for p, pl in zip(seqs, planned)]
+        # NVDEC (DALI's GPU decoder) writes the frames on this rank's GPU: asked for, or "auto" where it can run.
+        dev, backend = model_device(step.model), step.config.decode_backend
+        device = dev if dev.type == "cuda" and (backend == "dali_gpu" or (backend == "auto" and
+                                                                           dali_gpu_available())) else None
+        decoded = [self._decode(p, pl, mapper, device) for p, pl in zip(seqs, planned)]
         failed = self._agree(seqs, [f for f, _ in decoded])
         for p, (mine, errors) in zip(seqs, decoded):
             self._tell_unreadable(p, errors)
@@ -320,6 +331,28 @@ class StepFeed:
             out.append(step.stage(step.drop_failed(p, pl, f)))
         return _Step(n=payload["n"], planned=out, state=payload["state"], counts=payload["counts"], tokens=tokens,
                      flops=flops)
+
+    def _decode(self, packed, planned: PlannedMicroBatch, mapper, device):
+        """This rank's frames: decoded here, or (TP > 1, host decoding) 1/TP of them here and the rest from the TP
+        peers (one all-gather of pixels over their host group)."""
+        step = self.step
+        mine = planned.frames_encoded
+        if self.tp_group is None or device is not None or not (step.model.pre_process and mine):
+            return step.decode(packed, planned, mapper=mapper, device=device)
+        k, r = len(self.tp_ranks), self.tp_ranks.index(self.rank)
+        per = -(-len(mine) // k)
+        failed, errors = step.decode(packed, planned, mapper=mapper, frames=mine[r * per:(r + 1) * per])
+        size = step.config.image_size
+        buf = torch.zeros(per, 3, size, size)
+        for i, g in enumerate(mine[r * per:(r + 1) * per]):
+            buf[i] = planned.batch.frames[g].pixels
+        parts = [torch.empty_like(buf) for _ in range(k)]
+        dist.all_gather(parts, buf, group=self.tp_group)
+        for j in range(k):
+            for i, g in enumerate(mine[j * per:(j + 1) * per]):
+                planned.set_pixels(g, parts[j][i])
+        # A frame a peer could not read is blank here too; the replica's agreement tells every rank (its flag).
+        return failed, errors
 
     def _broadcast(self, payload):
         """The reader's payload on every rank of the replica: its pickled size, then its bytes."""

@@ -137,14 +137,15 @@ class LongVILAStep:
         size = (self.config.image_size, self.config.image_size)
         return self._plan(MicroBatch.from_packed(packed, [None] * len(packed.media), [size] * len(packed.media)))
 
-    def decode(self, packed, planned: PlannedMicroBatch, mapper: Callable = map,
-               device=None) -> Tuple[torch.Tensor, Dict[int, str]]:
-        """Decode the frames stage 1 gave this rank (first pipeline stage only), one media item per `mapper` call (a
-        thread pool's map decodes items in parallel). Returns (failed [media items] 0/1, {media item: why}): a
-        frame that cannot be read is blanked, so the ranks stay in step until they agree on it."""
+    def decode(self, packed, planned: PlannedMicroBatch, mapper: Callable = map, device=None,
+               frames: Optional[List[int]] = None) -> Tuple[torch.Tensor, Dict[int, str]]:
+        """Decode the frames stage 1 gave this rank (first pipeline stage only; `frames`: only these of them), one
+        media item per `mapper` call (a thread pool's map decodes items in parallel). Returns (failed [media items]
+        0/1, {media item: why}): a frame that cannot be read is blanked, so the ranks stay in step until they agree
+        on it."""
         failed = torch.zeros(len(packed.media))
         errors: Dict[int, str] = {}
-        mine = planned.frames_encoded
+        mine = planned.frames_encoded if frames is None else frames
         if not (self.model.pre_process and mine):
             return failed, errors
         keys = frame_keys(packed)
