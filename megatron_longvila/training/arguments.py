@@ -19,6 +19,7 @@ import os
 from typing import Callable, List, Optional, Sequence
 
 from ..checkpoint.layout import read_tracker
+from ..data.video import dali_available
 from ..errors import ArgumentError, CheckpointError, OffloadError
 from ..runtime.entry import ProjectArgumentParser
 from ..runtime.file_view import check_readable, visible
@@ -116,7 +117,6 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--valid-data-path", default=None)
     g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model or tokenizer.json; none: bytes")
     g.add_argument("--num-frames", type=int, default=None)
-    g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--max-skip-fraction", type=float, default=0.1,
                    help="stop when more than this fraction of the samples read so far (over all data-parallel "
                         "ranks) was skipped as bad, judged from the first --min-samples-for-skip-check samples on")
@@ -125,6 +125,8 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--loss-weighting", default="token", choices=["token", "sample"],
                    help="token: every learned token weighs its sample's loss_weight; sample: loss_weight / (learned "
                         "tokens of the sample), so each sample counts the same")
+
+    add_data_flags(p)
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
@@ -138,6 +140,37 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     if extra_args_provider is not None:
         p = extra_args_provider(p)
     return p
+
+
+DECODE_BACKENDS = ("auto", "pyav", "dali_cpu", "dali_gpu")
+"""--decode-backend's choices (data.video.BACKENDS)."""
+
+
+def add_data_flags(p: argparse.ArgumentParser, *, megatron: bool = False) -> argparse.ArgumentParser:
+    """The data feed's flags (training.data_feed): --num-workers (Megatron's own flag under megatron.training, with
+    this meaning) and --decode-backend."""
+    g = p.add_argument_group("data feed")
+    if not megatron:
+        g.add_argument("--num-workers", type=int, default=0,
+                       help="0: each step's data is read, planned and decoded on the training thread when the step "
+                            "asks for it; N >= 1: a producer thread prepares the next step while the current one "
+                            "trains, N threads decoding its videos (same losses for any N)")
+    g.add_argument("--decode-backend", default="auto", choices=DECODE_BACKENDS,
+                   help="video decoder: auto (NVDEC through DALI on CUDA where DALI is installed and the codec allows, "
+                        "else PyAV), pyav, dali_cpu (VP8/VP9/MJPEG only), dali_gpu (NVDEC)")
+    return p
+
+
+def check_data_flags(a: argparse.Namespace) -> None:
+    """--num-workers and --decode-backend that cannot run here fail at start-up, naming the flag."""
+    if getattr(a, "num_workers", 0) < 0:
+        raise ArgumentError(f"--num-workers {a.num_workers}: must be >= 0")
+    backend = getattr(a, "decode_backend", "auto")
+    if backend in ("dali_cpu", "dali_gpu") and not dali_available():
+        raise ArgumentError(f"--decode-backend {backend} needs NVIDIA DALI (pip install nvidia-dali-cuda130); or use "
+                            f"--decode-backend pyav")
+    if backend == "dali_gpu" and getattr(a, "cpu", False):
+        raise ArgumentError("--decode-backend dali_gpu decodes on the GPU (NVDEC): drop --cpu, or use dali_cpu / pyav")
 
 
 def add_activation_memory_args(p: argparse.ArgumentParser, megatron_has_recompute: bool = False):
@@ -271,6 +304,7 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> None:
                                 f"x data-parallel size = {a.micro_batch_size * dp}")
     check_activation_memory_args(a)
     check_fault_args(a)
+    check_data_flags(a)
     if a.save_interval is not None and a.save is None:
         raise ArgumentError("--save-interval without --save: give the checkpoint directory")
     check_load(a)

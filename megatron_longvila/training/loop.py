@@ -213,11 +213,17 @@ class _CountingIterator:
         self._counts_itself = hasattr(it, "tokens")
         self._start = it.tokens() if self._counts_itself else 0
         self._flops_start = it.flops() if hasattr(it, "flops") else None
+        self._wait_start = it.data_wait() if hasattr(it, "data_wait") else None
         self._tokens = 0
 
     @property
     def flops(self) -> Optional[float]:
         return None if self._flops_start is None else self.it.flops() - self._flops_start
+
+    @property
+    def data_wait(self) -> Optional[float]:
+        """Seconds this step waited for its data (a StepFeed measures it; None for a plain iterator)."""
+        return None if self._wait_start is None else self.it.data_wait() - self._wait_start
 
     @property
     def iterator(self):
@@ -353,7 +359,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         rec = logger.log(iteration, loss=loss, tokens=tokens, flops=None if flops is None else world_flops,
                          step_time=step_time,
                          lr=optimizer.param_groups[0]["lr"],
-                         grad_norm=float(grad_norm) if grad_norm is not None else None)
+                         grad_norm=float(grad_norm) if grad_norm is not None else None,
+                         data_wait=_data_wait(counting))
         result.losses[iteration] = loss
         result.last_metrics = rec
         result.tokens_per_s.append(rec["tokens_per_s"])
@@ -373,5 +380,28 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         if hooks.get("stop_after") == iteration:
             break
     guard.close()
+    _close_feeds(train_iter, valid_ds)
     logger.close()
     return result
+
+
+def _data_wait(counting: "_CountingIterator") -> Optional[float]:
+    """The step's wait for data: the slowest rank's, which is what held the step (one host all-reduce MAX)."""
+    wait = counting.data_wait
+    if wait is None:
+        return None
+    t = torch.tensor([wait], dtype=torch.float64)
+    from megatron.core import parallel_state as ps
+
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group_gloo(with_context_parallel=True))
+    return float(t[0])
+
+
+def _close_feeds(train_iter, valid_ds) -> None:
+    """Stop the data producers; each rank tells of the files it could not read (the rank that knows)."""
+    for feed in (train_iter, getattr(valid_ds, "feed", None)):
+        if feed is not None and hasattr(feed, "close"):
+            feed.close()
+            line = feed.summary() if hasattr(feed, "summary") else None
+            if line:
+                print(f"[data] {line}", flush=True)

@@ -40,7 +40,8 @@ from ..runtime import cpu as cpu_runtime
 from ..runtime.cpu import enable_cpu_runtime
 from ..runtime.probes import te_available
 from ..runtime.versions import applying
-from .arguments import add_activation_memory_args, check_activation_memory_args, check_data_paths, check_load
+from .arguments import (add_activation_memory_args, add_data_flags, check_activation_memory_args, check_data_flags,
+                        check_data_paths, check_load)
 from .loop import check_device
 from .loop import get_args as loop_args
 from .megatron_flags import check_megatron_flags, given_dests, model_flags_from_megatron
@@ -170,6 +171,7 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--loss-weighting", default="token", choices=["token", "sample"])
     g.add_argument("--max-skip-fraction", type=float, default=0.1)
     g.add_argument("--min-samples-for-skip-check", type=int, default=20)
+    add_data_flags(parser, megatron=True)  # --decode-backend; Megatron's --num-workers drives the data producer
     # Megatron's --recompute-* flags are its own (TransformerConfig fields); LongVILA adds the encoder's and offload.
     add_activation_memory_args(parser, megatron_has_recompute=True)
     # TransformerConfig fields Megatron-LM 0.16.1's parser leaves out (it turns RoPE fusion on, off with
@@ -195,7 +197,7 @@ def longvila_args_provider(parser: argparse.ArgumentParser) -> argparse.Argument
         weight_decay=r.weight_decay, num_frames=r.num_frames,
         rotary_base=rope,  # None: the LLM's own base (Megatron's 10000 would silently change the model)
         # The project loop's defaults where Megatron's differ.
-        micro_batch_size=1, adam_beta2=0.95, lr_decay_style="cosine", log_interval=1, eval_iters=10,
+        micro_batch_size=1, adam_beta2=0.95, lr_decay_style="cosine", log_interval=1, eval_iters=10, num_workers=0,
         eval_interval=1000,  # Megatron sizes validation data with it; nothing is evaluated without --valid-data-path
         # The LLM's shape, so Megatron's checks and FLOPs figures describe the model actually built.
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
@@ -247,6 +249,7 @@ def _finalize(args) -> None:
         given, ours, parser = _COMMAND_LINE
         check_megatron_flags(given, ours, parser)
         args.model_flags_given = model_flags_from_megatron(args, given)
+    check_data_flags(args)
     if args.optimizer not in ("adam", "sgd"):
         raise ArgumentError(f"--optimizer {args.optimizer}: LongVILA trains with adam or sgd under "
                             f"--use-megatron-training")
@@ -393,12 +396,13 @@ def _resume_stream(stream, args) -> None:
     skip = args.consumed_train_samples // ps.get_data_parallel_world_size()
     if not (ps.get_data_parallel_rank() or ps.get_tensor_model_parallel_rank() or ps.get_context_parallel_rank()):
         print(f"LongVILA: no data state at {path}; replaying {skip} sequences per data-parallel rank", flush=True)
-    packed = getattr(stream, "packed", stream)  # a PlannedStream replays its packed sequences
-    it = iter(packed)
+    feed = getattr(stream, "feed", None)
+    if feed is not None:  # a PlannedStream: its replica's reader replays the packed sequences
+        feed.replay(skip)
+        return feed
+    it = iter(stream)
     for _ in range(skip):
         next(it)
-    if packed is not stream:
-        return stream.step.batches(it, stream.num_microbatches)
     return it
 
 
