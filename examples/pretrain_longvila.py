@@ -143,9 +143,14 @@ def caption(color: str, motion: str) -> str:
     return f"A {color} square moves {motion}."
 
 
-def _write_clips(root: str, name: str, specs, frames: int, size: int, rng) -> str:
-    """H.264 clips of a coloured square moving one way over a grey background, and their manifest `name`.jsonl.
-    specs: (clip id, colour, motion) per clip. The start position, speed and background vary per clip."""
+CODECS = {"h264": (".mp4", ["-c:v", "libx264", "-preset", "ultrafast"]),
+          "vp9": (".webm", ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8"])}
+"""The demo's video codecs: H.264 (decoded everywhere), VP9 (what DALI's CPU decoder reads)."""
+
+
+def _write_clips(root: str, name: str, specs, frames: int, size: int, rng, codec: str = "h264") -> str:
+    """Clips (H.264, or VP9) of a coloured square moving one way over a grey background, and their manifest
+    `name`.jsonl. specs: (clip id, colour, motion) per clip. The start position, speed and background vary per clip."""
     import subprocess
 
     import numpy as np
@@ -169,9 +174,10 @@ def _write_clips(root: str, name: str, specs, frames: int, size: int, rng) -> st
         for t in range(frames):
             x, y = int(round(x0 + dx * t)), int(round(y0 + dy * t))
             video[t, y:y + side, x:x + side] = COLORS[color]
-        path = os.path.join(root, "videos", f"{clip}.mp4")
+        ext, encode = CODECS[codec]
+        path = os.path.join(root, "videos", f"{clip}{ext}")
         subprocess.run([exe, "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{size}x{size}",
-                        "-r", "8", "-i", "-", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path],
+                        "-r", "8", "-i", "-", *encode, "-pix_fmt", "yuv420p", path],
                        input=video.tobytes(), check=True)
         lines.append({"id": clip, "video": os.path.relpath(path, root), "conversations": [
             {"from": "human", "value": f"<video>\n{QUESTION}"},
@@ -184,8 +190,10 @@ def _write_clips(root: str, name: str, specs, frames: int, size: int, rng) -> st
 
 
 def write_demo_dataset(root: str, num_videos: int = 32, frames: int = 16, size: int = 64, *,
-                       heldout_per_combination: int = 0, seed: int = 0, colors=None, motions=None):
-    """Real H.264 videos (a coloured square moving one way) and a JSON Lines manifest asking what happens.
+                       heldout_per_combination: int = 0, seed: int = 0, colors=None, motions=None,
+                       codec: str = "h264"):
+    """Real H.264 (or, codec="vp9", VP9) videos (a coloured square moving one way) and a JSON Lines manifest asking
+    what happens.
 
     Colour and direction vary independently: clip i of `num_videos` (train.jsonl) has colour i mod C and direction
     (i div C) mod M (C colours, M directions: all four of each by default), so every combination gets the same
@@ -200,12 +208,12 @@ def write_demo_dataset(root: str, num_videos: int = 32, frames: int = 16, size: 
     motions = list(motions or MOTIONS)
     nc, nm = len(colors), len(motions)
     train = [(f"clip_{i:03d}", colors[i % nc], motions[(i // nc) % nm]) for i in range(num_videos)]
-    manifest = _write_clips(root, "train", train, frames, size, rng)
+    manifest = _write_clips(root, "train", train, frames, size, rng, codec)
     if not heldout_per_combination:
         return manifest
     heldout = [(f"heldout_{k:03d}", c, m) for k, (c, m) in
                enumerate((c, m) for _ in range(heldout_per_combination) for m in motions for c in colors)]
-    return manifest, _write_clips(root, "heldout", heldout, frames, size, np.random.default_rng(seed + 1))
+    return manifest, _write_clips(root, "heldout", heldout, frames, size, np.random.default_rng(seed + 1), codec)
 
 
 DEMO_FLAGS = [

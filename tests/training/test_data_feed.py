@@ -5,6 +5,8 @@
   every iteration's metrics object carries data_wait_s (the first included) and nothing else is in the file.
 - One rank alone cannot read some of the videos its peers read (runtime/file_view's test-only injection): the run
   trains to its end, every rank blanks and drops the same documents, only that rank names the files.
+- DALI's CPU decoder from training (--decode-backend dali_cpu) on the demo's clips encoded as VP9: it decodes every
+  frame (PyAV none) and the losses match PyAV's decode of the same clips (the decoders agree within a grey level).
 - An injected disagreement (two ranks of one replica holding different sequences) stops at the fingerprint with a
   message naming both ranks and the first sample where they differ; the reader raises it, its peer ends quietly.
 """
@@ -139,3 +141,42 @@ def test_injected_disagreement_stops_at_the_fingerprint():
     assert kind0 == "DataDisagreement" and kind1 == "FaultExit"
     assert msg0 == msg1
     assert "rank 0 would train on sample 's3' and rank 1 on 's9' (micro-batch 1, document 1)" in msg0, msg0
+
+
+def _dali_runs(rank, world, manifest):
+    from megatron_longvila.data import video
+
+    mod = load_example_script()
+    calls = {"dali": 0}
+    original = video._decode_dali
+
+    def counted(*a, **k):
+        calls["dali"] += 1
+        return original(*a, **k)
+
+    video._decode_dali = counted
+    out = {}
+    for backend in ("dali_cpu", "pyav"):
+        video.DECODE_STATS.clear()
+        calls["dali"] = 0
+        argv = ["--cpu", "--recipe", "pretrain", "--vision-encoder", "siglip_tiny", "--llm", "tiny",
+                "--context-parallel-size", "2", "--hierarchical-context-parallel-sizes", "2", "1", "--seq-length",
+                "512", "--global-batch-size", "2", "--train-iters", "2", "--lr", "3e-3", "--lr-warmup-iters", "1",
+                "--num-frames", "2", "--seed", "1234", "--data-path", manifest, "--log-interval", "100",
+                "--decode-backend", backend, "--num-workers", "2"]
+        res = mod.pretrain(mod.train_valid_test_datasets_provider, mod.model_provider, mod.forward_step,
+                           extra_args_provider=mod.extra_args_provider, argv=argv)
+        out[backend] = {"losses": res.losses, "dali_calls": calls["dali"],
+                        "pyav_decoded": video.DECODE_STATS["decoded"]}
+    return out
+
+
+def test_dali_cpu_decoder_trains(tmp_path):
+    manifest = load_example_script().write_demo_dataset(str(tmp_path / "vp9"), num_videos=8, codec="vp9")
+    out = run_distributed(_dali_runs, 2, manifest, timeout=240)[-1]
+    dali, pyav = out["dali_cpu"], out["pyav"]
+    assert dali["dali_calls"] > 0 and dali["pyav_decoded"] == 0, dali
+    assert pyav["dali_calls"] == 0 and pyav["pyav_decoded"] > 0, pyav
+    assert sorted(dali["losses"]) == [1, 2]
+    for it in (1, 2):  # the same frames within a grey level: the same loss to 1e-3
+        assert abs(dali["losses"][it] - pyav["losses"][it]) <= 1e-3 * abs(pyav["losses"][it]), out
