@@ -22,6 +22,6 @@ vniah: $(VENV)/.installed
 	$(PY) examples/vniah_demo.py $(ARGS)
 
 # Fails on a skip that is not allowed (a GPU-only dependency, a Megatron-LM checkout) and on a process left running;
-# -rs prints every skip's reason (tests/_rules, docs/TESTING.md).
+# -rs prints every skip's reason (tests/_rules, README).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs tests

@@ -44,7 +44,7 @@ setup(
         # transformers builds the tiny random Qwen2 / Llama / SigLIP references of the conversion tests.
         # import-linter checks the package's layer order (.importlinter; tests/test_layers.py runs it).
         # Every one is required: the test run stops at start-up when one is missing, and a test may skip only for a
-        # GPU-only dependency or a Megatron-LM checkout (tests/_rules, docs/TESTING.md).
+        # GPU-only dependency or a Megatron-LM checkout (tests/_rules, README).
         "test": ["pytest", "pytest-timeout", "imageio-ffmpeg", "nvidia-dali-cuda130", "tokenizers", "transformers",
                  "safetensors", "import-linter==2.17", "megatron-energon==7.4.1"],
     },

@@ -14,7 +14,7 @@ from tests._rules.skips import SkipRule  # noqa: E402
 
 
 def pytest_configure(config):
-    """The rules of a test run (tests/_rules, docs/TESTING.md): required packages, allowed skips, no leftovers."""
+    """The rules of a test run (tests/_rules, README): required packages, allowed skips, no leftovers."""
     try:
         requirements.check()
     except RuntimeError as e:

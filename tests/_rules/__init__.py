@@ -1,4 +1,4 @@
-"""The rules of a test run, checked by tests/conftest.py (docs/TESTING.md):
+"""The rules of a test run, checked by tests/conftest.py (README, "make test"):
 
 - requirements: every dependency of the package and of its `test` extra (setup.py) is installed, or the run stops at
   start-up naming what to install;
