@@ -19,6 +19,7 @@ import os
 from typing import Callable, List, Optional, Sequence
 
 from ..checkpoint.layout import read_tracker
+from ..data.conversation import TEMPLATES
 from ..data.video import dali_available
 from ..errors import ArgumentError, CheckpointError, OffloadError
 from ..runtime.entry import ProjectArgumentParser
@@ -147,14 +148,17 @@ DECODE_BACKENDS = ("auto", "pyav", "dali_cpu", "dali_gpu")
 
 
 def add_data_flags(p: argparse.ArgumentParser, *, megatron: bool = False) -> argparse.ArgumentParser:
-    """The data feed's flags (training.data_feed): --num-workers (Megatron's own flag under megatron.training, with
-    this meaning) and --decode-backend."""
+    """The data flags: the feed's (training.data_feed) --num-workers (Megatron's own flag under megatron.training,
+    with this meaning) and --decode-backend, and --template."""
     g = p.add_argument_group("data feed")
     if not megatron:
         g.add_argument("--num-workers", type=int, default=0,
                        help="0: each step's data is read, planned and decoded on the training thread when the step "
                             "asks for it; N >= 1: a producer thread prepares the next step while the current one "
                             "trains, N threads decoding its videos (same losses for any N)")
+    g.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                   help="chat template of the conversations (default: the recipe's; a Llama-3 LLM needs llama3); "
+                        "checked against the tokenizer at start-up")
     g.add_argument("--decode-backend", default="auto", choices=DECODE_BACKENDS,
                    help="video decoder: auto (NVDEC through DALI on CUDA where DALI is installed and the codec allows, "
                         "else PyAV), pyav, dali_cpu (VP8/VP9/MJPEG only), dali_gpu (NVDEC)")
@@ -227,7 +231,7 @@ def _apply_recipe(a: argparse.Namespace) -> None:
     # --rotary-base stays what the user gave (None if not): providers.resolve_model_record ranks the sources.
     a.recipe_changes_rope, a.recipe_rotary_base, a.rotary_base_explicit = recipe_rope(r, a.seq_length, a.rotary_base)
     a.freeze = r.freeze
-    a.template = r.template
+    a.template = a.template or r.template  # --template overrides the recipe's
 
 
 def check_load(a: argparse.Namespace) -> Optional[str]:

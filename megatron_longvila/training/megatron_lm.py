@@ -284,7 +284,7 @@ def _finalize(args) -> None:
     if note and torch.distributed.get_rank() == 0:
         print(f"[checkpoint] {note}", flush=True)
     args.freeze = r.freeze
-    args.template = r.template
+    args.template = getattr(args, "template", None) or r.template  # --template overrides the recipe's
 
 
 def _check_activation_memory(args) -> None:
@@ -406,6 +406,27 @@ def _resume_stream(stream, args) -> None:
     return it
 
 
+class _TimedData:
+    """The training data iterator timed as Megatron's own GPT script times its batches: megatron.training's
+    "batch-generator" timer (printed with --timing-log-level 2) holds each step's wait for its data."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from megatron.training import get_timers
+
+        timer = get_timers()("batch-generator", log_level=2)
+        timer.start()
+        try:
+            return next(self.it)
+        finally:
+            timer.stop()
+
+
 def _streams(datasets_provider: Callable) -> Callable:
     """The project's resumable datasets as the iterators megatron.training's "external" loaders pass on."""
 
@@ -420,6 +441,8 @@ def _streams(datasets_provider: Callable) -> Callable:
             train_iter = _resume_stream(train, args)
         if train is not None and train_iter is None:
             train_iter = iter(train)
+        if train_iter is not None:
+            train_iter = _TimedData(train_iter)
         return (train_iter,) + tuple(None if d is None else iter(d) for d in (valid, test))
 
     # Every rank reads its own stream (TP and CP ranks of a replica read the same sequences); Megatron
