@@ -38,7 +38,7 @@ from ..errors import ArgumentError, raised_alike
 __all__ = ["run_main", "once", "report", "run_prefix", "rank", "ProjectArgumentParser", "Peers", "set_peers",
            "ALIKE_WAIT_S"]
 
-ALIKE_WAIT_S = 5.0
+ALIKE_WAIT_S = 3.0
 """How long a rank other than 0 that raised an error marked alike waits for rank 0 to report it (the ranks reach
 the same check within a second of each other: argument validation follows the process group's rendezvous)."""
 

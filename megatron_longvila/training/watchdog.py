@@ -94,7 +94,7 @@ thousands; the bound keeps the watchdog a small share of it at any world size)."
 OPS_PER_TICK = 2
 """Store operations of one rank's thread per tick: its heartbeat (set) and the `end` key (check)."""
 
-ALIKE_GRACE_S = 10.0
+ALIKE_GRACE_S = 5.0
 """How long a rank that sees a peer's error marked raised alike waits for its own main thread to raise it too."""
 
 STEP_POINTS = ("data", "forward-backward", "gradient reduction", "non-finite check", "optimizer step", "step totals")
@@ -367,19 +367,23 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.cfg.interval_s):
             try:
-                self._beat()
-                if not self._who and self.client.check([self._key(f"who/{r}") for r in range(self.world)]):
-                    self._who = self._read_who()  # cached: the store may be the thing that stops answering
-                if self.client.check([self._key("end")]):
-                    self._ended(json.loads(self.client.get(self._key("end"))))
-                self._store_ok_at = time.monotonic()
-                over = self._over_limit()
-                if over is not None and self.client.add(self._key("report"), 1) == 1:
-                    self._hang(*over)
+                self._tick()
             except Exception:  # the store did not answer: the sentinel decides
                 if self._stop.is_set() or self._exiting:
                     return
                 time.sleep(self.cfg.interval_s)
+
+    def _tick(self) -> None:
+        """One tick: OPS_PER_TICK store operations once the ranks' registrations are read (a few ticks at start)."""
+        self._beat()
+        if not self._who and self.client.check([self._key(f"who/{r}") for r in range(self.world)]):
+            self._who = self._read_who()  # cached: the store may be the thing that stops answering
+        if self.client.check([self._key("end")]):
+            self._ended(json.loads(self.client.get(self._key("end"))))
+        self._store_ok_at = time.monotonic()
+        over = self._over_limit()
+        if over is not None and self.client.add(self._key("report"), 1) == 1:
+            self._hang(*over)
 
     def _ended(self, end: dict) -> None:
         """Another rank set `end`: a hang report (printed already), or a failed rank (printed here, once)."""
