@@ -5,7 +5,8 @@ is raised.
                      the same manifest and checkpoint files). A script's entry point (runtime.entry.run_main) prints
                      such an error once, from rank 0, without a traceback.
     RaisedLocally    mixin: raised by the one rank that met the problem (its data, its files, its device, a peer it
-                     lost). That rank prints it, with its traceback; its peers see a failed collective.
+                     lost). That rank prints it, with its traceback, and run_main posts it so that its peers end
+                     the job at once (training.watchdog's monitor) instead of waiting in a collective.
     raised_alike(e) -> bool    the mark of an exception (unmarked exceptions count as local)
 
 The modules that raise an exception import it from here, so `from megatron_longvila.parallel.mesh import MeshError`
