@@ -24,6 +24,7 @@ import tempfile
 from typing import Sequence
 
 from megatron_longvila.errors import DataError
+from megatron_longvila.runtime.file_view import check_readable
 from megatron_longvila.data.manifest import ManifestRecord, parse_record
 
 
@@ -136,6 +137,7 @@ class ShardSource:
         self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="longvila_shards_")
         # One entry per sample: (shard, key, {suffix: member TarInfo}).
         self._samples: list[tuple[int, str, dict[str, tarfile.TarInfo]]] = []
+        self._members: dict[tuple[int, str], tarfile.TarInfo] | None = None  # (shard, member name) -> TarInfo
         for s, path in enumerate(self.shards):
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
             with tarfile.open(path, "r") as tar:
@@ -153,7 +155,14 @@ class ShardSource:
         return len(self._samples)
 
     def record(self, i: int) -> ManifestRecord:
+        try:
+            return self._record(i)
+        except OSError as e:  # the shard exists but reading it failed (a failing network file system)
+            raise DataError("unreadable_file", f"{self.shards[self._samples[i][0]]}: {e.strerror or e}") from None
+
+    def _record(self, i: int) -> ManifestRecord:
         shard, key, members = self._samples[i]
+        check_readable(self.shards[shard])
         folder = os.path.join(self.cache_dir, f"{shard:06d}")
         os.makedirs(folder, exist_ok=True)
         with tarfile.open(self.shards[shard], "r") as tar:
@@ -173,6 +182,49 @@ class ShardSource:
                         shutil.copyfileobj(src, dst)
                     os.replace(target + ".part", target)  # never leave a half-written file behind
         return parse_record(obj, folder, i)
+
+    def _member(self, shard: int, name: str) -> tarfile.TarInfo:
+        if self._members is None:
+            self._members = {(s, os.path.basename(info.name)): info
+                             for s, _, members in self._samples for info in members.values()}
+        info = self._members.get((shard, name))
+        if info is None:
+            raise DataError("missing_file", f"{self.shards[shard]}: no member {name!r}")
+        return info
+
+    def localize(self, path: str, root: str) -> str:
+        """A media file another ShardSource extracted under its cache `root` (another rank's: the data feed's reader),
+        extracted from the same shard into this source's cache; its path here. Raises DataError (unreadable_file for
+        an I/O error) when the shard cannot give it."""
+        rel = os.path.relpath(path, root)
+        parts = rel.split(os.sep)
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= len(self.shards):
+            raise DataError("missing_file", f"{path}: not a media file extracted from these shards under {root}")
+        shard, name = int(parts[0]), parts[1]
+        target = os.path.join(self.cache_dir, rel)
+        if os.path.exists(target):
+            return target
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            check_readable(self.shards[shard])  # this rank's view of the file system (runtime.file_view)
+            with tarfile.open(self.shards[shard], "r") as tar, tar.extractfile(self._member(shard, name)) as src, \
+                    open(target + ".part", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except OSError as e:
+            raise DataError("unreadable_file", f"{self.shards[shard]}:{name}: {e.strerror or e}") from None
+        os.replace(target + ".part", target)
+        return target
+
+    def release(self, paths: Sequence[str]) -> None:
+        """Delete extracted media files of this source's cache that are no longer needed (a step's, once decoded): the
+        cache holds the media in flight, not the corpus."""
+        root = os.path.abspath(self.cache_dir) + os.sep
+        for path in paths:
+            if os.path.abspath(path).startswith(root):
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
 
     def close(self) -> None:
         if self._own_cache:

@@ -114,7 +114,9 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     add_model_flags(p)
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", default=None, help="training manifest (JSON Lines, LLaVA/VILA conversations)")
+    g.add_argument("--data-path", default=None, help="training data: a JSON Lines manifest (LLaVA/VILA conversations) or "
+                                                     "a folder of webdataset .tar shards (tools/make_manifest.py "
+                                                     "--format shards)")
     g.add_argument("--valid-data-path", default=None)
     g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model or tokenizer.json; none: bytes")
     g.add_argument("--num-frames", type=int, default=None)
@@ -268,8 +270,12 @@ def check_data_paths(a: argparse.Namespace) -> None:
         if not visible(path):
             raise ArgumentError(f"{flag} {path} does not exist: give a JSON Lines manifest (see "
                                 f"tools/make_manifest.py)")
-        if os.path.isdir(path):
-            raise ArgumentError(f"{flag} {path} is a folder: give a JSON Lines manifest file")
+        if os.path.isdir(path):  # webdataset shards (tools/make_manifest.py --energon)
+            shards = sorted(f for f in os.listdir(path) if f.endswith(".tar"))
+            if not shards:
+                raise ArgumentError(f"{flag} {path} is a folder without .tar shards: give a JSON Lines manifest file "
+                                    f"or a folder of webdataset shards")
+            path = os.path.join(path, shards[0])
         try:
             check_readable(path)
             with open(path, "rb") as f:

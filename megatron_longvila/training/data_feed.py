@@ -17,7 +17,9 @@ One step, made by `_produce` (on the training thread with --num-workers 0, else 
    sample counts, over a host (gloo) group spanning the replica's TP x CP x PP ranks: one pickled broadcast. No other
    rank of the replica reads, probes or tokenizes, so none can skip a sample, pack a sequence or start a resume
    differently (Megatron's own loaders read on one rank and broadcast for the same reason). The reader's probe of each
-   video travels with it: no file is probed twice.
+   video travels with it: no file is probed twice. From webdataset shards (--data-path a folder of .tar files) the
+   reader's media paths name its own extraction cache: each rank extracts from the same shards the media it decodes,
+   and every rank deletes a step's extracted media once the step is decoded.
 2. Plan and decode. Every rank plans each sequence for its place in the mesh; the first pipeline stage decodes only
    the frames stage 1 gives it. The TP ranks of one CP position need the same frames: each decodes 1/TP of them and
    they all-gather the pixels over a host group of their own. Measured (tools/bench_data.py --part tp,
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import queue
 import threading
@@ -61,8 +64,9 @@ import torch
 import torch.distributed as dist
 
 from ..batch.microbatch import PlannedMicroBatch
+from ..data.dataset import frame_keys
 from ..data.video import dali_gpu_available
-from ..errors import DataDisagreement, FaultExit, StepError
+from ..errors import DataDisagreement, DataError, FaultExit, StepError
 from ..parallel import comm
 from ..parallel.groups import host_group_by
 from ..runtime.modules import model_device
@@ -161,6 +165,7 @@ class StepFeed:
             if self.config.num_workers > 1 else None
         self._tokens, self._flops, self._wait = 0, 0.0, 0.0
         self.unreadable: Counter = Counter()
+        self._media_root: Optional[str] = None  # shards: where the reader extracted this step's media
         self.closed = False
 
     # -- the schedule's side ------------------------------------------------------------------------------------
@@ -289,9 +294,15 @@ class StepFeed:
         self.closed = True
         if self._thread is not None and self._thread.is_alive():
             self._stop.set()
-            # Not joined: at the end of a run its peers' producers may wait on it in a collective that will not come.
+            # Bounded: every rank's producer finishes the step it is preparing (its peers do the same), then sees the
+            # flag; a producer still waiting on a collective after that is left to end with the process.
+            self._thread.join(timeout=30)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        source = getattr(getattr(self.packed, "dataset", None), "source", None)
+        if not (self._thread is not None and self._thread.is_alive()) and hasattr(source, "close"):
+            # shards: this rank's extraction cache
+            source.close()
 
     def _produce(self, n: int) -> _Step:
         payload = None
@@ -301,7 +312,9 @@ class StepFeed:
                 seqs = [next(source) for _ in range(n)]
                 ds = self.packed.dataset
                 payload = {"n": n, "packed": seqs, "state": self.packed.state_dict(),
-                           "counts": StepCounts(ok=int(ds.ok), skipped=dict(ds.skipped))}
+                           "counts": StepCounts(ok=int(ds.ok), skipped=dict(ds.skipped)),
+                           # Shards: where the reader extracted the media (the others extract their own).
+                           "media_root": getattr(ds.source, "cache_dir", None)}
             except BaseException as e:
                 if self.group is not None:  # the peers stop with it instead of waiting for the broadcast
                     self._broadcast({"error": f"{type(e).__name__}: {e}"})
@@ -311,6 +324,8 @@ class StepFeed:
         if "error" in payload:
             raise FaultExit(f"rank {self.reader}, which reads this replica's data, stopped: {payload['error']}")
         seqs = payload["packed"]
+        fp = fingerprint(seqs)  # before any rank makes a path its own
+        self._media_root = payload.get("media_root")
         step = self.step
         planned = [step.plan(p) for p in seqs]
         mapper = self._pool.map if self._pool is not None else map
@@ -319,7 +334,10 @@ class StepFeed:
         device = dev if dev.type == "cuda" and (backend == "dali_gpu" or (backend == "auto" and
                                                                            dali_gpu_available())) else None
         decoded = [self._decode(p, pl, mapper, device) for p, pl in zip(seqs, planned)]
-        failed = self._agree(seqs, [f for f, _ in decoded])
+        failed = self._agree(fp, seqs, [f for f, _ in decoded])
+        source = getattr(self.packed.dataset, "source", None)
+        if hasattr(source, "release"):  # shards: this step's media are decoded; the cache holds what is in flight
+            source.release([m.path for p in seqs for m in p.media])
         for p, (mine, errors) in zip(seqs, decoded):
             self._tell_unreadable(p, errors)
         tokens, flops = 0, 0.0
@@ -338,10 +356,14 @@ class StepFeed:
         step = self.step
         mine = planned.frames_encoded
         if self.tp_group is None or device is not None or not (step.model.pre_process and mine):
-            return step.decode(packed, planned, mapper=mapper, device=device)
+            missing = self._localize(packed, mine if step.model.pre_process else [])
+            failed, errors = step.decode(packed, planned, mapper=mapper, device=device)
+            return failed, {**errors, **missing}
         k, r = len(self.tp_ranks), self.tp_ranks.index(self.rank)
         per = -(-len(mine) // k)
+        missing = self._localize(packed, mine[r * per:(r + 1) * per])
         failed, errors = step.decode(packed, planned, mapper=mapper, frames=mine[r * per:(r + 1) * per])
+        errors = {**errors, **missing}
         size = step.config.image_size
         buf = torch.zeros(per, 3, size, size)
         for i, g in enumerate(mine[r * per:(r + 1) * per]):
@@ -353,6 +375,23 @@ class StepFeed:
                 planned.set_pixels(g, parts[j][i])
         # A frame a peer could not read is blank here too; the replica's agreement tells every rank (its flag).
         return failed, errors
+
+    def _localize(self, packed, frames: List[int]) -> Dict[int, str]:
+        """Shards: the media of `frames` extracted by this rank from its own shards (the reader's paths name its own
+        cache). Returns {media item: why} for the ones it could not extract (they then fail to decode: blanked)."""
+        source = getattr(self.packed.dataset, "source", None)
+        if self.is_reader or self._media_root is None or not hasattr(source, "localize") or not frames:
+            return {}
+        keys = frame_keys(packed)
+        errors: Dict[int, str] = {}
+        for m in sorted({keys[g][0] for g in frames}):
+            item = packed.media[m]
+            try:
+                item.path = source.localize(item.path, self._media_root)
+            except DataError as e:
+                errors[m] = str(e)
+                item.path = os.path.join(source.cache_dir, os.path.relpath(item.path, self._media_root))
+        return errors
 
     def _broadcast(self, payload):
         """The reader's payload on every rank of the replica: its pickled size, then its bytes."""
@@ -368,10 +407,10 @@ class StepFeed:
         # Our own job's bytes, from a rank of this job, over its own process group.
         return payload if self.is_reader else pickle.loads(data.numpy().tobytes())
 
-    def _agree(self, seqs, failed: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Decode failures agreed over the replica (MAX), and the step's fingerprint compared in the same
+    def _agree(self, fp: int, seqs, failed: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Decode failures agreed over the replica (MAX), and the step's fingerprint `fp` compared in the same
         all-reduce."""
-        fp = float(fingerprint(seqs))
+        fp = float(fp)
         flags = torch.cat([f.double() for f in failed] + [torch.tensor([fp, -fp], dtype=torch.float64)])
         if self.group is not None:
             comm.all_reduce(flags, self.group, op=dist.ReduceOp.MAX, kind="data_agreement")
@@ -399,8 +438,8 @@ class StepFeed:
                     diff = next((k for k, (x, y) in enumerate(zip(a[0], b[0])) if x != y), min(len(a[0]), len(b[0])))
                     ours = a[0][diff] if diff < len(a[0]) else "nothing"
                     other = b[0][diff] if diff < len(b[0]) else "nothing"
-                    where = (f"rank {ref_rank} would train on sample {ours!r} and rank {rank} on {other!r} (micro-batch "
-                             f"{i}, document {diff})")
+                    where = (f"rank {ref_rank} would train on sample {ours!r} and rank {rank} on {other!r} "
+                             f"(micro-batch {i}, document {diff})")
                     break
             else:
                 where = f"rank {ref_rank} and rank {rank} hold different numbers of sequences"

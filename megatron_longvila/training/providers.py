@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 from ..checkpoint.layout import committed_folder, read_tracker
 from ..conversion import apply_record, detect_format, read_record
 from ..data.dataset import DataConfig, PackedIterator, VideoTextDataset
+from ..data.energon import ShardSource
 from ..data.tokenizer import FRAME_SEP_TOKEN, IMAGE_TOKEN
 from ..config import mmsp_config_from_megatron
 from ..errors import ArgumentError, ConversionError
@@ -307,7 +308,8 @@ def _num_microbatches(args, dp_size: int, training: bool):
 
 
 def build_streams(args, tokenizer, step: LongVILAStep, dp_rank: int, dp_size: int):
-    """(train, valid, test): packed streams from JSONL manifests, one per data-parallel replica (resumable)."""
+    """(train, valid, test): packed streams from JSONL manifests or webdataset shard folders, one per data-parallel
+    replica (resumable)."""
     record = step.model.record
     size, patch = int(record.vision["image_size"]), int(record.vision["patch_size"])
     # The skip fraction is judged by the step over all data-parallel ranks (StepConfig), not per rank here.
@@ -318,7 +320,9 @@ def build_streams(args, tokenizer, step: LongVILAStep, dp_rank: int, dp_size: in
                      video_backend=getattr(args, "decode_backend", "auto"))
 
     def stream(path, training):
-        ds = VideoTextDataset(path, tokenizer, cfg, dp_rank=dp_rank, dp_size=dp_size)
+        # A folder of webdataset .tar shards (or one .tar): every rank indexes them, the reader reads the samples.
+        source = ShardSource(path) if os.path.isdir(path) or path.endswith(".tar") else path
+        ds = VideoTextDataset(source, tokenizer, cfg, dp_rank=dp_rank, dp_size=dp_size)
         packed = PackedIterator(ds, args.seq_length, loss_weighting=getattr(args, "loss_weighting", "token"))
         # Collective: every rank builds the training stream's feed, then the validation stream's.
         feed = StepFeed(packed, step, _num_microbatches(args, dp_size, training),

@@ -7,6 +7,9 @@
   trains to its end, every rank blanks and drops the same documents, only that rank names the files.
 - DALI's CPU decoder from training (--decode-backend dali_cpu) on the demo's clips encoded as VP9: it decodes every
   frame (PyAV none) and the losses match PyAV's decode of the same clips (the decoders agree within a grey level).
+- From webdataset shards (--data-path a folder of .tar files) the reader reads, the others extract the media they
+  decode from the same shards: the losses equal (bitwise) training on the manifest the shards were written from, and
+  no extracted media stay behind.
 - An injected disagreement (two ranks of one replica holding different sequences) stops at the fingerprint with a
   message naming both ranks and the first sample where they differ; the reader raises it, its peer ends quietly.
 """
@@ -117,7 +120,7 @@ def test_workers_resume_and_one_rank_that_cannot_read(demo_data, tmp_path):
 def _disagree(rank, world):
     from megatron_longvila.data.sample import MediaItem
     from megatron_longvila.parallel.groups import host_group_by
-    from megatron_longvila.training.data_feed import StepFeed
+    from megatron_longvila.training.data_feed import StepFeed, fingerprint
 
     class Packed:  # what the fingerprint reads of a packed sequence
         def __init__(self, ids):
@@ -130,7 +133,7 @@ def _disagree(rank, world):
     feed.is_reader = rank == feed.reader
     seqs = [Packed(["s0", "s1"]), Packed(["s2", "s3" if rank == 0 else "s9"])]  # injected: rank 1's second sequence
     try:
-        feed._agree(seqs, [torch.zeros(1), torch.zeros(1)])
+        feed._agree(fingerprint(seqs), seqs, [torch.zeros(1), torch.zeros(1)])
     except (DataDisagreement, FaultExit) as e:
         return type(e).__name__, str(e) if isinstance(e, DataDisagreement) else e.message
     return None, None
@@ -180,3 +183,39 @@ def test_dali_cpu_decoder_trains(tmp_path):
     assert sorted(dali["losses"]) == [1, 2]
     for it in (1, 2):  # the same frames within a grey level: the same loss to 1e-3
         assert abs(dali["losses"][it] - pyav["losses"][it]) <= 1e-3 * abs(pyav["losses"][it]), out
+
+
+def _shard_runs(rank, world, manifest, shards):
+    import glob
+    import tempfile
+
+    mod = load_example_script()
+    caches = os.path.join(tempfile.gettempdir(), "longvila_shards_*")
+    before = set(glob.glob(caches))
+    out = {}
+    for name, data in (("manifest", manifest), ("shards", shards)):
+        argv = ["--cpu", "--recipe", "pretrain", "--vision-encoder", "siglip_tiny", "--llm", "tiny",
+                "--context-parallel-size", "2", "--hierarchical-context-parallel-sizes", "2", "1", "--seq-length",
+                "512", "--global-batch-size", "2", "--train-iters", "2", "--lr", "3e-3", "--lr-warmup-iters", "1",
+                "--num-frames", "2", "--seed", "1234", "--data-path", data, "--log-interval", "100"]
+        out[name] = mod.pretrain(mod.train_valid_test_datasets_provider, mod.model_provider, mod.forward_step,
+                                 extra_args_provider=mod.extra_args_provider, argv=argv).losses
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank has ended its run
+    out["left"] = sorted(set(glob.glob(caches)) - before)  # each rank's extraction cache is removed at the end
+    return out
+
+
+def test_training_from_shards_equals_the_manifest(tmp_path):
+    from megatron_longvila.data.energon import write_shards
+    from megatron_longvila.data.manifest import Manifest
+
+    manifest = load_example_script().write_demo_dataset(str(tmp_path / "data"), num_videos=8)
+    m = Manifest(manifest)
+    write_shards([m.record(i) for i in range(len(m))], str(tmp_path / "shards"), samples_per_shard=3)
+    results = run_distributed(_shard_runs, 2, manifest, str(tmp_path / "shards"), timeout=240)
+    last = results[-1]
+    assert sorted(last["shards"]) == [1, 2]
+    assert last["shards"] == last["manifest"], last
+    assert all(not r["left"] for r in results), [r["left"] for r in results]
