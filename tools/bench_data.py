@@ -51,9 +51,13 @@ def _train(rank, world, manifest, steps, workers, metrics):
     del argv[at:at + 2]
     argv += ["--data-path", manifest, "--num-workers", str(workers), "--metrics-file", metrics, "--log-interval",
              str(10 ** 6), "--no-progress"]
+    from megatron_longvila.parallel import comm
+
+    comm.reset_counters()
     mod.pretrain(mod.train_valid_test_datasets_provider, mod.model_provider, mod.forward_step,
                  extra_args_provider=mod.extra_args_provider, argv=argv)
-    return None
+    sent = comm.counters()["bytes"]  # what this rank sent for the data feed (the reader: the step's broadcast)
+    return {kind: v for kind, v in sent.items() if kind.endswith(("/data_feed", "/data_agreement"))}
 
 
 def _summary(values):
@@ -66,13 +70,16 @@ def bench_feed(steps: int, workers, clips: int, tmp: str) -> dict:
     out = {}
     for k in workers:
         metrics = os.path.join(tmp, f"metrics_{k}.jsonl")
-        run_distributed(_train, 4, manifest, steps, k, metrics, timeout=900)
+        sent = run_distributed(_train, 4, manifest, steps, k, metrics, timeout=900)
         rows = [json.loads(line) for line in open(metrics)]
         waits = [r["data_wait_s"] for r in rows]
         times = [r["step_time_s"] for r in rows]
         out[str(k)] = {"first_step": {"data_wait_s": waits[0], "step_time_s": times[0]},
                        "data_wait_s": _summary(waits[1:]), "step_time_s": _summary(times[1:]),
-                       "data_wait_fraction": sum(waits[1:]) / max(sum(times[1:]), 1e-12)}
+                       "data_wait_fraction": sum(waits[1:]) / max(sum(times[1:]), 1e-12),
+                       # The reader's broadcast of each step's sequences and the agreement's all-reduce, per step
+                       # (bytes the reader sent, gloo's count).
+                       "reader_bytes_per_step": {kind: v / steps for kind, v in sent[0].items()}}
     return {"steps": steps, "clips": clips, "mesh": "CP 2x2 on 4 gloo ranks (the demo)", "workers": out}
 
 

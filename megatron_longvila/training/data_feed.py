@@ -10,16 +10,18 @@ schedule asks for it.
         .unreadable                                          {file: count} this rank could not read
         .close()
     fingerprint(packed_list) -> int                  what a step trains on, as a 48-bit number
+    compact(packed) -> dict / expand(dict) -> PackedSequence   the reader's broadcast form of a sequence (exact)
 
 One step, made by `_produce` (on the training thread with --num-workers 0, else one step ahead on a producer thread):
 1. Read once per replica. The replica's reader (its lowest global rank) takes the step's packed sequences from its
    stream (reading, probing and tokenizing the samples) and broadcasts them, with the stream's resume state and its
-   sample counts, over a host (gloo) group spanning the replica's TP x CP x PP ranks: one pickled broadcast. No other
-   rank of the replica reads, probes or tokenizes, so none can skip a sample, pack a sequence or start a resume
-   differently (Megatron's own loaders read on one rank and broadcast for the same reason). The reader's probe of each
-   video travels with it: no file is probed twice. From webdataset shards (--data-path a folder of .tar files) the
-   reader's media paths name its own extraction cache: each rank extracts from the same shards the media it decodes,
-   and every rank deletes a step's extracted media once the step is decoded.
+   sample counts, over a host (gloo) group spanning the replica's TP x CP x PP ranks: one pickled broadcast of about
+   6 bytes a token (`compact`; 262K tokens: 1.5 MB to each peer). No other rank of the replica reads, probes or
+   tokenizes, so none can skip a sample, pack a sequence or start a resume differently (Megatron's own loaders read
+   on one rank and broadcast for the same reason). The reader's probe of each video travels with it: no file is
+   probed twice. From webdataset shards (--data-path a folder of .tar files) the reader's media paths name its own
+   extraction cache: each rank extracts from the same shards the media it decodes, and every rank deletes a step's
+   extracted media once the step is decoded.
 2. Plan and decode. Every rank plans each sequence for its place in the mesh; the first pipeline stage decodes only
    the frames stage 1 gives it. The TP ranks of one CP position need the same frames: each decodes 1/TP of them and
    they all-gather the pixels over a host group of their own. Measured (tools/bench_data.py --part tp,
@@ -64,6 +66,8 @@ import torch
 import torch.distributed as dist
 
 from ..batch.microbatch import PlannedMicroBatch
+from ..batch.sample import IGNORE_INDEX
+from ..data.packing import PackedSequence
 from ..data.dataset import frame_keys
 from ..data.video import dali_gpu_available
 from ..errors import DataDisagreement, DataError, FaultExit, StepError
@@ -123,6 +127,51 @@ def fingerprint(packed_list) -> int:
         h.update(repr((list(p.sample_ids), list(p.seq_lens),
                        [(m.path, list(m.frame_indices)) for m in p.media])).encode())
     return int.from_bytes(h.digest(), "little")
+
+
+def compact(p) -> dict:
+    """A packed sequence in as few bytes as it allows, for the reader's broadcast: token ids as int32, labels as a
+    learned-mask where they are the ids (they are, for tokenized conversations), positions omitted where they restart
+    at 0 per document, loss weights as one value per document and a mask where each document has one. Each short
+    form is used only where it gives back exactly the tensor it replaces (`expand`): 6 bytes a token instead of 28."""
+    ids = p.input_ids
+    out = {"seq_lens": list(p.seq_lens), "media": p.media, "sample_ids": list(p.sample_ids),
+           "indices": list(p.indices), "input_ids": ids, "labels": p.labels, "position_ids": p.position_ids,
+           "loss_weights": p.loss_weights}
+    if ids.numel() and -2 ** 31 <= int(ids.min()) and int(ids.max()) < 2 ** 31:
+        out["input_ids"] = ids.to(torch.int32)
+    learned = p.labels != IGNORE_INDEX
+    if torch.equal(torch.where(learned, ids, p.labels), p.labels):
+        out["labels"] = learned
+    if torch.equal(torch.cat([torch.arange(n) for n in p.seq_lens]), p.position_ids):
+        out["position_ids"] = None
+    w, values, start = p.loss_weights, [], 0
+    for n in p.seq_lens:
+        uniq = torch.unique(w[start:start + n][w[start:start + n] != 0])
+        if uniq.numel() > 1:
+            break
+        values.append(float(uniq[0]) if uniq.numel() else 0.0)
+        start += n
+    else:
+        out["loss_weights"] = (w != 0, torch.tensor(values, dtype=w.dtype))
+    return out
+
+
+def expand(d: dict) -> PackedSequence:
+    """The packed sequence `compact` shortened, exactly."""
+    ids = d["input_ids"].to(torch.long)
+    labels = d["labels"]
+    if labels.dtype == torch.bool:
+        labels = torch.where(labels, ids, torch.full_like(ids, IGNORE_INDEX))
+    pos = d["position_ids"]
+    if pos is None:
+        pos = torch.cat([torch.arange(n) for n in d["seq_lens"]])
+    weights = d["loss_weights"]
+    if isinstance(weights, tuple):
+        mask, values = weights
+        weights = mask.to(values.dtype) * torch.repeat_interleave(values, torch.tensor(d["seq_lens"]))
+    return PackedSequence(input_ids=ids, labels=labels, position_ids=pos, loss_weights=weights,
+                          seq_lens=d["seq_lens"], media=d["media"], sample_ids=d["sample_ids"], indices=d["indices"])
 
 
 class StepFeed:
@@ -320,7 +369,12 @@ class StepFeed:
                     self._broadcast({"error": f"{type(e).__name__}: {e}"})
                 raise
         if self.group is not None:
-            payload = self._broadcast(payload)
+            if self.is_reader:
+                self._broadcast({**payload, "packed": [compact(p) for p in payload["packed"]]})
+            else:
+                payload = self._broadcast(None)
+                if "error" not in payload:
+                    payload["packed"] = [expand(d) for d in payload["packed"]]
         if "error" in payload:
             raise FaultExit(f"rank {self.reader}, which reads this replica's data, stopped: {payload['error']}")
         seqs = payload["packed"]

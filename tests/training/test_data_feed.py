@@ -219,3 +219,36 @@ def test_training_from_shards_equals_the_manifest(tmp_path):
     assert sorted(last["shards"]) == [1, 2]
     assert last["shards"] == last["manifest"], last
     assert all(not r["left"] for r in results), [r["left"] for r in results]
+
+
+def test_compact_broadcast_form_is_exact():
+    from megatron_longvila.data.packing import concat_samples
+    from megatron_longvila.data.sample import IGNORE_INDEX, MediaItem, Sample
+    from megatron_longvila.training.data_feed import compact, expand
+
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n, w, sid):
+        ids = torch.randint(0, 150000, (n,), generator=g)
+        labels = torch.where(torch.rand(n, generator=g) < 0.5, ids, torch.full_like(ids, IGNORE_INDEX))
+        return Sample(ids, labels, [MediaItem("video", f"/v/{sid}.mp4", [0, 4], [1, 2], 1)], loss_weight=w,
+                      sample_id=sid)
+
+    for weighting in ("token", "sample"):
+        p = concat_samples([sample(37, 1.0, "a"), sample(5, 0.3, "b"), sample(64, 2.5, "c")], loss_weighting=weighting)
+        d = compact(p)
+        assert d["input_ids"].dtype == torch.int32 and d["labels"].dtype == torch.bool and d["position_ids"] is None
+        assert isinstance(d["loss_weights"], tuple)
+        q = expand(d)
+        for name in ("input_ids", "labels", "position_ids", "loss_weights"):
+            assert torch.equal(getattr(p, name), getattr(q, name)) and getattr(q, name).dtype == getattr(p, name).dtype
+        assert (q.seq_lens, q.sample_ids, q.media) == (p.seq_lens, p.sample_ids, p.media)
+    # Forms that do not fit are sent whole: labels that are not the ids, positions that do not restart, a document
+    # with two weights.
+    p.labels[3] = 7 if p.input_ids[3] != 7 else 8
+    p.position_ids[0] = 5
+    p.loss_weights[40:42] = torch.tensor([0.5, 0.25])
+    d = compact(p)
+    assert d["labels"] is p.labels and d["position_ids"] is p.position_ids and d["loss_weights"] is p.loss_weights
+    q = expand(d)
+    assert all(torch.equal(getattr(p, n), getattr(q, n)) for n in ("labels", "position_ids", "loss_weights"))
