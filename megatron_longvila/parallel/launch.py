@@ -23,6 +23,7 @@ import signal
 import tempfile
 import time
 import traceback
+from multiprocessing import forkserver, resource_tracker
 from typing import Any, Callable, List
 
 from ..errors import DistributedRunError
@@ -169,8 +170,6 @@ def _reap(procs: list, mark: str) -> None:
 def stop_helpers(wait: float = 10.0) -> None:
     """End this process's start server and multiprocessing's resource tracker (they otherwise end only when this
     process exits); the next `run_distributed` starts new ones. Call it when no rank is running."""
-    from multiprocessing import forkserver, resource_tracker
-
     applying("mp_helpers_stop", version=platform.python_version())
     server = forkserver._forkserver
     with server._lock:
