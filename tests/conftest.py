@@ -12,13 +12,22 @@ from tests._rules import requirements  # noqa: E402
 from tests._rules.leftovers import LeftoverRule  # noqa: E402
 from tests._rules.skips import SkipRule  # noqa: E402
 
+# The rules' names for `-p no:<name>`: only a machine that lacks the test dependencies by design (the GPU session,
+# tools/gpu_session.sh) turns the first two off; nothing turns the third off.
+REQUIREMENTS, SKIPS, LEFTOVERS = "longvila-requirements", "longvila-skip-rule", "longvila-leftover-rule"
+
 
 def pytest_configure(config):
     """The rules of a test run (tests/_rules, README): required packages, allowed skips, no leftovers."""
-    try:
-        requirements.check()
-    except RuntimeError as e:
-        raise pytest.UsageError(str(e)) from None
+    pm = config.pluginmanager
+    if not pm.is_blocked(REQUIREMENTS):
+        try:
+            requirements.check()
+        except RuntimeError as e:
+            raise pytest.UsageError(str(e)) from None
+    if pm.is_blocked(LEFTOVERS):
+        raise pytest.UsageError(f"-p no:{LEFTOVERS}: the rule that no test leaves a process running cannot be "
+                                "turned off")
     # Before any test starts a process: the marker must be in the environment they inherit.
-    config.pluginmanager.register(LeftoverRule(), "longvila-leftover-rule")
-    config.pluginmanager.register(SkipRule(), "longvila-skip-rule")
+    pm.register(LeftoverRule(), LEFTOVERS)
+    pm.register(SkipRule(), SKIPS)  # not registered (and not checked) under -p no:longvila-skip-rule

@@ -135,10 +135,12 @@ def test_passes():
     pass
 '''
 
-_BAD_TESTS = _RUN_TESTS + '''
+_REFUSED_TEST = '''
 def test_refused():
     pytest.importorskip("no_such_module_here")
+'''
 
+_BAD_TESTS = _RUN_TESTS + _REFUSED_TEST + '''
 def test_leaks():
     time.sleep(0.05)  # apart from the previous test by more than /proc's clock tick
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
@@ -146,13 +148,13 @@ def test_leaks():
 '''
 
 
-def _pytest_run(tmp_path, source):
+def _pytest_run(tmp_path, source, *args):
     """A test session of its own (tests/conftest.py's rules) on `source`; returns (exit status, output)."""
     (tmp_path / "conftest.py").write_text("from tests.conftest import pytest_configure  # noqa: F401\n")
     (tmp_path / "test_it.py").write_text(source)
     env = dict(os.environ, PYTHONPATH=ROOT, LEAK_PID_FILE=str(tmp_path / "leak.pid"))
     env.pop("MEGATRON_LM_PATH", None)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *args, str(tmp_path)],
                        capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=env)
     return r.returncode, r.stdout + r.stderr
 
@@ -172,3 +174,12 @@ def test_run_fails_on_a_refused_skip_and_a_leftover(tmp_path):
     assert re.search(rf"pid {leaked}, started [\d.]+ s ago: .*time.sleep\(120\)\n\s+started during: "
                      rf"test_it.py::test_leaks", out), out
     assert not processes.alive(leaked)  # killed by the rule
+
+
+def test_requirements_and_skip_rule_can_be_turned_off_not_the_leftover_rule(tmp_path):
+    # The GPU session lacks the test dependencies by design: it turns the requirements and the skip rule off.
+    rc, out = _pytest_run(tmp_path, _RUN_TESTS + _REFUSED_TEST, "-p", "no:longvila-requirements",
+                          "-p", "no:longvila-skip-rule")
+    assert rc == 0 and "1 passed, 2 skipped" in out and "not allowed" not in out, out
+    rc, out = _pytest_run(tmp_path, _RUN_TESTS, "-p", "no:longvila-leftover-rule")
+    assert rc == 4 and "cannot be turned off" in out, out

@@ -35,7 +35,7 @@ cd "$(dirname "$0")/.."
 SECTIONS=(
   "train:300:python3 tools/gpu_train_check.py --json"
   "attention:150:python3 tools/gpu_check.py --json"
-  "pytest:60:python3 -m pytest -q -rs tests/attention/test_te_backend.py tests/data/test_video.py"
+  "pytest:60:python3 -m pytest -q -rs -p no:longvila-requirements -p no:longvila-skip-rule tests/attention/test_te_backend.py tests/data/test_video.py"
   "inference:150:python3 tools/gpu_inference_check.py --json"
   "memory:240:python3 tools/gpu_memory_check.py --json"
 )

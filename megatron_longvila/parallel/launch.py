@@ -170,10 +170,10 @@ def _reap(procs: list, mark: str) -> None:
 def stop_helpers(wait: float = 10.0) -> None:
     """End this process's start server and multiprocessing's resource tracker (they otherwise end only when this
     process exits); the next `run_distributed` starts new ones. Call it when no rank is running."""
-    applying("mp_helpers_stop", version=platform.python_version())
     server = forkserver._forkserver
     with server._lock:
         if server._forkserver_pid is not None:
+            applying("mp_helpers_stop", version=platform.python_version())
             # Killed, not asked: it would wait for every holder of its "alive" pipe, the ranks' helpers included.
             os.kill(server._forkserver_pid, signal.SIGKILL)
             server._stop_unlocked()
@@ -183,6 +183,7 @@ def stop_helpers(wait: float = 10.0) -> None:
     tracker = resource_tracker._resource_tracker
     with tracker._lock:
         if tracker._pid is not None:
+            applying("mp_helpers_stop", version=platform.python_version())
             # Closing its pipe ends it once no other process holds the pipe (it ignores SIGINT and SIGTERM).
             os.close(tracker._fd)
             pid, tracker._fd, tracker._pid = tracker._pid, None, None

@@ -69,9 +69,9 @@ WORKAROUNDS: Dict[str, Workaround] = {w.name: w for w in (
     Workaround("default_store_access", "torch", ("2.13",),
                "distributed_c10d._get_default_store() and PrefixStore.underlying_store reach the rendezvous "
                "TCPStore (training/watchdog.py)"),
-    Workaround("mp_helpers_stop", "python", ("3.11",),
+    Workaround("mp_helpers_stop", "python", ("3.11", "3.12"),
                "multiprocessing's forkserver and resource tracker ended through their private pid, fd and lock "
-               "(parallel/launch.py stop_helpers)"),
+               "(parallel/launch.py stop_helpers; run on 3.11, 3.12's code read: the same)"),
 )}
 
 _WARNED: set = set()
