@@ -16,6 +16,7 @@ from megatron_longvila.errors import DistributedRunError
 from megatron_longvila.parallel.launch import run_distributed, stop_helpers
 from megatron_longvila.runtime import processes
 from tests._rules import requirements, skips
+from tests._rules.leftovers import descendants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,8 +101,7 @@ def test_stop_helpers_ends_the_start_server_and_tracker():
     run_distributed(_ok, 2, "x")
     stop_helpers()
     # The start server and the resource tracker are this process's children; none is left.
-    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-        assert [p for p in map(int, f.read().split()) if processes.alive(p)] == []
+    assert descendants(os.getpid()) == []
     assert run_distributed(_ok, 2, "y") == [(r, 2, "y", 1.0) for r in range(2)]  # and it starts again
 
 

@@ -21,18 +21,24 @@ GRACE = 5.0
 
 
 def _children(pid: int) -> List[int]:
+    """Children started by any thread of `pid`."""
+    out = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:  # gone meanwhile
+        pass
+    return out
 
 
-def _descendants(pid: int) -> List[int]:
+def descendants(pid: int) -> List[int]:
+    """Live descendants of `pid` (zombies left out)."""
     out, todo = [], _children(pid)
     while todo:
         p = todo.pop()
-        out.append(p)
+        if processes.alive(p):
+            out.append(p)
         todo.extend(_children(p))
     return out
 
@@ -69,8 +75,7 @@ class LeftoverRule:
         return during[0] if len(during) == 1 else f"one of {', '.join(during)} (within one clock tick)"
 
     def _ours(self) -> List[int]:
-        return sorted((set(processes.marked(self.token)) | {p for p in _descendants(os.getpid())
-                                                            if processes.alive(p)}) - {os.getpid()})
+        return sorted(set(processes.marked(self.token)) | set(descendants(os.getpid())))
 
     @staticmethod
     def _wait(pids: List[int], seconds: float) -> List[int]:
