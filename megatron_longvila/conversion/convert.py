@@ -4,12 +4,13 @@
 
 Streaming: the source is read one canonical tensor at a time (a stacked layer tensor at most), each written and
 freed before the next is read, so peak memory stays near the largest tensor, not the model (tools/bench_convert.py
-measures it). A conversion killed at any point leaves nothing at the target (storage.AtomicTarget).
+measures it). A conversion killed at any point leaves nothing at the target (storage.AtomicTarget); a refused one
+leaves the file system as it was (no target, no staging sibling, no parent folder made for it, nothing in the
+source). A target that is, contains or lies inside a source is refused, --overwrite or not.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Optional
 
@@ -18,7 +19,7 @@ from .load import FORMATS, open_source
 from ..errors import ConversionError
 from .mcore import write_mcore
 from .nemo import write_nemo
-from .storage import AtomicTarget, Progress, parse_dtype
+from .storage import AtomicTarget, Progress, overlap_error, parse_dtype
 
 __all__ = ["convert"]
 
@@ -35,9 +36,12 @@ def convert(*, target: str, target_format: str, source: Optional[str] = None, so
     """
     if target_format not in FORMATS:
         raise ConversionError(f"--target-format {target_format}: choose one of {FORMATS}")
+    # Checked before anything is read or written: replacing a target that holds the source deletes the source,
+    # and a target inside the source changes it (and the next read of it).
     for src_dir in (source, llm, vision_tower):
-        if src_dir is not None and os.path.abspath(src_dir) == os.path.abspath(target):
-            raise ConversionError(f"--target {target} is the source folder: write the conversion elsewhere")
+        err = overlap_error(src_dir, target) if src_dir is not None else None
+        if err is not None:
+            raise err
     out_dtype = parse_dtype(dtype)
     t0 = time.perf_counter()
     src = open_source(source, source_format, llm=llm, vision_tower=vision_tower,

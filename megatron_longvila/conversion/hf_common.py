@@ -18,9 +18,11 @@ import torch
 
 from ..data.tokenizer import VILA_TOKENS
 from ..errors import ConversionError
-from ..models.record import ModelRecord
-from .mappings import canonical_specs, canonical_to_hf, COMPONENTS, hf_sources_of, hf_specs, llm_config_v4
-from .storage import SafetensorsFile, SafetensorsWriter, tensor_nbytes
+from ..models.record import HF_FACTS_FILE, ModelRecord, hf_facts_file
+from .mappings import (canonical_specs, canonical_to_hf, COMPONENTS, encoder_configs, hf_sources_of, hf_specs,
+                       llm_config_v4, vila_config_mismatches, vila_export_problems, vila_frame_separator)
+from .storage import (SafetensorsFile, SafetensorsWriter, check_inside, plain_file_name, safe_join,
+                      tensor_nbytes)
 
 __all__ = ["FolderWeights", "collect_assets", "tokenizer_facts", "media_facts", "write_hf_vila", "read_json",
            "SHARD_BYTES", "dump_json"]
@@ -29,6 +31,8 @@ SHARD_BYTES = 5 * 10**9
 """Largest LLM shard written when the source's own layout is not reused (transformers 4.x's default 5GB)."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _INDEX = "model.safetensors.index.json"
+MAX_ASSET_BYTES = 64 * 2**20
+"""Largest non-weight file collected (larger than any tokenizer or processor file); larger ones are skipped."""
 
 
 def read_json(path: str, where: Optional[str] = None) -> dict:
@@ -69,13 +73,16 @@ class FolderWeights:
             raise ConversionError(f"{where}: no *.safetensors weights in {folder}")
         index = os.path.join(folder, _INDEX)
         if os.path.isfile(index):
+            check_inside(index, folder, "the index")
             wm = read_json(index).get("weight_map")
             if not isinstance(wm, dict):
                 raise ConversionError(f"{index}: no weight_map")
-            st = sorted(set(wm.values()))
+            st = sorted({plain_file_name(v, index) for v in wm.values()})
             missing = [f for f in st if not os.path.isfile(os.path.join(folder, f))]
             if missing:
                 raise ConversionError(f"{index} names shard files that are missing: {missing}")
+        for f in st:
+            check_inside(os.path.join(folder, f), folder, "a weight file")
         self.files = {f: SafetensorsFile(os.path.join(folder, f)) for f in st}
         self.where: Dict[str, Tuple[str, str]] = {}  # mapped name -> (file, stored name)
         dup = []
@@ -111,7 +118,10 @@ class FolderWeights:
 
 
 def collect_assets(folder: str, prefix: str, skip_dirs: Iterable[str] = ()) -> Dict[str, bytes]:
-    """Every file under `folder` that is not a weight file, keyed `prefix + relative path`, byte for byte."""
+    """Every file under `folder` that is not a weight file, keyed `prefix + relative path`, byte for byte.
+    A symlink out of `folder` is refused; a file over MAX_ASSET_BYTES is skipped with a warning."""
+    import logging
+
     out: Dict[str, bytes] = {}
     skip = {os.path.normpath(os.path.join(folder, d)) for d in skip_dirs}
     for dirpath, dirs, files in os.walk(folder):
@@ -121,6 +131,13 @@ def collect_assets(folder: str, prefix: str, skip_dirs: Iterable[str] = ()) -> D
             if name.endswith(_WEIGHT_SUFFIXES) or name.startswith("."):
                 continue
             full = os.path.join(dirpath, name)
+            check_inside(full, folder, "a non-weight file")
+            size = os.path.getsize(full)
+            if size > MAX_ASSET_BYTES or not os.path.isfile(full):
+                logging.getLogger("megatron_longvila.conversion").warning(
+                    "%s: skipped (%d bytes, not a regular file or over the %d MiB asset limit: not a tokenizer or "
+                    "processor file; it does not travel with the conversion)", full, size, MAX_ASSET_BYTES >> 20)
+                continue
             with open(full, "rb") as f:
                 out[prefix + os.path.relpath(full, folder).replace(os.sep, "/")] = f.read()
     return out
@@ -205,10 +222,11 @@ def tokenizer_facts(files: Dict[str, bytes], prefix: str, *, vila_tokens: bool) 
     return facts
 
 
-def media_facts(top: dict, preprocessor: Optional[dict]) -> dict:
-    """How VILA preprocesses media for this checkpoint (top-level config and the vision tower's processor)."""
+def media_facts(top: dict, preprocessor: Optional[dict], frame_separator="\n") -> dict:
+    """How VILA preprocesses media for this checkpoint (top-level config and the vision tower's processor);
+    frame_separator: what VILA puts after each frame (mappings.vila_frame_separator)."""
     out = {"image_aspect_ratio": top.get("image_aspect_ratio"), "num_video_frames": top.get("num_video_frames"),
-           "fps": top.get("fps"), "frame_separator": "\n"}
+           "fps": top.get("fps"), "frame_separator": frame_separator}
     if preprocessor:
         size = preprocessor.get("size")
         if isinstance(size, dict):
@@ -303,7 +321,7 @@ def top_config(record: ModelRecord, dtype: torch.dtype, llm_cfg: dict, vision_cf
             "tune_language_model": True, "tune_mm_projector": True, "tune_vision_tower": True,
             "model_dtype": f"torch.{_TORCH_DTYPE.get(dtype, 'float32')}", "resume_path": None,
             "num_time_tokens": 0, "time_token_format": "<t{t}>", "soft_ce_std": 1.0,
-            "transformers_version": "4.46.0"}
+            "transformers_version": "4.46.0", **encoder_configs((record.media or {}).get("frame_separator", False))}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,6 +398,10 @@ def write_hf_vila(source, root: str, *, dtype: Optional[torch.dtype] = None, pro
     hf = record.hf
     prefix = hf.get("vision_key_prefix", "vision_model.")
     notes: List[str] = []
+    problems = vila_export_problems(record)  # before anything is written
+    if problems:
+        raise ConversionError("VILA would run this model differently from the project, so it is not exported to "
+                              "the Hugging Face VILA layout:\n  " + "\n  ".join(problems))
     if record.token_order == "column_major":
         notes.append("the model's projector tokens are column-major (VILA's 2024 code); VILA's current code runs "
                      "mlp_downsample row-major: run this export with VILA code of that time")
@@ -404,7 +426,8 @@ def write_hf_vila(source, root: str, *, dtype: Optional[torch.dtype] = None, pro
         files, texts, reused = _shards(comp, per_comp[comp], headers)
         os.makedirs(os.path.join(root, comp), exist_ok=True)
         for fname, entries in files.items():
-            w = SafetensorsWriter(os.path.join(root, comp, fname), entries, {"format": "pt"}, texts[fname])
+            w = SafetensorsWriter(safe_join(os.path.join(root, comp), fname, "a weight file"), entries,
+                                  {"format": "pt"}, texts[fname])
             writers[(comp, fname)] = w
             for n, _, _ in entries:
                 located[(comp, n)] = (comp, fname)
@@ -452,6 +475,19 @@ def write_hf_vila(source, root: str, *, dtype: Optional[torch.dtype] = None, pro
         assets["mm_projector/config.json"] = dump_json(proj_cfg)
     if not existing("config.json"):
         assets["config.json"] = dump_json(top_config(record, main_dtype, llm_cfg, vis_cfg, proj_cfg))
+    # The configs written (the source's included) must make VILA run this model; what they cannot say travels in
+    # HF_FACTS_FILE so the project reads the same record back.
+    top = json.loads(assets["config.json"])
+    bad = vila_config_mismatches(record, top, proj_cfg, "config.json")
+    if bad:
+        raise ConversionError("the export's configs would make VILA run another model:\n  " + "\n  ".join(bad))
+    prep = json.loads(assets["vision_tower/preprocessor_config.json"])
+    sep = vila_frame_separator(top, "config.json", "remote" if top.get("model_type") == "vila" else "dev")
+    assets.pop(HF_FACTS_FILE, None)
+    facts = hf_facts_file(record, tokenizer_facts(assets, "llm/", vila_tokens=True),
+                          media_facts(top, prep, frame_separator=sep))
+    if facts is not None:
+        assets[HF_FACTS_FILE] = facts
     tok_files = [n for n in assets if n.startswith("llm/") and n.split("/")[-1] in (
         "tokenizer.json", "vocab.json", "tokenizer.model")]
     if not tok_files:
@@ -463,7 +499,7 @@ def write_hf_vila(source, root: str, *, dtype: Optional[torch.dtype] = None, pro
                 data = _retag(data, main_dtype)
             except (ValueError, TypeError):
                 pass
-        p = os.path.join(root, name)
+        p = safe_join(root, name, "a non-weight file of the record")
         os.makedirs(os.path.dirname(p), exist_ok=True)
         with open(p, "wb") as f:
             f.write(data)

@@ -1,7 +1,10 @@
 """Streaming tensor storage for the converter: safetensors and torch_dist read and written one tensor at a time.
 
-    SafetensorsFile(path)            header parsed and checked; read(name) reads one tensor with plain file reads
-                                     (no mmap: nothing of the file stays resident once a tensor is consumed)
+    SafetensorsFile(path)            header parsed and checked (exact, contiguous offsets; no negative dimension);
+                                     read(name) reads one tensor, read_rows(name, start, stop, cols) a row range of
+                                     it (a column range read row by row), with plain file reads (no mmap: nothing of
+                                     the file stays resident once a tensor is consumed); bytes_read counts every
+                                     byte read, header included
     SafetensorsWriter(path, entries, metadata, header_text=None)
                                      writes the header first, then each tensor at its offset, in any order; with
                                      `header_text` (the source file's own header) the file comes out byte-identical
@@ -9,7 +12,12 @@
     DcpReader(path)                  torch_dist (torch.distributed.checkpoint) metadata; read(key) loads one tensor
     write_dcp(path, specs, produce, objects)        torch_dist written lazily: each tensor is produced when the
                                      writer reaches it and freed once written (peak: the largest tensor)
-    AtomicTarget(target, overwrite)  a temporary sibling folder renamed onto the target at the end
+    AtomicTarget(target, overwrite)  a temporary sibling folder renamed onto the target at the end; abort() leaves
+                                     the file system as it was (the sibling and any parent folder it made removed)
+    plain_file_name(entry, where)    an index entry that is a bare file name, else an error naming it as written
+    inside(path, root) / check_inside(path, root, what)   a path (symlinks resolved) that stays under a folder
+    safe_join(root, rel, what)       root/rel for a relative path without `..`, else an error
+    overlap_error(source, target)    the error for a target that is, contains or lies inside a source (or None)
     Progress                         a progress line on stderr (bytes, rate, the tensor at hand)
 
 Trust: safetensors files hold no code, so weights from outside come in through them. torch_dist's `.metadata` is a
@@ -36,7 +44,8 @@ from ..errors import ConversionError
 from ..runtime.versions import applying
 
 __all__ = ["SafetensorsFile", "SafetensorsWriter", "safetensors_header", "DcpReader", "write_dcp", "AtomicTarget",
-           "Progress", "DTYPES", "dtype_name", "parse_dtype", "tensor_nbytes"]
+           "Progress", "DTYPES", "dtype_name", "parse_dtype", "tensor_nbytes", "check_offsets", "plain_file_name",
+           "inside", "check_inside", "safe_join", "overlap_error"]
 
 DTYPES: Dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -87,6 +96,82 @@ def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Paths a folder names (index entries, asset names, symlinks) and where a conversion may write
+# ----------------------------------------------------------------------------------------------------
+
+def plain_file_name(entry, where: str) -> str:
+    """`entry` when it is a bare file name (no folder part, not `.`/`..`, not absolute), else a ConversionError
+    naming `where` (the index file) and the entry as written."""
+    ok = (isinstance(entry, str) and entry not in ("", ".", "..") and "/" not in entry and "\\" not in entry
+          and "\0" not in entry and not os.path.isabs(entry))
+    if not ok:
+        raise ConversionError(f"{where} names {entry!r}: every file an index names must be a plain file name inside "
+                              f"its own folder (no folder part, no '..', not absolute); nothing was converted")
+    return entry
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether `path`, symlinks resolved, is `root` or lies under it (symlinks of `root` resolved too)."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def check_inside(path: str, root: str, what: str) -> None:
+    """Refuse `path` when a symlink takes it out of `root` (a crafted folder could make the converter read, and a
+    later export publish, any file of the machine)."""
+    if not inside(path, root):
+        raise ConversionError(f"{path}: {what} is a symlink to {os.path.realpath(path)}, outside {root}: the "
+                              f"converter reads only files inside the source folder (copy the file in instead of "
+                              f"linking it); nothing was converted")
+
+
+def safe_join(root: str, rel: str, what: str) -> str:
+    """root/rel for a relative path whose every part is a plain name (no `..`, not absolute), else an error."""
+    parts = str(rel).replace("\\", "/").split("/")
+    if not rel or os.path.isabs(rel) or any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise ConversionError(f"{what} {rel!r}: not a relative path inside the target folder; nothing is written "
+                              f"outside --target")
+    return os.path.join(root, *parts)
+
+
+def overlap_error(source: str, target: str) -> Optional[ConversionError]:
+    """The error for a target that is the source folder, contains it or lies inside it (None when apart): replacing
+    it would delete the source, writing into it would change the source."""
+    s, t = os.path.realpath(source), os.path.realpath(target)
+    if s == t:
+        how = "is the source folder"
+    elif s.startswith(t.rstrip(os.sep) + os.sep):
+        how = f"contains the source {source}"
+    elif t.startswith(s.rstrip(os.sep) + os.sep):
+        how = f"lies inside the source {source}"
+    else:
+        return None
+    return ConversionError(f"--target {target} {how}: write the conversion to a folder apart from the source "
+                           f"(--overwrite never replaces or writes into a source)")
+
+
+def check_offsets(path: str, entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...], int, int]],
+                  data_bytes: Optional[int]) -> None:
+    """A safetensors header's tensors: non-negative dimensions, each exactly its size, laid end to end from 0
+    without overlap or gap (and, for a file read, ending where the file ends: `data_bytes`)."""
+    pos = 0
+    for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda e: (e[1][2], e[1][3], e[0])):
+        if any(int(d) < 0 for d in shape):
+            raise ConversionError(f"{path}: tensor {name!r} has a negative dimension {list(shape)}")
+        if end - begin != tensor_nbytes(shape, dtype):
+            raise ConversionError(f"{path}: tensor {name!r} ({dtype_name(dtype)} {list(shape)}) has offsets "
+                                  f"{begin}..{end}, not its size {tensor_nbytes(shape, dtype)} (corrupt header)")
+        if begin != pos:
+            how = "overlaps the tensor before it" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+            raise ConversionError(f"{path}: tensor {name!r} at offsets {begin}..{end} {how} (a safetensors file "
+                                  f"lays its tensors end to end; corrupt or crafted header)")
+        pos = end
+    if data_bytes is not None and pos != data_bytes:
+        raise ConversionError(f"{path}: the header's tensors end at byte {pos} of a {data_bytes}-byte data section "
+                              f"(truncated, padded or crafted file)")
+
+
+# ----------------------------------------------------------------------------------------------------
 # safetensors
 # ----------------------------------------------------------------------------------------------------
 
@@ -96,6 +181,8 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         size = os.path.getsize(path)
+        self.bytes_read = 0
+        """Bytes read from the file so far: the header, then every tensor or row range read."""
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
@@ -104,6 +191,7 @@ class SafetensorsFile:
             if n > min(size - 8, _MAX_HEADER):
                 raise ConversionError(f"{path}: not a safetensors file (header length {n} for a {size}-byte file)")
             raw = f.read(n)
+        self.bytes_read += 8 + len(raw)
         try:
             self.header_text = raw.decode("utf-8")
             header = json.loads(self.header_text)
@@ -121,26 +209,53 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in e["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise ConversionError(f"{path}: tensor {name!r} has a malformed header entry {e}") from None
-            if end - begin != tensor_nbytes(shape, dtype) or end > size - self.data_start or begin < 0:
-                raise ConversionError(f"{path}: tensor {name!r} ({e['dtype']} {list(shape)}) has offsets {begin}..{end} "
-                                      f"that do not fit its size or the file (truncated or corrupt file)")
             self.entries[name] = (dtype, shape, begin, end)
+        check_offsets(path, self.entries, size - self.data_start)
         self._fh = None
 
     def names(self) -> List[str]:
         return list(self.entries)
 
-    def read(self, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = self.entries[name]
+    def _read_into(self, name: str, offset: int, view: memoryview) -> None:
         if self._fh is None:
             self._fh = open(self.path, "rb")
+        self._fh.seek(self.data_start + offset)
+        got = self._fh.readinto(view) if len(view) else 0
+        self.bytes_read += got
+        if got != len(view):
+            raise ConversionError(f"{self.path}: short read of {name!r} (file truncated)")
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        self._fh.seek(self.data_start + begin)
-        if end > begin:
-            got = self._fh.readinto(_bytes_view(buf))
-            if got != end - begin:
-                raise ConversionError(f"{self.path}: short read of {name!r} (file truncated)")
+        self._read_into(name, begin, _bytes_view(buf))
         return buf.view(dtype).reshape(shape)
+
+    def read_rows(self, name: str, start: int, stop: int, cols: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Rows start:stop of tensor `name` (elements of a 1-D tensor), and of each row only the columns
+        cols[0]:cols[1] (dimension 1) when given: one read for whole rows, one per row for a column range. Only
+        those bytes are read."""
+        dtype, shape, begin, _ = self.entries[name]
+        if not shape:
+            raise ConversionError(f"{self.path}: {name!r} is a scalar: it has no rows")
+        if not 0 <= start <= stop <= shape[0]:
+            raise ConversionError(f"{self.path}: rows {start}:{stop} of {name!r} {list(shape)}")
+        row_shape = list(shape[1:])
+        row_bytes = tensor_nbytes(row_shape, dtype)
+        if cols is None:
+            out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+            self._read_into(name, begin + start * row_bytes, _bytes_view(out))
+            return out.view(dtype).reshape(stop - start, *row_shape)
+        c0, c1 = cols
+        if len(shape) < 2 or not 0 <= c0 <= c1 <= shape[1]:
+            raise ConversionError(f"{self.path}: columns {c0}:{c1} of {name!r} {list(shape)}")
+        inner = tensor_nbytes(row_shape[1:], dtype)
+        width = (c1 - c0) * inner
+        out = torch.empty((stop - start) * width, dtype=torch.uint8)
+        view = _bytes_view(out)
+        for i in range(stop - start):
+            self._read_into(name, begin + (start + i) * row_bytes + c0 * inner, view[i * width:(i + 1) * width])
+        return out.view(dtype).reshape(stop - start, c1 - c0, *row_shape[1:])
 
     def close(self) -> None:
         if self._fh is not None:
@@ -183,6 +298,9 @@ class SafetensorsWriter:
         raw = header_text.encode("utf-8")
         self.data_start = 8 + len(raw)
         self.offsets = {name: (int(e["data_offsets"][0]), int(e["data_offsets"][1])) for name, e in header.items()}
+        # A header reused from a record must lay the tensors out as the library does (else: overlapping tensors, or
+        # a huge sparse file from one far offset); checked before the file is created.
+        check_offsets(f"{path} (its header)", {n: (*want[n], *self.offsets[n]) for n in header}, None)
         self.expected = want
         total = max((end for _, end in self.offsets.values()), default=0)
         self.nbytes = self.data_start + total
@@ -199,10 +317,13 @@ class SafetensorsWriter:
         except json.JSONDecodeError:
             return False
         header.pop("__metadata__", None)
-        if set(header) != set(want):
+        if not isinstance(header, dict) or set(header) != set(want):
             return False
-        return all(DTYPES.get(e["dtype"]) == want[n][0] and tuple(e["shape"]) == want[n][1]
-                   for n, e in header.items())
+        try:
+            return all(DTYPES.get(e["dtype"]) == want[n][0] and tuple(e["shape"]) == want[n][1]
+                       and len(e["data_offsets"]) == 2 for n, e in header.items())
+        except (KeyError, TypeError):
+            return False
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         if name not in self.expected:
@@ -431,13 +552,21 @@ def write_dcp(path: str, specs: Sequence[Tuple[str, Tuple[int, ...], torch.dtype
 
 class AtomicTarget:
     """Build a folder under a temporary sibling name and rename it onto `target` at commit: a conversion killed at
-    any point leaves no folder at `target` (only `.<name>.partial-<pid>`, removed by the next conversion)."""
+    any point leaves no folder at `target` (only `.<name>.partial-<pid>`, removed by the next conversion); a
+    conversion that fails (abort) leaves the file system as it was: no sibling, no parent folder it created."""
 
     def __init__(self, target: str, overwrite: bool = False):
         self.target = os.path.abspath(target)
-        if os.path.exists(self.target) and not overwrite:
+        if os.path.lexists(self.target) and not overwrite:
             raise ConversionError(f"--target {target} exists: pass --overwrite to replace it")
+        if os.path.lexists(self.target) and not os.path.isdir(self.target):
+            raise ConversionError(f"--target {target} exists and is not a folder: --overwrite replaces folders only")
         parent, name = os.path.split(self.target)
+        self.made: List[str] = []  # parent folders this target created, outermost first (abort removes them)
+        p = parent
+        while not os.path.isdir(p):
+            self.made.insert(0, p)
+            p = os.path.dirname(p)
         os.makedirs(parent, exist_ok=True)
         for old in os.listdir(parent):  # leftovers of killed conversions to this target
             if old.startswith(f".{name}.partial-") or old.startswith(f".{name}.old-"):
@@ -463,6 +592,9 @@ class AtomicTarget:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for p in reversed(self.made):
+            with contextlib.suppress(OSError):
+                os.rmdir(p)  # empty unless something else wrote there meanwhile: then it stays
 
 
 class Progress:
