@@ -9,7 +9,15 @@ VILA loads (its loader reads `<root>/llm` etc. when the top-level `*_cfg` entrie
 Refused, naming the key (each would run, but wrong): NVILA's multi-scale S2 features (`s2` / `dynamic_s2`), the
 3x3 downsample (`mm_projector_type` "mlp_downsample_3x3_fix") and any other projector, InternViT and other
 non-SigLIP towers (`vision_tower` `model_type`), `mm_vision_select_feature` other than "cls_patch" (SigLIP has no
-class token: "patch" would drop a real patch), non-linear RoPE scaling.
+class token: "patch" would drop a real patch), media encoders other than VILA's basic ones (`image_encoder` /
+`video_encoder`: NVILA's temporal pooling `TSPVideoEncoder`), non-linear RoPE scaling. A config.json without
+`mm_vision_select_feature` or `mm_vision_select_layer` is refused too: VILA's loader reads them as None and fails
+(mappings.vila_select), so no value is guessed. `config_vila_style.json` (the dev-style config a remote-code release
+keeps beside config.json, LongVILA-R1) must agree with config.json on every key the model depends on.
+
+What VILA puts after each frame's tokens is read from its media encoders (`end_tokens`, "\n" by default; VILA's
+remote code always "\n"); facts VILA's files cannot say (a byte tokenizer's ids, the frame sampling) come back from
+the `longvila_facts.json` an export of this project wrote (models.record.HF_FACTS_FILE).
 
 Token order (models.projector): `mlp_downsample_2x2_fix` is row-major. Plain `mlp_downsample` is what VILA's
 code ran at training time: row-major since VILA's Dec 2024 code (the Qwen2 LongVILA and NVILA releases are run so
@@ -26,12 +34,12 @@ from typing import Dict, Optional
 
 import torch
 
-from ..models.record import ModelRecord, record_of
+from ..models.record import HF_FACTS_FILE, ModelRecord, merge_hf_facts, record_of
 from ..models.registry import LLMShape
 from ..models.vision import VisionConfig
 from .hf_common import FolderWeights, collect_assets, media_facts, read_json, tokenizer_facts
 from .mappings import (COMPONENTS, hf_sources_of, hf_specs, hf_to_canonical, padded_vocab_size, parse_llm_config,
-                       parse_vision_config)
+                       parse_vision_config, vila_frame_separator, vila_select)
 from ..errors import ConversionError
 from .source import Source, check_layout, check_shapes
 
@@ -74,12 +82,42 @@ def refuse_unsupported(root: str, top: dict, proj_cfg: dict, vis_cfg: dict) -> s
         raise ConversionError(f"{os.path.join(root, 'mm_projector', 'config.json')}: mm_projector_type {ptype!r}"
                               f"{extra} is not supported: this model's projector is the 2x2 downsample "
                               f"({' / '.join(SUPPORTED_PROJECTORS)})")
-    feature = top.get("mm_vision_select_feature", "cls_patch")
-    if feature != "cls_patch":
-        raise ConversionError(f"{where}: mm_vision_select_feature {feature!r}: SigLIP has no class token, VILA's "
-                              f"'patch' would drop a real patch; only 'cls_patch' (every patch) is supported")
+    vila_select(top, where)
+    vila_frame_separator(top, where, "remote" if top.get("model_type") == "vila" else "dev")
+    _check_dev_style(root, top)
     parse_vision_config(vis_cfg, os.path.join(root, "vision_tower", "config.json"))
     return ptype
+
+
+DEV_STYLE = "config_vila_style.json"
+"""The dev-style (LlavaLlamaModel) config a remote-code release keeps beside its config.json (LongVILA-R1-7B)."""
+_SAME_KEYS = ("mm_vision_select_layer", "mm_vision_select_feature", "s2", "dynamic_s2", "image_encoder",
+              "video_encoder", "image_aspect_ratio", "num_video_frames", "fps", "mm_projector_cfg",
+              "vision_tower_cfg", "llm_cfg")
+
+
+def _check_dev_style(root: str, top: dict) -> None:
+    """A remote-code release's config_vila_style.json says the same model as its config.json (else VILA's dev code
+    and its remote code would run different models from one folder: refused, naming the key)."""
+    path = os.path.join(root, DEV_STYLE)
+    if not os.path.isfile(path):
+        return
+    dev = read_json(path)
+    if dev.get("model_type") not in (None, "llava_llama"):
+        raise ConversionError(f"{path}: model_type {dev.get('model_type')!r}: expected VILA's dev-style "
+                              f"'llava_llama'")
+    for key in _SAME_KEYS:
+        a, b = top.get(key), dev.get(key)
+        if key.endswith("_cfg") and isinstance(a, dict) and isinstance(b, dict):
+            # Sub-configs: the model's keys (names, versions and dtypes may differ between the two writers).
+            free = {"_name_or_path", "transformers_version", "torch_dtype", "architectures"}
+            diff = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+            if diff:
+                raise ConversionError(f"{path}: {key} differs from config.json's at {diff[:6]}: the two configs "
+                                      f"describe different models")
+        elif key in dev and key in top and a != b:
+            raise ConversionError(f"{path}: {key} {b!r}, config.json says {a!r}: the two configs describe "
+                                  f"different models")
 
 
 def vila_record(root: str, top: dict, llm_cfg: dict, vis_cfg: dict, proj_cfg: dict, *, embed_rows: int,
@@ -87,7 +125,8 @@ def vila_record(root: str, top: dict, llm_cfg: dict, vis_cfg: dict, proj_cfg: di
                 assets: Dict[str, bytes], headers: Dict[str, str], dtype: torch.dtype, flavour: str) -> ModelRecord:
     """The record of a VILA checkpoint from its configs (see the module docstring for what is refused)."""
     ptype = refuse_unsupported(root, top, proj_cfg, vis_cfg)
-    select = int(top.get("mm_vision_select_layer", -2))
+    where = os.path.join(root, "config.json")
+    select = vila_select(top, where)
     llm_type, shape, theta, scaling = parse_llm_config(llm_cfg, os.path.join(root, "llm", "config.json"))
     if embed_rows != shape["vocab_size"]:
         raise ConversionError(f"{root}/llm: model.embed_tokens.weight has {embed_rows} rows, llm/config.json "
@@ -99,7 +138,11 @@ def vila_record(root: str, top: dict, llm_cfg: dict, vis_cfg: dict, proj_cfg: di
                               f"{'have' if head else 'lack'} the pooling head (vision_model.head.*)")
     vision = VisionConfig(**vis, select_layer=select, apply_post_layernorm=False, head=head)
     tok = tokenizer_facts(assets, "llm/", vila_tokens=True)
-    notes = []
+    prep = os.path.join(root, "vision_tower", "preprocessor_config.json")
+    separator = vila_frame_separator(top, where, flavour)
+    media = media_facts(top, read_json(prep) if os.path.isfile(prep) else None, frame_separator=separator)
+    tok, media, names, notes = merge_hf_facts(assets.get(HF_FACTS_FILE), tok, media,
+                                              os.path.join(root, HF_FACTS_FILE))
     if ptype == "mlp_downsample_2x2_fix":
         order = "row_major"
     elif llm_type == "llama":
@@ -121,11 +164,9 @@ def vila_record(root: str, top: dict, llm_cfg: dict, vis_cfg: dict, proj_cfg: di
     padded = padded_vocab_size(rows, divisible_by, tp)
     llm_shape = LLMShape(**{k: v for k, v in shape.items() if k != "vocab_size"}, vocab_size=padded,
                          rotary_base=theta)
-    prep = os.path.join(root, "vision_tower", "preprocessor_config.json")
-    media = media_facts(top, read_json(prep) if os.path.isfile(prep) else None)
     record = record_of(llm_shape, vision, real_vocab_size=embed_rows, tokenizer=tok, llm_type=llm_type,
                        rope_scaling=scaling, token_order=order,
-                       registry_names={"llm": None, "vision": None}, media=media,
+                       registry_names={"llm": names.get("llm"), "vision": names.get("vision")}, media=media,
                        default_layout={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                                        "make_vocab_size_divisible_by": divisible_by},
                        source={"format": "hf_vila", "flavour": flavour, "path": os.path.abspath(root),

@@ -14,6 +14,8 @@ them, so each mapping below exists once, in both directions.
     merge_qkv / split_qkv                          Megatron's fused QKV: per query group [q heads, k, v]
     parse_llm_config(cfg) / parse_vision_config(cfg)   HF config dicts (4.x and transformers-5 forms) -> shapes
     padded_vocab_size(rows, divisible_by, tp)      Megatron's vocabulary padding
+    vila_select(top, where) / vila_frame_separator(top, where, flavour)   what VILA runs, from its config.json
+    vila_export_problems(record) / vila_config_mismatches(record, top, proj)   exports VILA would run differently
 
 Mappings (each tested in tests/conversion):
 - QKV: per GQA group g, [q heads of g (nq/nkv heads), k_g, v_g], weight and Qwen2's bias alike; SigLIP: groups =
@@ -33,6 +35,7 @@ Mappings (each tested in tests/conversion):
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -44,7 +47,8 @@ from ..models.record import ModelRecord
 __all__ = ["ConversionError", "TensorSpec", "HFTensor", "canonical_specs", "extra_state_keys", "hf_specs",
            "hf_to_canonical", "canonical_to_hf", "merge_qkv", "split_qkv", "parse_llm_config",
            "parse_vision_config", "padded_vocab_size", "LLM", "VISION", "PROJ", "COMPONENTS", "rope_from_config",
-           "llm_config_v4"]
+           "llm_config_v4", "vila_select", "vila_frame_separator", "vila_export_problems", "vila_config_mismatches",
+           "VILA_ENCODERS", "VILA_PROJECTOR_EPS"]
 
 LLM = "language_model.model."
 """Canonical prefix of the LLM (LongVILAModel.language_model is a GPTAdapter around Megatron's GPTModel)."""
@@ -195,6 +199,178 @@ def parse_vision_config(cfg: dict, where: str) -> dict:
                 num_attention_heads=int(cfg["num_attention_heads"]), ffn_hidden_size=int(cfg["intermediate_size"]),
                 layernorm_epsilon=float(cfg.get("layer_norm_eps", 1e-6)), post_layernorm=True,
                 activation=_ACT[act])
+
+
+# ----------------------------------------------------------------------------------------------------
+# What VILA runs (read from VILA's code) and what an export must say for VILA to run the same model
+# ----------------------------------------------------------------------------------------------------
+
+VILA_PROJECTOR_EPS = 1e-5
+"""VILA's projector LayerNorm(4C) is torch's default LayerNorm: its epsilon is not in any config."""
+VILA_ENCODERS = {"image_encoder": "llava.model.encoders.BasicImageEncoder",
+                 "video_encoder": "llava.model.encoders.BasicVideoEncoder"}
+"""The media encoders this model runs (each frame's projector tokens, then `end_tokens`), by config key."""
+_VILA_ENCODER_KEYS = ("_target_", "start_tokens", "end_tokens")
+
+
+def vila_select(top: dict, where: str) -> int:
+    """`mm_vision_select_layer` of a VILA config.json, refusing what VILA's loader cannot run or this model differs on.
+
+    VILA builds its vision tower from the top-level config (LlavaConfig / VILAConfig), which sets both keys to None
+    when config.json lacks them, so the `getattr(config, ..., default)` defaults of its VisionTower never apply: a
+    missing select feature stops VILA ("Unexpected select feature: None"), a missing select layer fails on
+    hidden_states[None]. Neither is guessed here."""
+    feature = top.get("mm_vision_select_feature")
+    if feature is None:
+        raise ConversionError(f"{where}: no mm_vision_select_feature: VILA's loader reads it as None and its vision "
+                              f"tower refuses to run ('Unexpected select feature: None'); add "
+                              f"\"mm_vision_select_feature\": \"cls_patch\" (every SigLIP patch, as VILA's releases "
+                              f"say) if that is what the checkpoint was trained with")
+    if feature != "cls_patch":
+        raise ConversionError(f"{where}: mm_vision_select_feature {feature!r}: SigLIP has no class token, VILA's "
+                              f"'patch' would drop a real patch; only 'cls_patch' (every patch) is supported")
+    layer = top.get("mm_vision_select_layer")
+    if layer is None or isinstance(layer, bool) or not isinstance(layer, int):
+        raise ConversionError(f"{where}: mm_vision_select_layer {layer!r}: VILA indexes the vision tower's "
+                              f"hidden_states with it, so it must be an integer (VILA's releases: -2)")
+    return int(layer)
+
+
+def _encoder_spec(top: dict, key: str, where: str) -> dict:
+    raw = top.get(key)
+    if raw is None:
+        return {"_target_": VILA_ENCODERS[key]}  # VILA's LlavaConfig default
+    spec = raw
+    if isinstance(raw, str):
+        try:
+            spec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{where}: {key} {raw!r} is not JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise ConversionError(f"{where}: {key} {raw!r}: expected VILA's JSON object with a _target_")
+    if spec.get("_target_") != VILA_ENCODERS[key]:
+        extra = " (temporal pooling of frames)" if "TSP" in str(spec.get("_target_")) else ""
+        raise ConversionError(f"{where}: {key} _target_ {spec.get('_target_')!r}{extra} is not supported: this "
+                              f"model runs VILA's {VILA_ENCODERS[key]} (every frame's tokens as the projector gives "
+                              f"them)")
+    unknown = sorted(set(spec) - set(_VILA_ENCODER_KEYS))
+    if unknown:
+        raise ConversionError(f"{where}: {key} {unknown}: settings of VILA's media encoder this model does not run")
+    if spec.get("start_tokens") is not None:
+        raise ConversionError(f"{where}: {key} start_tokens {spec['start_tokens']!r}: text before each frame is not "
+                              f"supported (the frame separator follows each frame)")
+    return spec
+
+
+def vila_frame_separator(top: dict, where: str, flavour: str):
+    """The text VILA puts after each frame's tokens (`end_tokens` of its media encoders, "\\n" by default), or False.
+
+    VILA's remote code (flavour "remote") builds BasicImageEncoder / BasicVideoEncoder with their defaults whatever
+    the config says, so its separator is always "\\n"; the dev code instantiates the configured encoders."""
+    specs = {k: _encoder_spec(top, k, where) for k in VILA_ENCODERS}
+    if flavour == "remote":
+        return "\n"
+    seps = {k: s.get("end_tokens", "\n") for k, s in specs.items()}
+    if seps["image_encoder"] != seps["video_encoder"]:
+        raise ConversionError(f"{where}: image_encoder end_tokens {seps['image_encoder']!r} and video_encoder "
+                              f"end_tokens {seps['video_encoder']!r} differ: this model puts one separator after "
+                              f"every frame, images and videos alike")
+    sep = seps["video_encoder"]
+    return False if sep is None or sep == "" else sep
+
+
+def encoder_configs(separator) -> Dict[str, str]:
+    """VILA's image_encoder / video_encoder config entries that put `separator` (text, or False) after each frame."""
+    out = {}
+    for key, target in VILA_ENCODERS.items():
+        spec = {"_target_": target}
+        if separator != "\n":
+            spec["end_tokens"] = separator if separator else None
+        out[key] = json.dumps(spec)
+    return out
+
+
+def vila_export_problems(record: ModelRecord) -> List[str]:
+    """Why VILA would run the model `record` describes differently from this project (no VILA config says it)."""
+    out = []
+    v = record.vision_config()
+    if record.vision_type != "siglip":
+        out.append(f"vision_type {record.vision_type!r}: VILA's layout holds a SigLIP tower here")
+    if record.projector_type != "mlp_downsample":
+        out.append(f"projector_type {record.projector_type!r}: VILA's projector is the 2x2 mlp_downsample")
+    if v.runs_post_layernorm:
+        out.append("the vision encoder runs SigLIP's post-LayerNorm after its last layer (select_layer -1 with "
+                   "apply_post_layernorm): VILA feeds the projector a raw hidden state (hidden_states"
+                   "[mm_vision_select_layer]) and never runs the post-LayerNorm, and no VILA config says otherwise; "
+                   "train with an encoder that has apply_post_layernorm=False (VILA's semantics), or keep this "
+                   "checkpoint in the project's formats (mcore, nemo)")
+    eps = float(record.projector.get("layernorm_epsilon", VILA_PROJECTOR_EPS))
+    if eps != VILA_PROJECTOR_EPS:
+        out.append(f"projector layernorm_epsilon {eps:g}: VILA's projector LayerNorm uses {VILA_PROJECTOR_EPS:g} "
+                   f"(torch's default, not configurable)")
+    bias = bool(record.llm.get("qkv_bias"))
+    if record.llm_type == "qwen2" and not bias:
+        out.append("a qwen2 LLM without QKV biases: transformers' Qwen2 always has them (VILA would create them "
+                   "freshly initialised)")
+    if record.llm_type == "llama" and bias:
+        out.append("a llama LLM with QKV biases: transformers' Llama has them only with attention_bias, which also "
+                   "adds an o_proj bias this model does not have")
+    sep = (record.media or {}).get("frame_separator", False)
+    if sep is True:
+        out.append("the frame separator is the project's <frame_sep> token, which VILA's tokenizer does not have "
+                   "(VILA's media encoders put text after each frame: train with a text separator, e.g. \"\\n\", or "
+                   "none)")
+    return out
+
+
+def vila_config_mismatches(record: ModelRecord, top: dict, proj_cfg: dict, where: str) -> List[str]:
+    """What VILA would read differently from `record` in the config.json / mm_projector config an export writes
+    (configs carried from the source verbatim included)."""
+    out = []
+    flavour = "remote" if top.get("model_type") == "vila" else "dev"
+    try:
+        layer = vila_select(top, where)
+        if layer != int(record.vision_select_layer):
+            out.append(f"mm_vision_select_layer {layer}, the model feeds the projector hidden state "
+                       f"{record.vision_select_layer}")
+        sep = vila_frame_separator(top, where, flavour)
+    except ConversionError as e:
+        return out + [str(e)]
+    want = (record.media or {}).get("frame_separator", False) or False
+    if want is not True and sep != want:
+        out.append(f"VILA would put {sep!r} after each frame ({flavour} flavour config), the model was trained with "
+                   f"{want!r}")
+    ptype = proj_cfg.get("mm_projector_type")
+    if ptype == "mlp_downsample_2x2_fix" and record.token_order != "row_major":
+        out.append(f"mm_projector_type {ptype} runs row-major tokens, the model's are {record.token_order}")
+    return out
+
+
+_VOCAB_NOTE = ("VILA's layout stores only the rows of real tokens")
+
+
+def trimmed_rows_check(record: ModelRecord, key: str, tensor: torch.Tensor) -> None:
+    """Refuse to drop vocabulary rows (`key`: the embedding or output layer) that are more than padding.
+
+    An export keeps record.llm["vocab_size"] rows. The rows after them are padding when no token of the model's
+    tokenizer has their id (Megatron's divisibility padding: masked out of the softmax, never an input), or when
+    they are all zero (what a conversion from VILA pads with: VILA's loader adds its own tokens' rows itself, freshly
+    initialised). Any other dropped row was learned, and dropping it changes the model."""
+    keep = int(record.llm["vocab_size"])
+    used = int((record.tokenizer or {}).get("vocab_size") or 0)
+    if used <= keep or tensor.shape[0] <= keep:
+        return
+    rows = tensor[keep:min(used, tensor.shape[0])]
+    learned = (rows != 0).flatten(1).any(dim=1).nonzero().flatten()
+    if learned.numel():
+        ids = [keep + int(i) for i in learned[:8]]
+        names = {int(v): k for k, v in (record.tokenizer or {}).items()
+                 if k.endswith("_token_id") and isinstance(v, int)}
+        what = ", ".join(f"{i}" + (f" ({names[i]})" if i in names else "") for i in ids)
+        raise ConversionError(f"{key}: rows {what} hold values, but the export keeps only the first {keep} rows "
+                              f"(llm vocab_size) and these ids are tokens of the model's tokenizer "
+                              f"({used} tokens): dropping them would change what those tokens mean ({_VOCAB_NOTE}). "
+                              f"Keep this checkpoint in the project's formats (mcore, nemo)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -493,7 +669,8 @@ def canonical_to_hf(record: ModelRecord, key: str, tensor: torch.Tensor, *, visi
             gate, up = t.chunk(2, dim=0)
             yield rule.component, prefix + rule.names[0], gate
             yield rule.component, prefix + rule.names[1], up
-        else:  # vocab: the stored rows only
+        else:  # vocab: the stored rows only (refused where a dropped row is more than padding)
+            trimmed_rows_check(record, key, t)
             yield rule.component, prefix + rule.names[0], t[: int(record.llm["vocab_size"])]
 
     if rule.layer_prefix is None:

@@ -20,7 +20,8 @@ safetensors files, so any checkpoint the project saves, after any training, expo
     write_model_record(ckpt_dir, record)
     media_settings(record, args=None) -> dict   frames, sampling, separator, image mode, mean, std (flags win)
     training_media(record, settings) -> dict    the record's media after training with those settings
-    RECORD_FILE, RECORD_VERSION
+    hf_facts_file(record, tokenizer, media) / merge_hf_facts(data, ...)   what a Hugging Face VILA export cannot say
+    RECORD_FILE, RECORD_VERSION, HF_FACTS_FILE
 
 Versions: 1 (the model's shape, RoPE, token order, tokenizer facts), 2 (adds media, default_layout, source, hf and
 the assets; the vision dict gains select_layer's companions apply_post_layernorm and head). A reader refuses a
@@ -42,7 +43,8 @@ from .registry import LLMShape
 from .vision import VisionConfig
 
 __all__ = ["ModelRecord", "RecordMismatch", "record_of", "compare_records", "read_model_record",
-           "write_model_record", "media_settings", "training_media", "RECORD_FILE", "RECORD_VERSION", "TOKEN_ORDERS", "ASSETS_DIR"]
+           "write_model_record", "media_settings", "training_media", "RECORD_FILE", "RECORD_VERSION", "TOKEN_ORDERS", "ASSETS_DIR", "HF_FACTS_FILE",
+           "hf_facts_file", "merge_hf_facts"]
 
 RECORD_FILE = "model_record.json"
 """File name of the record inside a checkpoint directory (iter_N/)."""
@@ -322,3 +324,58 @@ def training_media(record: ModelRecord, settings: dict) -> Dict[str, Any]:
                  image_mean=list(settings["image_mean"]), image_std=list(settings["image_std"]),
                  frame_separator=settings["frame_separator"])
     return media
+
+
+HF_FACTS_FILE = "longvila_facts.json"
+"""File an export to the Hugging Face VILA layout adds beside config.json when VILA's files cannot say a fact of the
+model's record (a tokenizer without Hugging Face files, such as bytes; media settings VILA has no key for); the
+reader takes those facts back from it, so a round trip keeps the record. VILA ignores the file."""
+_HF_FACTS_VERSION = 1
+
+
+def hf_facts_file(record: ModelRecord, tokenizer: Dict[str, Any], media: Dict[str, Any]) -> Optional[bytes]:
+    """HF_FACTS_FILE's bytes for an export of `record` whose files say `tokenizer` and `media` (what the reader
+    derives from them), or None when they say everything (a release's round trip stays byte-identical)."""
+    facts: Dict[str, Any] = {}
+    if record.tokenizer and not tokenizer:
+        facts["tokenizer"] = dict(record.tokenizer)
+    extra = {k: v for k, v in (record.media or {}).items() if k not in media}
+    if extra:
+        facts["media"] = extra
+    if any(v is not None for v in (record.registry_names or {}).values()):
+        facts["registry_names"] = dict(record.registry_names)
+    if not facts:
+        return None
+    facts["version"] = _HF_FACTS_VERSION
+    return (json.dumps(facts, indent=1, sort_keys=True) + "\n").encode()
+
+
+def merge_hf_facts(data: Optional[bytes], tokenizer: Dict[str, Any], media: Dict[str, Any],
+                   where: str) -> tuple:
+    """(tokenizer, media, registry_names, notes): the facts VILA's files gave, completed from HF_FACTS_FILE's
+    `data` (None: no file). VILA's own files win where both say something (someone changed them since)."""
+    if data is None:
+        return tokenizer, media, {}, []
+    try:
+        facts = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordMismatch(f"{where}: not JSON ({e})") from None
+    if not isinstance(facts, dict) or int(facts.get("version", 0)) != _HF_FACTS_VERSION:
+        raise RecordMismatch(f"{where}: expected a JSON object with version {_HF_FACTS_VERSION}")
+    unknown = sorted(set(facts) - {"version", "tokenizer", "media", "registry_names"})
+    if unknown:
+        raise RecordMismatch(f"{where}: unknown fields {unknown}")
+    notes = []
+    tok = dict(tokenizer)
+    if facts.get("tokenizer"):
+        if tok:
+            notes.append(f"{where}: tokenizer facts ignored: the tokenizer files in llm/ say them")
+        else:
+            tok = dict(facts["tokenizer"])
+    med = dict(media)
+    for k, v in (facts.get("media") or {}).items():
+        if k in med and med[k] != v:
+            notes.append(f"{where}: media {k} {v!r} ignored: VILA's configs say {med[k]!r}")
+        else:
+            med[k] = v
+    return tok, med, dict(facts.get("registry_names") or {}), notes
