@@ -7,9 +7,21 @@ the P partial results by log-sum-exp:
 
     m = max_c lse_c,  w_c = exp(lse_c - m),  o = sum_c w_c o_c / sum_c w_c
 
-as two all-reduces over the CP group: MAX of lse [heads] and SUM of [w * o, w] [heads * (head_dim + 1)], fp32.
-That is a few KB per layer whatever the context length, and no K/V moves. A rank whose shard is empty contributes
-lse = -inf, hence w = 0.
+A rank whose shard is empty contributes lse = -inf, hence w = 0. Two ways to merge (`MERGES`), both fp32, neither
+moves K/V, both a few KB per layer whatever the context length:
+
+- "all_gather" (the default): one all-gather of each rank's [o, lse] (heads x (head_dim + 1) floats), merged locally
+  in rank order, so every rank computes the same bits. One collective per layer: P - 1 ring steps.
+- "all_reduce": a MAX all-reduce of lse (heads floats), then a SUM all-reduce of [w o, w] (heads x (head_dim + 1)).
+  Two collectives per layer: 4 (P - 1) ring steps.
+
+Bytes a rank sends per layer (comm.py's counts; H heads, D head dim, P ranks): all-gather 4 (P-1) H (D+1), two
+all-reduces 4 x 2(P-1)/P x H (D+2). They are equal at P = 2 + 2/(D+1) (just above 2): the all-gather sends fewer
+bytes at P = 2 and P/2 x (D+1)/(D+2) times as many at P >= 3 (1.5x at P = 4 ... 4x at P = 8 ... 32x at P = 64).
+Per layer that is still small (H = 28, D = 128, P = 8: 101 KB against 25 KB) and a decode step is latency-bound:
+with a per-step latency a and a bandwidth b, the all-gather is faster while its extra bytes take less than the
+3 (P-1) ring steps it saves, i.e. while 4 H (D+1) (P-2)/P < 3 a b (a = 5 us, b = 100 GB/s: partials below about
+2 MB per rank, far above any decode partial).
 """
 
 from __future__ import annotations
@@ -21,24 +33,49 @@ from ..attention.backends import get_backend
 from ..parallel import comm
 from ..plan.segments import Segments
 
-__all__ = ["decode_self_attention", "decode_bytes_per_layer", "merge_partials", "DECODE_STATS"]
+__all__ = ["decode_self_attention", "decode_bytes_per_layer", "merge_partials", "MERGES", "DECODE_STATS"]
+
+MERGES = ("all_gather", "all_reduce")
+"""The decode merges (see the module docstring)."""
 
 DECODE_STATS = {"pairs": 0}
 """Query-key pairs x query heads this rank computed in decode steps (benchmarks: attention work per rank)."""
 
 
-def decode_bytes_per_layer(heads: int, head_dim: int, cp_size: int, batch: int = 1) -> int:
-    """Bytes one rank sends per layer and decode step (comm.py's count: ring all-reduce 2(P-1)/P of the buffer)."""
+def decode_bytes_per_layer(heads: int, head_dim: int, cp_size: int, batch: int = 1, merge: str = "all_gather") -> int:
+    """Bytes one rank sends per layer and decode step (comm.py's counts: an all-gather sends the rank's buffer to each
+    of the P - 1 others; a ring all-reduce sends 2(P-1)/P of its buffer)."""
+    _check_merge(merge)
     if cp_size == 1:
         return 0
+    if merge == "all_gather":
+        return 4 * batch * heads * (head_dim + 1) * (cp_size - 1)
     numel_max, numel_sum = batch * heads, batch * heads * (head_dim + 1)
     return 4 * (numel_max * 2 * (cp_size - 1) // cp_size + numel_sum * 2 * (cp_size - 1) // cp_size)
 
 
-def merge_partials(o: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
+def _check_merge(merge: str) -> None:
+    if merge not in MERGES:
+        raise ValueError(f"decode merge {merge!r}: choose one of {', '.join(MERGES)}")
+
+
+def merge_partials(o: torch.Tensor, lse: torch.Tensor, group, merge: str = "all_gather") -> torch.Tensor:
     """Exact merge of per-rank partial attention: o [n, H, D] fp32, lse [H, n] fp32 -> merged o [n, H, D]."""
+    _check_merge(merge)
     if group is None or dist.get_world_size(group) == 1:
         return o
+    if merge == "all_gather":
+        world = dist.get_world_size(group)
+        buf = torch.cat([o.reshape(-1), lse.reshape(-1)])
+        flat = buf.new_empty(world * buf.numel())  # gloo takes a flat output
+        comm.all_gather_into_tensor(flat, buf, group, kind="decode_gather")
+        parts = flat.view(world, buf.numel())
+        o_all = parts[:, :o.numel()].view((world,) + tuple(o.shape))  # [P, n, H, D]
+        lse_all = parts[:, o.numel():].view((world,) + tuple(lse.shape))  # [P, H, n]
+        m = lse_all.amax(0)  # finite: some rank holds the token itself
+        w = torch.exp(lse_all - m)  # -inf (empty shard) -> 0
+        num = (o_all * w.transpose(1, 2).unsqueeze(-1)).sum(0)
+        return num / w.sum(0).transpose(0, 1).unsqueeze(-1)
     m = lse.clone()
     comm.all_reduce(m, group, op=dist.ReduceOp.MAX, kind="decode_lse_max")
     w = torch.exp(lse - m)  # -inf (empty shard) -> 0; m is finite: some rank holds the token itself
@@ -59,9 +96,10 @@ def decode_self_attention(module, hidden_states: torch.Tensor, rotary_pos_emb, s
     query, key, value = module.get_query_key_value_tensors(hidden_states)  # [1, b, heads, d]
     if rotary_pos_emb is not None:
         tables = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
-        p = state.position
-        if p >= tables[0].shape[0]:
-            raise ValueError(f"position {p} is past the rotary table ({tables[0].shape[0]} positions)")
+        p = state.position - state.rope_offset  # the table's rows start at position rope_offset
+        if not 0 <= p < tables[0].shape[0]:
+            raise ValueError(f"position {state.position} is outside the rotary table (positions {state.rope_offset} "
+                             f"to {state.rope_offset + tables[0].shape[0] - 1})")
         query = apply_rotary_pos_emb(query, tables[0][p:p + 1], config=module.config)
         key = apply_rotary_pos_emb(key, tables[1][p:p + 1], config=module.config)
     mesh = state.mesh
@@ -83,6 +121,6 @@ def decode_self_attention(module, hidden_states: torch.Tensor, rotary_pos_emb, s
         o, lse = kernel.forward(q, k_all[:, 0], v_all[:, 0], seg, core.softmax_scale)
         DECODE_STATS["pairs"] += n * hq
         o, lse = o.float(), lse.float()
-    o = merge_partials(o, lse, mesh.cp_group if mesh.cp_size > 1 else None)
+    o = merge_partials(o, lse, mesh.cp_group if mesh.cp_size > 1 else None, state.merge)
     out = o.to(query.dtype).reshape(1, 1, hq * d)
     return module.linear_proj(out)

@@ -108,7 +108,9 @@ class InferenceState:
 
     mode: "prefill" (store each layer's K/V) or "decode" (one token against the cache).
     position: the decode token's position (RoPE); owner: the CP rank that appends it; segments: the local
-    attention's varlen segments for this step (device offsets built once per step, not per layer).
+    attention's varlen segments for this step (device offsets built once per step, not per layer); rope_offset: the
+    position of the decode rotary table's first row (decode builds rows for the new tokens only, once per call);
+    merge: how the partials merge over CP (inference.attention.MERGES).
     """
 
     def __init__(self, cache: ShardedKVCache, mesh, mode: str = "prefill"):
@@ -118,6 +120,8 @@ class InferenceState:
         self.position = 0
         self.owner = 0
         self.segments = None
+        self.rope_offset = 0
+        self.merge = "all_gather"
 
     def decode_self_attention(self, module, hidden_states, rotary_pos_emb):
         """MMSPSelfAttention's forward in decode mode: this state's token against the sharded cache (the attention

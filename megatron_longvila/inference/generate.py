@@ -1,7 +1,7 @@
 """MM-SP inference: sharded-KV prefill and decode, generation and teacher-forced scoring.
 
-    generate(model, prompts, mesh, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, seed=0)
-        -> list of new token ids per prompt
+    generate(model, prompts, mesh, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_id=None, seed=0,
+             merge="all_gather") -> list of new token ids per prompt
     score(model, prompts, answers, mesh) -> list of AnswerScore     teacher-forced log-probabilities and argmax
     EmbeddingPrompt                      a prompt whose visual part is precomputed projector output (V-NIAH)
     prefill(model, prompt, mesh, reserve=0) -> Prefilled             the prompt's forward, its sharded KV cache
@@ -15,12 +15,14 @@ the LM head at that position only (its TP group gathers the vocabulary-parallel 
 broadcasts its id: sampling needs no identical random state on other ranks.
 
 Decode: the token's embedding is replicated; every layer attends it to each rank's cache shard and merges the
-partials exactly by log-sum-exp (inference.attention); decode token i is appended by CP rank i mod P. CP rank 0 then
-computes the logits and broadcasts the next id. Greedy (temperature 0) or sampling (temperature, top-k, top-p).
-Generation ends at `eos_id` or `max_new_tokens`, decided from the broadcast id, the same on every rank.
+partials exactly by log-sum-exp (inference.attention: one all-gather per layer by default, or two all-reduces);
+decode token i is appended by CP rank i mod P. CP rank 0 then computes the logits and broadcasts the next id. Greedy
+(temperature 0) or sampling (temperature, top-k, top-p). Generation ends at `eos_id` or `max_new_tokens`, decided
+from the broadcast id, the same on every rank. The decode steps' rotary table is built once per prompt, for the new
+tokens' positions only ([max_new_tokens - 1, head_dim], not [prompt + new tokens, head_dim] per step).
 
 Several prompts per call are processed one after another (batch 1), each with its own cache: per decoded token and
-layer a rank sends 2(P-1)/P x 4 x heads x (head_dim + 2) bytes (`inference.attention.decode_bytes_per_layer`),
+layer a rank sends `inference.attention.decode_bytes_per_layer` bytes (all-gather: 4 (P-1) x heads x (head_dim + 1)),
 whatever the context length.
 
 Pipeline parallelism is refused (the decode loop would idle all stages but one, which is the baseline MM-SP
@@ -46,6 +48,7 @@ from ..parallel.sharding import plan_sequence
 from ..plan.segments import Segments
 from ..runtime.device import host_to_device
 from ..runtime.modules import model_device, unwrap_model
+from .attention import MERGES
 from .cache import InferenceState, ShardedKVCache
 
 __all__ = ["generate", "score", "prefill", "EmbeddingPrompt", "AnswerScore", "Prefilled", "InferenceError"]
@@ -221,8 +224,12 @@ def _planned_prompt(m, prompt: Prompt, mesh: MMSPMesh, device):
     return planned.plan, m.embed_inputs(planned)
 
 
-def _run_decoder(gpt, hidden, params, rope_len: int):
-    rope = gpt.rotary_pos_emb(rope_len) if getattr(gpt, "rotary_pos_emb", None) is not None else None
+def _rope(gpt, length: int, offset: int = 0):
+    """The rotary table of positions offset .. offset + length - 1 (None for a model without RoPE)."""
+    return gpt.rotary_pos_emb(length, offset=offset) if getattr(gpt, "rotary_pos_emb", None) is not None else None
+
+
+def _run_decoder(gpt, hidden, params, rope):
     return gpt.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=params)
 
 
@@ -250,7 +257,7 @@ def prefill(model, prompt: Prompt, mesh: MMSPMesh, *, reserve: int = 0, temperat
     state = InferenceState(cache, mesh, "prefill")
     params = MMSPPackedSeqParams(qkv_format="sbhd", plan=plan, max_seqlen_q=length, max_seqlen_kv=length,
                                  inference=state)
-    out = _run_decoder(gpt, hidden, params, length)
+    out = _run_decoder(gpt, hidden, params, _rope(gpt, length))
     owner, local = _owner_of(plan, length - 1)
     token, logits = None, None
     if mesh.cp_rank == owner:
@@ -268,13 +275,16 @@ def prefill(model, prompt: Prompt, mesh: MMSPMesh, *, reserve: int = 0, temperat
 
 @torch.no_grad()
 def _decode(model, pre: Prefilled, mesh: MMSPMesh, *, max_new_tokens: int, temperature: float, top_k: int,
-            top_p: float, eos_id, generator, trace: Optional[list] = None) -> List[int]:
+            top_p: float, eos_id, generator, trace: Optional[list] = None, merge: str = "all_gather") -> List[int]:
     m, gpt = _gpt(model)
     device = model_device(m)
     cache = pre.cache
     state = InferenceState(cache, mesh, "decode")
+    state.merge = merge
     tokens = [pre.next_token]
-    rope_len = pre.length + max_new_tokens
+    # Decode step i runs at position length + i (i < max_new_tokens - 1): those rows only, built once.
+    state.rope_offset = pre.length
+    rope = _rope(gpt, max_new_tokens - 1, offset=pre.length) if max_new_tokens > 1 else None
     stop = set() if eos_id is None else ({int(eos_id)} if isinstance(eos_id, int) else {int(e) for e in eos_id})
     for i in range(max_new_tokens - 1):
         if tokens[-1] in stop:
@@ -292,7 +302,7 @@ def _decode(model, pre: Prefilled, mesh: MMSPMesh, *, max_new_tokens: int, tempe
         hidden = m.language_model.embed(tok[0], pos[0])
         params = MMSPPackedSeqParams(qkv_format="sbhd", max_seqlen_q=position + 1, max_seqlen_kv=position + 1,
                                      inference=state)
-        out = _run_decoder(gpt, hidden, params, rope_len)
+        out = _run_decoder(gpt, hidden, params, rope)
         cache.advance(state.owner, position)
         token = None
         if mesh.cp_rank == 0:
@@ -307,11 +317,13 @@ def _decode(model, pre: Prefilled, mesh: MMSPMesh, *, max_new_tokens: int, tempe
 
 def generate(model, prompts: Sequence[Prompt], mesh: MMSPMesh, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_id=None, seed: int = 0,
-             stats: Optional[list] = None) -> List[List[int]]:
+             stats: Optional[list] = None, merge: str = "all_gather") -> List[List[int]]:
     """New token ids for each prompt (labels of LongVILASample prompts are ignored); see the module docstring.
 
     eos_id: an id (or a set of ids) that ends generation; it is the last id returned.
     stats: if a list, one dict per prompt is appended (prefill seconds, decode seconds, KV bytes of this rank).
+    merge: the decode merge over CP, "all_gather" (one collective per layer) or "all_reduce" (two); see
+    inference.attention for where each sends fewer bytes.
     """
     import time
 
@@ -320,6 +332,8 @@ def generate(model, prompts: Sequence[Prompt], mesh: MMSPMesh, *, max_new_tokens
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise InferenceError(f"temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required; got {temperature}, "
                              f"{top_k}, {top_p}")
+    if merge not in MERGES:
+        raise InferenceError(f"merge={merge!r}: choose one of {', '.join(MERGES)}")
     out = []
     for i, prompt in enumerate(prompts):
         g = torch.Generator().manual_seed(int(seed) + i)
@@ -328,7 +342,7 @@ def generate(model, prompts: Sequence[Prompt], mesh: MMSPMesh, *, max_new_tokens
                       generator=g)
         t0 = time.perf_counter()
         new = _decode(model, pre, mesh, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, eos_id=eos_id, generator=g)
+                      top_p=top_p, eos_id=eos_id, generator=g, merge=merge)
         if stats is not None:
             stats.append({"prefill_s": pre.seconds, "decode_s": time.perf_counter() - t0, "new_tokens": len(new),
                           "prompt_tokens": pre.length, "kv_bytes": pre.cache.bytes()})
@@ -365,7 +379,7 @@ def score(model, prompts: Sequence[Prompt], answers: Sequence[Sequence[int]], me
         plan, hidden = _planned_prompt(m, full, mesh, device)
         n = plan.total_len
         params = MMSPPackedSeqParams(qkv_format="sbhd", plan=plan, max_seqlen_q=n, max_seqlen_kv=n)
-        h = _run_decoder(gpt, hidden, params, n)
+        h = _run_decoder(gpt, hidden, params, _rope(gpt, n))
         first = n - len(answer) - 1  # position predicting the first answer token
         idx = plan.token_index()
         rows = ((idx >= first) & (idx < n - 1)).nonzero().flatten()

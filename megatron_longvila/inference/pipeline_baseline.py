@@ -40,14 +40,13 @@ def _pp():
         ps.get_pipeline_model_parallel_world_size()
 
 
-def _stage(m, gpt, hidden_in, params, rope_len, n_tokens, device, dtype):
+def _stage(m, gpt, hidden_in, params, rope, n_tokens, device, dtype):
     """Receive (except the first stage), run this stage's layers, send (except the last); returns the output."""
     group, rank, size = _pp()
     if rank > 0:
         hidden_in = torch.empty((n_tokens, 1, gpt.config.hidden_size), dtype=dtype, device=device)
         comm.recv(hidden_in, dist.get_global_rank(group, rank - 1), group)
         gpt.decoder.set_input_tensor(hidden_in)
-    rope = gpt.rotary_pos_emb(rope_len)
     out = gpt.decoder(hidden_states=hidden_in, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=params)
     if rank < size - 1:
         comm.send(out.contiguous(), dist.get_global_rank(group, rank + 1), group, kind="pipeline_hidden")
@@ -85,11 +84,14 @@ def pipeline_generate(model, prompt, *, max_new_tokens: int) -> Tuple[List[int],
     else:
         plan = plan_sequence(mesh, [n]).to(device)
     params = MMSPPackedSeqParams(qkv_format="sbhd", plan=plan, max_seqlen_q=n, max_seqlen_kv=n, inference=state)
-    out = _stage(m, gpt, hidden, params, n, n, device, dtype)
+    out = _stage(m, gpt, hidden, params, gpt.rotary_pos_emb(n), n, device, dtype)
     tokens = [_next_token(m, gpt, out, device)]
     prefill_s = time.perf_counter() - t0
     state.mode = "decode"
     t0 = time.perf_counter()
+    # The decode positions' rotary rows, built once (as MM-SP decode does): the comparison is of parallelizations.
+    state.rope_offset = n
+    rope = gpt.rotary_pos_emb(max(max_new_tokens - 1, 1), offset=n)
     for i in range(max_new_tokens - 1):
         pos = n + i
         state.position, state.owner = pos, 0
@@ -100,7 +102,7 @@ def pipeline_generate(model, prompt, *, max_new_tokens: int) -> Tuple[List[int],
             hidden = m.language_model.embed(torch.tensor([tokens[-1]], device=device),
                                             torch.tensor([pos], device=device))
         params = MMSPPackedSeqParams(qkv_format="sbhd", max_seqlen_q=pos + 1, max_seqlen_kv=pos + 1, inference=state)
-        out = _stage(m, gpt, hidden, params, n + max_new_tokens, 1, device, dtype)
+        out = _stage(m, gpt, hidden, params, rope, 1, device, dtype)
         cache.advance(0, pos)
         tokens.append(_next_token(m, gpt, out, device))
     return tokens, {"prefill_s": prefill_s, "decode_s": time.perf_counter() - t0, "kv_bytes": cache.bytes()}

@@ -10,9 +10,12 @@ and a video prompt whose 5 frames spread over the ranks (stage 1). Checked per p
 - the cache gathered over the CP group equals the single-process cache (1e-5 relative);
 - greedy tokens equal the reference for 3 x CP steps; a step whose reference top-2 logits are within 1e-4 may
   differ, and is then judged by its logits (1e-5);
-- byte counters during decode: no K/V, Ulysses or routing traffic at all, and the decode merge traffic equals
-  `decode_bytes_per_layer` x layers x steps.
-Also: teacher-forced scoring equals the reference's log-probabilities, on every mesh; a PP model is refused.
+- byte counters during decode: no K/V, Ulysses or routing traffic at all, and the decode merge (one all-gather per
+  layer) equals `decode_bytes_per_layer` x layers x steps, in exactly layers x steps calls;
+- decode builds one rotary table per call, of the new tokens' positions only.
+Also: teacher-forced scoring equals the reference's log-probabilities, on every mesh; a PP model is refused; both
+decode merges (all-gather, two all-reduces) equal the float64 merge of every rank's partials (empty shards included),
+with bytes and calls per their formula, on CP groups of 2, 3 and 4.
 """
 
 from dataclasses import replace
@@ -112,6 +115,7 @@ def _mesh_world(rank, world, ref, meshes):
     from megatron_longvila.parallel.mesh import build_mmsp_mesh
     from tests.models._longvila_cases import load_from, setup_megatron
 
+    merges = _merges(rank)
     report = []
     for tp, U, R, kv in meshes:
         cp = U * R
@@ -140,9 +144,19 @@ def _mesh_world(rank, world, ref, meshes):
                                    for layer, (k, v) in gathered.items())
             row["cache_len"] = {layer: int(k.shape[0]) for layer, (k, _) in gathered.items()}
             comm.reset_counters()
-            trace = []
-            got = _decode(model, pre, mesh, max_new_tokens=steps, temperature=0.0, top_k=0, top_p=1.0, eos_id=None,
-                          generator=None, trace=trace)
+            trace, ropes = [], []
+            rope_mod = model.language_model.model.rotary_pos_emb
+            hook = rope_mod.register_forward_hook(lambda mod, a, kw, out: ropes.append((tuple(out.shape), kw)),
+                                                  with_kwargs=True)
+            try:
+                got = _decode(model, pre, mesh, max_new_tokens=steps, temperature=0.0, top_k=0, top_p=1.0,
+                              eos_id=None, generator=None, trace=trace)
+            finally:
+                hook.remove()
+            row["ropes"] = [(shape[0], kw.get("offset")) for shape, kw in ropes]
+            row["rope_expected"] = [(steps - 1, pre.length)]
+            row["merge_calls"] = comm.counters()["calls"].get("cp/decode_gather", 0)
+            row["merge_calls_expected"] = layers * (steps - 1) if cp > 1 else 0
             c = comm.counters()["bytes"]
             row["decode_bytes"] = {k: v for k, v in c.items() if not k.endswith("/next_token")}  # the id: 8 bytes
             head_dim = model.language_model.model.config.kv_channels
@@ -163,7 +177,7 @@ def _mesh_world(rank, world, ref, meshes):
             sc = score(model, [prompt], [r["answer"]], mesh)[0]
             row["score_err"] = _rel(sc.logprobs, r["score"])
             report.append(row)
-    return report
+    return report, merges
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +189,13 @@ def reference():
 def test_mmsp_inference_equals_single_process(reference):
     results = run_distributed(_mesh_world, 8, reference, MESHES, timeout=400)
     seen = set()
-    for rank_rows in results:
+    merges = [r for _, rank_merges in results for r in rank_merges]
+    assert len(merges) == 2 * (2 + 3 + 4)
+    for r in merges:  # both merges against the float64 merge of every rank's partials
+        assert r["err"] <= 1e-6, r  # fp32 merge of O(1) values
+        assert r["bytes"] == r["expected"], r
+        assert r["calls"] == (1 if r["merge"] == "all_gather" else 2), r
+    for rank_rows, _ in results:
         for row in rank_rows:
             key = (row["mesh"], row["prompt"])
             seen.add(key)
@@ -187,10 +207,11 @@ def test_mmsp_inference_equals_single_process(reference):
             if "step_logit_err" in row:
                 assert row["step_logit_err"] <= RTOL, row
             assert row["score_err"] <= RTOL, row
-            moved = {k: v for k, v in row["decode_bytes"].items() if not k.startswith("cp/decode_")}
+            moved = {k: v for k, v in row["decode_bytes"].items() if k != "cp/decode_gather"}
             assert not any(moved.values()), (row["mesh"], moved)  # no K/V, Ulysses or routing bytes in decode
-            merge = row["decode_bytes"].get("cp/decode_lse_max", 0) + row["decode_bytes"].get("cp/decode_merge", 0)
-            assert merge == row["merge_expected"], row
+            assert row["decode_bytes"].get("cp/decode_gather", 0) == row["merge_expected"], row
+            assert row["merge_calls"] == row["merge_calls_expected"], row  # one collective per layer and step
+            assert row["ropes"] == row["rope_expected"], row  # one table per call: the new tokens' rows
     assert len(seen) == len(MESHES) * 6
 
 
@@ -215,3 +236,49 @@ def _pp_refused(rank, world):
 def test_pipeline_parallel_inference_is_refused():
     msgs = run_distributed(_pp_refused, 2)
     assert all(m and "pipeline parallelism is not supported for inference" in m for m in msgs), msgs
+
+
+def _merges(rank):
+    """Both decode merges on CP groups of 2, 3 and 4 ranks (run inside the 8-rank launch, before the meshes, by
+    every rank: new_group is collective): results, bytes and calls."""
+    import torch.distributed as dist
+
+    from megatron_longvila.inference.attention import MERGES, decode_bytes_per_layer, merge_partials
+    from megatron_longvila.parallel import comm
+
+    n, H, D = 1, 3, 8
+    out = []
+    for size in (2, 3, 4):
+        group = dist.new_group(list(range(size)))  # every rank creates every group
+        if rank >= size:
+            continue
+        comm.register_group(group, "merge_check")
+        g = torch.Generator().manual_seed(size)
+        o_all = torch.randn(size, n, H, D, generator=g)
+        lse_all = 4 * torch.randn(size, H, n, generator=g)
+        lse_all[size - 1] = float("-inf")  # the last rank's shard is empty
+        o_all[size - 1] = 0
+        w = torch.softmax(lse_all.double(), 0)  # [P, H, n]: the float64 reference merge
+        ref = (o_all.double() * w.transpose(1, 2).unsqueeze(-1)).sum(0)
+        for merge in MERGES:
+            comm.reset_counters()
+            got = merge_partials(o_all[rank].clone(), lse_all[rank].clone(), group, merge)
+            c = comm.counters()
+            out.append({"size": size, "merge": merge, "err": float((got.double() - ref).abs().max()),
+                        "bytes": sum(c["bytes"].values()), "calls": sum(c["calls"].values()),
+                        "expected": decode_bytes_per_layer(H, D, size, merge=merge)})
+    return out
+
+
+def test_decode_merge_formulas():
+    from megatron_longvila.inference.attention import decode_bytes_per_layer
+
+    # The formulas: 4 (P-1) H (D+1) against 4 x 2(P-1)/P x H (D+2); the all-gather sends fewer bytes at P = 2 only.
+    H, D = 28, 128
+    assert decode_bytes_per_layer(H, D, 4) == 4 * 3 * H * (D + 1)
+    assert decode_bytes_per_layer(H, D, 2, merge="all_reduce") == 4 * (H + H * (D + 1))
+    assert decode_bytes_per_layer(H, D, 2) < decode_bytes_per_layer(H, D, 2, merge="all_reduce")
+    for P in (3, 4, 8, 64):
+        assert decode_bytes_per_layer(H, D, P) > decode_bytes_per_layer(H, D, P, merge="all_reduce")
+    with pytest.raises(ValueError, match="decode merge 'ring'"):
+        decode_bytes_per_layer(H, D, 2, merge="ring")
