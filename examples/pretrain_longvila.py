@@ -324,7 +324,7 @@ def _demo_rank(rank: int, world: int, port: int, argv: list, threads: int, heldo
     t0 = time.perf_counter()
     status = run_main(lambda: holder.setdefault("result", main(argv)))
     if status:
-        sys.exit(status)  # the message was printed once, by rank 0
+        sys.exit(status)  # the message was printed once (rank 0, or the rank that raised it)
     train_s = time.perf_counter() - t0
     result = holder.get("result")
     save = _flag(argv, "--save")
@@ -469,6 +469,6 @@ if __name__ == "__main__":
 
     from megatron_longvila.runtime.entry import run_main
 
-    # record: a rank's unexpected failure reaches torchrun's summary with its traceback; configuration errors are
-    # reported once by run_main instead.
+    # record: a rank's unexpected failure reaches torchrun's summary with its traceback; run_main prints an error
+    # raised alike (configuration) once, from rank 0, and any other on the rank that raised it, and ends the job.
     sys.exit(record(run_main)(main))
