@@ -23,11 +23,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Torch-free: the flags and files are checked before torch and megatron-core load (seconds) and any rank starts.
+from megatron_longvila.checkpoint.locate import check_checkpoint_folder  # noqa: E402
+from megatron_longvila.errors import ArgumentError  # noqa: E402
+from megatron_longvila.parallel.sizes import add_parallel_args, check_parallel_args  # noqa: E402
+from megatron_longvila.runtime.entry import ProjectArgumentParser, run_main  # noqa: E402
+
+MODES = ("teacher", "generate")
+"""The scorings --modes chooses from."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_longvila.inference.session import add_parallel_args
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ProjectArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint (this project's, HF VILA or NeMo 2)")
     p.add_argument("--tokenizer-model", default=None,
                    help="sentencepiece .model, tokenizer.json or a folder holding one (default: the checkpoint's "
@@ -48,24 +55,49 @@ def build_parser() -> argparse.ArgumentParser:
     return add_parallel_args(p)
 
 
+def check_inputs(args) -> None:
+    """Every mistake the command line can hold, refused in one line before any rank starts (ArgumentError): the mesh
+    against the rank count, the checkpoint folder, the haystack video, the needle set, the grid, the output folders."""
+    check_parallel_args(args)
+    check_checkpoint_folder(args.load, "--load")
+    if args.haystack_video is not None:
+        if not os.path.isfile(args.haystack_video):
+            raise ArgumentError(f"--haystack-video {args.haystack_video}: "
+                                f"{'a folder, not a file' if os.path.isdir(args.haystack_video) else 'no such file'}")
+        if not os.access(args.haystack_video, os.R_OK):
+            raise ArgumentError(f"--haystack-video {args.haystack_video}: not readable")
+    if args.needles is not None and not os.path.isfile(os.path.join(args.needles, "needles.json")):
+        raise ArgumentError(f"--needles {args.needles}: no needles.json there (a needle set is a folder with "
+                            f"needles.json and its images; leave --needles out for the project's synthetic set)")
+    if args.tokenizer_model is not None and not os.path.exists(args.tokenizer_model):
+        raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: no such file or folder")
+    if min(args.frames) < 1:
+        raise ArgumentError(f"--frames {' '.join(map(str, args.frames))}: every frame count must be 1 or more")
+    if not all(0 <= d <= 100 for d in args.depths):
+        raise ArgumentError(f"--depths {' '.join(map(str, args.depths))}: depths are percentages, 0 to 100")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        raise ArgumentError(f"--modes {args.modes}: give {MODES[0]}, {MODES[1]} or both, comma-separated")
+    if args.trained_frames is not None and args.trained_frames < 1:
+        raise ArgumentError(f"--trained-frames {args.trained_frames}: give 1 or more")
+    for flag, path in (("--out", args.out), ("--cache", args.cache)):
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            raise ArgumentError(f"{flag} {path}: a file, not a folder")
+
+
 def _tokenizer(args, model):
     from megatron_longvila.inference.session import tokenizer_for
 
     return tokenizer_for(args.load, args.tokenizer_model, model.record)  # the checkpoint's special tokens, at its ids
 
 
-def _haystack(args, n: int, size: int):
-    import torch
-
-    from megatron_longvila.inference.vniah import synthetic_haystack_frames
+def _haystack(args, n: int):
+    """The haystack's frames, read by index (each rank decodes only the frames it encodes), and their sampling."""
+    from megatron_longvila.inference.vniah import synthetic_haystack, video_haystack
 
     if args.synthetic_haystack:
-        return synthetic_haystack_frames(n, size=64)
-    from megatron_longvila.data.video import decode_frames, probe_video
-
-    info = probe_video(args.haystack_video)
-    idx = torch.linspace(0, info.num_frames - 1, n).round().long().tolist()
-    return decode_frames(args.haystack_video, idx)
+        return synthetic_haystack(n, size=64)
+    return video_haystack(args.haystack_video, n)
 
 
 def run(args):
@@ -105,7 +137,7 @@ def run(args):
     cache_dir = args.cache or os.path.join(args.out, "cache")
     cache = os.path.join(cache_dir, f"haystack_{'synthetic' if args.synthetic_haystack else 'video'}_{n_max}.safetensors")
     t0 = time.perf_counter()
-    vniah.haystack_embeddings(model, _haystack(args, n_max, size), cache, mesh, processor)
+    vniah.haystack_embeddings(model, _haystack(args, n_max), cache, mesh, processor)  # rebuilt unless made alike
     # Every frame count uses the first N of the largest sampling (LongVA samples at a fixed rate, so a shorter
     # haystack is the beginning of the same video).
     modes = [m for m in args.modes.split(",") if m]
@@ -131,6 +163,7 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_inputs(args)
     from megatron_longvila.inference.session import launch
 
     res = launch(run, args)
@@ -145,4 +178,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # a mistake: one line, once, status 2

@@ -1,7 +1,11 @@
 """V-NIAH, the long-video needle-in-a-haystack evaluation, as LongVA and VILA define it, on MM-SP inference.
 
 A haystack video is sampled to N frames; its frame embeddings (encoder + projector output) are computed once and
-cached in a safetensors file, of which each rank reads only the rows of the tokens it holds. A needle image with a
+cached in one safetensors file: each rank encodes a contiguous block of frames and writes its rows into the file
+(no gather: a rank never holds the haystack), and each rank reads only the rows of the tokens it holds. The file
+records what made it (`haystack_identity`: the model record's hash, the encoder and projector weights' hash, the
+image size, mode, mean, std, and the frame sampling) and is rebuilt, with a line saying why, when any of it
+differs (`cache_decision`). `haystack_memory` states its bytes per rank. A needle image with a
 question and answer is inserted as an extra frame at a depth d (`idx = d * N // 100`: N + 1 frames, the needle
 added, not replacing one). A grid of frame counts x depths (0..100%) is scored
 
@@ -19,7 +23,9 @@ beside the images. `write_default_needles(dir)` writes the project's synthetic s
 multiple-choice questions and one open, one-word answer).
 
     NeedleSet.load(dir)
-    haystack_embeddings(model, frames, path, mesh)      compute once, cache as safetensors
+    synthetic_haystack(n) / video_haystack(path, n) -> HaystackFrames     frames read by index, their sampling
+    haystack_embeddings(model, frames, path, mesh, processor)  build the cache unless it was made by the same
+                                                        model, weights, preprocessing and frames
     build_cell_prompt(...) -> (EmbeddingPrompt, answer ids)
     run_grid(model, tokenizer, mesh, haystack, needles, frame_counts, depths, *, template, modes) -> results
     write_outputs(out_dir, results) / plot_heatmap(path, results)
@@ -27,22 +33,31 @@ multiple-choice questions and one open, one-word answer).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
+import struct
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from ..data.conversation import MediaFrames, tokenize_conversation
-from ..plan.frames import patch_grid
+from ..data.video import decode_frames, probe_video
+from ..plan.frames import patch_grid, tokens_per_frame
+from ..planning.memory import ModelShape
 from ..runtime.modules import model_device, unwrap_model
 from .generate import EmbeddingPrompt, generate, score
 
 __all__ = ["Needle", "NeedleSet", "write_default_needles", "haystack_embeddings", "encode_frames_projected",
            "build_cell_prompt", "run_grid", "write_outputs", "plot_heatmap", "normalize_answer", "COLOURS",
-           "synthetic_haystack_frames", "needle_image"]
+           "synthetic_haystack_frames", "needle_image", "HaystackFrames", "synthetic_haystack", "video_haystack",
+           "haystack_identity", "encoder_fingerprint", "cache_decision", "frame_share", "HaystackMemory",
+           "haystack_memory", "CACHE_FORMAT"]
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 60, 230), "yellow": (230, 210, 30),
            "purple": (150, 40, 190)}
@@ -129,12 +144,17 @@ def write_default_needles(folder: str) -> str:
     return folder
 
 
-def synthetic_haystack_frames(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
-    """Deterministic haystack frames: grey low-frequency noise (no saturated colour), uint8 [n, size, size, 3]."""
+def synthetic_haystack_frames(n: int, size: int = 64, seed: int = 0,
+                              indices: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Deterministic haystack frames: grey low-frequency noise (no saturated colour), uint8 [n, size, size, 3];
+    with `indices`, only those frames of the n (each frame the same as in the whole set)."""
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 1, 4, 4, generator=g)
-    tex = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
     tint = (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.08  # a slight tint: colourless to the eye
+    if indices is not None:
+        pick = torch.as_tensor(list(indices), dtype=torch.long)
+        low, tint, n = low[pick], tint[pick], len(pick)
+    tex = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
     rgb = (tex.expand(n, 3, size, size) * 0.5 + 0.25 + tint).clamp(0, 1)
     return (rgb.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
 
@@ -166,38 +186,236 @@ def encode_frames_projected(model, pixels: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def haystack_embeddings(model, frames_uint8: torch.Tensor, path: str, mesh, processor) -> str:
-    """Encode the haystack frames once (each CP rank a share), write them to `path` (safetensors, key
-    "embeddings" [F, T, hidden]); reuse the file when it exists with the same frame count."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+CACHE_FORMAT = "longvila-vniah-haystack/2"
+"""The cache's layout: one safetensors tensor "embeddings" [F, T, hidden] (float32) and, in the file's metadata
+under `CACHE_METADATA_KEY`, what made it (`haystack_identity`, as JSON)."""
+CACHE_METADATA_KEY = "longvila_vniah"
+BUILD_BATCH_FRAMES = 16
+"""Frames a rank encodes and writes at a time while building the cache (its embeddings are all it holds)."""
 
-    n = int(frames_uint8.shape[0])
-    if os.path.isfile(path):
+
+@dataclass
+class HaystackFrames:
+    """A haystack's frames, read by index (each rank decodes only the frames it encodes), and what defines them."""
+
+    count: int
+    """Frames N (the largest frame count of the grid: a shorter haystack is the first frames of this one)."""
+    read: Callable[[List[int]], torch.Tensor]
+    """Frame indices (0 .. N-1, ascending) -> uint8 [k, H, W, 3]."""
+    sampling: dict
+    """What defines frame i (JSON values): the source and the sampling rule; part of the cache's identity."""
+
+
+def synthetic_haystack(n: int, size: int = 64, seed: int = 0) -> HaystackFrames:
+    """`synthetic_haystack_frames(n, size, seed)` read by index."""
+    return HaystackFrames(n, lambda idx: synthetic_haystack_frames(n, size, seed, indices=idx),
+                          {"source": "synthetic", "count": n, "size": size, "seed": seed,
+                           "generator": "synthetic_haystack_frames, grey low-frequency noise v1"})
+
+
+def video_haystack(path: str, n: int) -> HaystackFrames:
+    """A video file sampled uniformly to n frames (frame round(i (F - 1) / (n - 1)) of its F frames), read by index.
+    The sampling records the file by its real path, size and modification time, so a replaced file is noticed."""
+    info = probe_video(path)
+    idx = torch.linspace(0, info.num_frames - 1, n).round().long().tolist()
+    st = os.stat(path)
+    sampling = {"source": "video", "path": os.path.realpath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "video_frames": info.num_frames, "count": n, "rule": "uniform: round(linspace(0, frames - 1, N))",
+                "indices_sha256": _sha256_text(json.dumps(idx))}
+    return HaystackFrames(n, lambda sel: decode_frames(path, [idx[i] for i in sel], info=info), sampling)
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tp() -> tuple:
+    """(TP rank, TP size, TP group) of Megatron's parallel state; (0, 1, None) when it is not initialized."""
+    if not ps.model_parallel_is_initialized():
+        return 0, 1, None
+    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_group())
+
+
+def encoder_fingerprint(model) -> str:
+    """sha256 of the tensors that make the embeddings (the encoder's and the projector's: names, dtypes, shapes,
+    bytes) as this rank's TP shard holds them, combined over the TP group in rank order (a tensor all-gather of 32
+    bytes). Equal exactly when those weights are equal, at the same TP size."""
+    m = unwrap_model(model)
+    h = hashlib.sha256()
+    for part in ("vision_model", "projector"):
+        for name, t in sorted(getattr(m, part).state_dict().items()):
+            if not isinstance(t, torch.Tensor):  # Transformer Engine's _extra_state: fp8 metadata, not a weight
+                continue
+            h.update(f"{part}.{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+    _, tp, group = _tp()
+    if tp == 1:
+        return h.hexdigest()
+    mine = torch.tensor(list(h.digest()), dtype=torch.uint8, device=model_device(m))
+    parts = [torch.empty_like(mine) for _ in range(tp)]
+    dist.all_gather(parts, mine, group=group)
+    return hashlib.sha256(b"".join(bytes(p.cpu().tolist()) for p in parts)).hexdigest()
+
+
+def haystack_identity(model, processor, frames: HaystackFrames) -> dict:
+    """What makes the cached embeddings: the model record, the encoder and projector weights (at this TP size), the
+    image preprocessing and the frame sampling. A cache is reused only when its recorded identity equals this."""
+    m = unwrap_model(model)
+    record = getattr(m, "record", None)
+    if record is None:
+        raise ValueError("V-NIAH's haystack cache records the model's record, and this model carries none: load the "
+                         "model with conversion.load_longvila (or attach models.record.record_of(...) as .record)")
+    return {"format": CACHE_FORMAT,
+            "model_record_sha256": _sha256_text(record.to_json()),
+            "encoder_weights_sha256": encoder_fingerprint(m),
+            "tensor_parallel_size": _tp()[1],
+            "image": {"size": int(processor.size), "mode": processor.mode, "mean": list(processor.mean),
+                      "std": list(processor.std), "backend": processor.backend},
+            "frames": dict(frames.sampling)}
+
+
+_WHAT = {"format": "cache format", "model_record_sha256": "model record",
+         "encoder_weights_sha256": "encoder and projector weights",
+         "tensor_parallel_size": "tensor-parallel size (the weights are fingerprinted per TP shard)",
+         "image": "image preprocessing", "frames": "frame sampling"}
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text[:13] + "...\"" if isinstance(v, str) and len(v) == 64 else text  # hashes: their first 12 digits
+
+
+def _differences(stored: dict, wanted: dict) -> List[str]:
+    out = []
+    for k in list(wanted) + [k for k in stored if k not in wanted]:
+        a, b = stored.get(k), wanted.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = [f"{s} {_short(a.get(s))} -> {_short(b.get(s))}" for s in sorted(set(a) | set(b))
+                   if a.get(s) != b.get(s)]
+            out.append(f"{_WHAT.get(k, k)} ({', '.join(sub)})")
+        else:
+            out.append(f"{_WHAT.get(k, k)} ({_short(a)} -> {_short(b)})")
+    return out
+
+
+def cache_decision(path: str, wanted: dict, shape: Sequence[int]) -> tuple:
+    """(reuse, line): whether the cache at `path` was made by `wanted` with embeddings of `shape` [F, T, hidden],
+    and the line that says so, or why it is (re)built."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        return False, f"no haystack cache at {path}: building it"
+    try:
         with safe_open(path, "pt") as f:
-            if f.get_slice("embeddings").get_shape()[0] == n:
-                return path
-    rank, world = mesh.cp_rank, mesh.cp_size
-    mine = list(range(rank, n, world))
-    emb = encode_frames_projected(model, processor(frames_uint8[mine])) if mine else None
-    parts = [emb] if world == 1 else [None] * world
-    if world > 1:
-        dist.all_gather_object(parts, emb, group=mesh.cp_group)
+            meta = f.metadata() or {}
+            stored_shape = list(f.get_slice("embeddings").get_shape())
+        stored = json.loads(meta[CACHE_METADATA_KEY]) if CACHE_METADATA_KEY in meta else None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is rebuilt, and the line says why
+        return False, f"haystack cache {path} cannot be read ({type(e).__name__}: {e}): rebuilding it"
+    if not isinstance(stored, dict):
+        return False, (f"haystack cache {path} does not record what made it (an older cache, or not V-NIAH's): "
+                       f"rebuilding it")
+    diffs = _differences(stored, wanted)
+    if diffs:
+        return False, f"haystack cache {path} was made with another {'; another '.join(diffs)}: rebuilding it"
+    if stored_shape != list(shape):
+        return False, f"haystack cache {path} holds embeddings {stored_shape}, this model makes {list(shape)}: rebuilding it"
+    return True, f"reusing haystack cache {path} (same model record, weights, preprocessing and frames)"
+
+
+def frame_share(n: int, worker: int, workers: int) -> range:
+    """The haystack frames worker `worker` of `workers` encodes: a contiguous block (one sequential write)."""
+    return range(worker * n // workers, (worker + 1) * n // workers)
+
+
+def _workers(mesh) -> tuple:
+    """(this rank's worker index, workers, whether it writes): one worker per (data-parallel replica, CP rank); the
+    TP ranks of a worker encode together (the encoder is TP-sharded), and TP rank 0 writes."""
+    dp, dps = ((ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+               if ps.model_parallel_is_initialized() else (0, 1))
+    return dp * mesh.cp_size + mesh.cp_rank, dps * mesh.cp_size, _tp()[0] == 0
+
+
+def _safetensors_header(shape: Sequence[int], identity: dict) -> bytes:
+    """The safetensors prefix of one float32 tensor "embeddings" of `shape` (8-byte length, JSON header padded with
+    spaces to 8 bytes, as safetensors writes it)."""
+    nbytes = 4 * math.prod(shape)
+    header = {"__metadata__": {CACHE_METADATA_KEY: json.dumps(identity, sort_keys=True)},
+              "embeddings": {"dtype": "F32", "shape": [int(s) for s in shape], "data_offsets": [0, nbytes]}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _world_barrier(device) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+
+
+def haystack_embeddings(model, frames: HaystackFrames, path: str, mesh, processor, *,
+                        batch_frames: int = BUILD_BATCH_FRAMES, say: Callable[[str], None] = print) -> str:
+    """The haystack's embeddings [F, T, hidden] cached at `path` (safetensors), built only when the file there was
+    not made by this model record, encoder weights, preprocessing and frame sampling (`haystack_identity`).
+
+    Every rank of the job calls it. Rank 0 decides and says so in one line (`say`); the decision is broadcast.
+    A build: rank 0 writes the header of `path`.partial and sizes the file; every worker (one per data-parallel
+    replica and CP rank, `frame_share`) decodes, encodes and writes its own block of frames `batch_frames` at a time
+    straight into its rows of the file (no gather: a rank holds one batch of embeddings, never the haystack);
+    rank 0 renames the file into place once every worker has written. `path` must be on a file system every rank
+    sees (as it must be for the readers, `_CachedRows`)."""
+    m = unwrap_model(model)
+    device = model_device(m)
+    wanted = haystack_identity(m, processor, frames)
+    n = frames.count
+    shape = [n, tokens_per_frame(processor.size, processor.size, m.vision_model.cfg.patch_size),
+             int(m.language_model.model.config.hidden_size)]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
     if rank == 0:
-        full = [None] * n
-        for r, part in enumerate(parts):
-            for k, f in enumerate(range(r, n, world)):
-                full[f] = part[k]
+        reuse, line = cache_decision(path, wanted, shape)
+        say(f"[vniah] {line}")
+        flag.fill_(int(reuse))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(flag, src=0)
+    if int(flag.item()):
+        return path
+    partial = path + ".partial"
+    header = _safetensors_header(shape, wanted)
+    if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file({"embeddings": torch.stack(full).contiguous()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    if world > 1:
-        dist.barrier(group=mesh.cp_group)
+        with open(partial, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + 4 * math.prod(shape))
+    _world_barrier(device)
+    worker, workers, writes = _workers(mesh)
+    mine = list(frame_share(n, worker, workers))
+    row_bytes = 4 * shape[1] * shape[2]
+    with open(partial, "r+b") if writes and mine else contextlib.nullcontext() as f:
+        for start in range(0, len(mine), batch_frames):
+            idx = mine[start:start + batch_frames]
+            emb = encode_frames_projected(m, processor(frames.read(idx))).contiguous()
+            if list(emb.shape) != [len(idx)] + shape[1:]:
+                raise ValueError(f"the encoder made embeddings {list(emb.shape)} for {len(idx)} haystack frames; the "
+                                 f"cache expects [{len(idx)}, {shape[1]}, {shape[2]}] (tokens per frame at "
+                                 f"{processor.size} px, the LLM's width)")
+            if f is not None:
+                f.seek(len(header) + idx[0] * row_bytes)
+                f.write(emb.numpy().data)
+        if f is not None:
+            f.flush()
+            os.fsync(f.fileno())
+    _world_barrier(device)
+    if rank == 0:
+        os.replace(partial, path)
+    _world_barrier(device)
     return path
 
 
 class _CachedRows:
-    """Rows of a cell's visual tokens, read from the haystack cache (memory-mapped, only the rows asked) and the
+    """Rows of a cell's visual tokens, read from the haystack cache (memory-mapped, only the frames asked) and the
     needle's embedding."""
 
     def __init__(self, cache_path: str, frame_order: List[int], needle: torch.Tensor, tokens_per_frame: int):
@@ -209,19 +427,50 @@ class _CachedRows:
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         from safetensors import safe_open
 
-        rows = rows.tolist()
-        out = [None] * len(rows)
-        by_frame: Dict[int, List[int]] = {}
-        for i, r in enumerate(rows):
-            by_frame.setdefault(r // self.t, []).append(i)
+        rows = rows.to("cpu", torch.long)
+        frame, within = rows // self.t, rows % self.t
+        out = torch.empty((rows.numel(), self.needle.shape[-1]), dtype=torch.float32)
         with safe_open(self.cache_path, "pt") as f:
             sl = f.get_slice("embeddings")
-            for frame, idx in by_frame.items():
-                src = self.order[frame]
-                emb = self.needle if src < 0 else sl[src:src + 1][0]
-                for i in idx:
-                    out[i] = emb[rows[i] % self.t]
-        return torch.stack(out)
+            for fr in torch.unique(frame).tolist():
+                at = (frame == fr).nonzero().flatten()
+                src = self.order[fr]
+                emb = self.needle.float() if src < 0 else sl[src:src + 1][0]
+                out[at] = emb[within[at]]
+        return out
+
+
+@dataclass(frozen=True)
+class HaystackMemory:
+    """Bytes of a V-NIAH haystack per place they live (`haystack_memory`)."""
+
+    visual_tokens: int
+    """Haystack tokens: frames x tokens per frame."""
+    cache_file: int
+    """The cache file: every frame's embeddings in float32 (on disk; readers memory-map only their rows)."""
+    build_per_rank: int
+    """Embeddings a rank holds while building the cache: one batch of `batch_frames` frames."""
+    rows_per_rank: int
+    """Visual rows a rank reads for a cell: its 1/CP share of the haystack's tokens, float32."""
+    kv_per_rank: int
+    """Its KV cache of those tokens after prefill: every layer's K and V of its TP rank's KV heads."""
+    gathered_per_rank: int
+    """What a gather of the whole haystack to every rank would hold there (the former pickled all-gather: the whole
+    file, before pickling's copies)."""
+
+
+def haystack_memory(shape: ModelShape, frames: int, tokens_per_frame: int, cp: int, *, tp: int = 1,
+                    kv_bytes: int = 2, batch_frames: int = BUILD_BATCH_FRAMES) -> HaystackMemory:
+    """The haystack's bytes per rank for an LLM of `shape` on a CP group of `cp` ranks (TP `tp`, KV in elements of
+    `kv_bytes`): the terms the V-NIAH cache adds to the memory model's per-rank figures."""
+    tokens = frames * tokens_per_frame
+    local = -(-tokens // cp)
+    row = 4 * shape.hidden
+    kv_heads = max(1, shape.kv_heads // tp)  # fewer KV heads than TP ranks: each rank holds one (replicated)
+    return HaystackMemory(visual_tokens=tokens, cache_file=tokens * row,
+                          build_per_rank=batch_frames * tokens_per_frame * row, rows_per_rank=local * row,
+                          kv_per_rank=local * shape.layers * 2 * kv_heads * shape.head_dim * kv_bytes,
+                          gathered_per_rank=tokens * row)
 
 
 def build_cell_prompt(tokenizer, template: str, question: str, answer: str, *, num_frames: int, depth: int,
