@@ -22,11 +22,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Torch-free: the flags and files are checked before torch and megatron-core load (seconds) and any rank starts.
+from megatron_longvila.checkpoint.locate import check_checkpoint_folder  # noqa: E402
+from megatron_longvila.errors import ArgumentError  # noqa: E402
+from megatron_longvila.parallel.sizes import add_parallel_args, check_parallel_args  # noqa: E402
+from megatron_longvila.runtime.entry import ProjectArgumentParser, run_main  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_longvila.inference.session import add_parallel_args
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ProjectArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint folder (this project's, HF VILA or NeMo 2)")
     p.add_argument("--tokenizer-model", default=None,
                    help="sentencepiece .model, tokenizer.json or a folder holding one (default: the checkpoint's "
@@ -46,6 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="chat template (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return add_parallel_args(p)
+
+
+def input_file(path: str, flag: str) -> None:
+    """An input file the ranks will read: present, a file, readable (ArgumentError naming `flag` otherwise)."""
+    if not os.path.exists(path):
+        raise ArgumentError(f"{flag} {path}: no such file")
+    if not os.path.isfile(path):
+        raise ArgumentError(f"{flag} {path}: a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise ArgumentError(f"{flag} {path}: not readable")
+
+
+def check_inputs(args) -> None:
+    """Every mistake the command line can hold, refused in one line before any rank starts (ArgumentError): the mesh
+    against the rank count, the checkpoint folder, the media and tokenizer files, the sampling settings."""
+    check_parallel_args(args)
+    check_checkpoint_folder(args.load, "--load")
+    if args.video is not None:
+        input_file(args.video, "--video")
+    if args.image is not None:
+        input_file(args.image, "--image")
+    if args.tokenizer_model is not None and not os.path.exists(args.tokenizer_model):
+        raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: no such file or folder")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise ArgumentError(f"--num-frames {args.num_frames}: give 1 or more")
+    if args.max_new_tokens < 1:
+        raise ArgumentError(f"--max-new-tokens {args.max_new_tokens}: give 1 or more")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ArgumentError(f"--temperature {args.temperature} --top-k {args.top_k} --top-p {args.top_p}: "
+                            f"temperature >= 0, top-k >= 0 and 0 < top-p <= 1 are required")
 
 
 def _peak_gb() -> float:
@@ -103,6 +137,7 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_inputs(args)
     from megatron_longvila.inference.session import launch
 
     out = launch(run, args)
@@ -116,4 +151,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # a mistake: one line, once, status 2

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 from typing import Callable
@@ -21,37 +20,16 @@ import torch.distributed as dist
 
 from ..data.tokenizer import load_tokenizer_for
 from ..parallel.launch import run_distributed
+from ..parallel.sizes import add_parallel_args, parallel_sizes  # torch-free: the tools check flags before launching
 from ..parallel.state import initialize_mmsp
 from ..runtime.cpu import enable_cpu_runtime
 
 __all__ = ["add_parallel_args", "start", "load_model", "launch", "tokenizer_for"]
 
 
-def add_parallel_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    g = p.add_argument_group("parallelism (Megatron)")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--context-parallel-size", type=int, default=None,
-                   help="CP ranks (default: every rank not used by TP)")
-    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs=2, default=None, metavar=("U", "R"),
-                   help="Ulysses x ring (default: U = CP, R = 1)")
-    g.add_argument("--cpu-ranks", type=int, default=None,
-                   help="run on N local CPU ranks (gloo) without a launcher; under torchrun leave it out")
-    g.add_argument("--bf16", action="store_true", help="bf16 weights (GPUs)")
-    return p
-
-
 def _sizes(args, world: int):
-    tp = args.tensor_model_parallel_size
-    if world % tp:
-        raise SystemExit(f"world size {world} is not a multiple of --tensor-model-parallel-size {tp}")
-    cp = args.context_parallel_size or world // tp
-    hier = args.hierarchical_context_parallel_sizes or [cp, 1]
-    if hier[0] * hier[1] != cp:
-        raise SystemExit(f"--hierarchical-context-parallel-sizes {hier[0]} {hier[1]} must multiply to "
-                         f"--context-parallel-size {cp}")
-    if world % (tp * cp):
-        raise SystemExit(f"world size {world} is not a multiple of TP x CP = {tp * cp}")
-    return tp, cp, list(hier)
+    return parallel_sizes(world, args.tensor_model_parallel_size, args.context_parallel_size,
+                          args.hierarchical_context_parallel_sizes)
 
 
 def start(args) -> None:
