@@ -8,6 +8,8 @@ KV of its tokens, and decode merges per-layer partials by log-sum-exp. Pipeline 
 baseline): rank k holds layers k L/P .. (k+1) L/P - 1 and their KV for the whole sequence; one rank is active at a
 time. Reported per mode: prefill seconds, decode tokens/s, KV-cache bytes and attention work per rank, the tokens
 (equal in both), and the longest prompt that fits a per-rank memory budget by the analytic model below.
+`--decode-merge` picks MM-SP's decode merge (inference.attention: one all-gather per layer, or two all-reduces);
+`both` runs MM-SP once with each, side by side ("mmsp" is the all-gather, "mmsp_all_reduce" the other).
 
   python tools/bench_inference.py --ranks 4 --ulysses 2 --ring 2 --prompt-tokens 2048 --new-tokens 32 --json
 """
@@ -95,7 +97,7 @@ def longest_prompt(a, mode: str, P: int, budget: float) -> int:
     return lo
 
 
-def _rank(rank, world, a, mode):
+def _rank(rank, world, a, mode, merge="all_gather"):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -128,7 +130,7 @@ def _rank(rank, world, a, mode):
 
         mesh = initialize_mmsp(model.config)
         stats = []
-        tokens = generate(model, [prompt], mesh, max_new_tokens=a.new_tokens, stats=stats)[0]
+        tokens = generate(model, [prompt], mesh, max_new_tokens=a.new_tokens, stats=stats, merge=merge)[0]
         st = stats[0]
     else:
         from megatron_longvila.inference.pipeline_baseline import pipeline_generate
@@ -152,6 +154,8 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--memory-budget-gb", type=float, default=1.0, help="per-rank budget for the longest-prompt figure")
+    p.add_argument("--decode-merge", choices=("all_gather", "all_reduce", "both"), default="all_gather",
+                   help="MM-SP's decode merge over CP: one all-gather per layer, two all-reduces, or each in turn")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.ulysses * a.ring != a.ranks or a.layers % a.ranks:
@@ -161,18 +165,23 @@ def main(argv=None):
     res = {"date": time.strftime("%Y-%m-%d"), "ranks": a.ranks, "mesh": f"{a.ulysses}x{a.ring}",
            "threads_per_rank": 1, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
            "shape": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads")}}
-    for mode in ("mmsp", "pipeline"):
-        rows = run_distributed(_rank, a.ranks, a, mode, timeout=3600, threads=1)
+    merges = ["all_gather", "all_reduce"] if a.decode_merge == "both" else [a.decode_merge]
+    runs = [("mmsp" if i == 0 else f"mmsp_{m}", "mmsp", m) for i, m in enumerate(merges)]
+    for key, mode, merge in runs + [("pipeline", "pipeline", None)]:
+        rows = run_distributed(_rank, a.ranks, a, mode, merge, timeout=3600, threads=1)
         r0 = rows[0] if mode == "mmsp" else rows[-1]
-        res[mode] = {"prefill_s": max(r["prefill_s"] for r in rows),
+        res[key] = {"decode_merge": merge,"prefill_s": max(r["prefill_s"] for r in rows),
                      "decode_tokens_per_s": (a.new_tokens - 1) / max(max(r["decode_s"] for r in rows), 1e-9),
                      "kv_bytes_per_rank": [r["kv_bytes"] for r in rows],
                      "attention_work_per_rank": [r["attention_pairs_heads"] for r in rows],
                      "comm_bytes_per_rank": [r["comm_bytes"] for r in rows], "tokens": r0["tokens"],
                      "longest_prompt": longest_prompt(a, mode, a.ranks, a.memory_budget_gb * 2**30)}
-    res["tokens_equal"] = res["mmsp"]["tokens"] == res["pipeline"]["tokens"]
+    res["tokens_equal"] = all(res[key]["tokens"] == res["pipeline"]["tokens"] for key, _, _ in runs)
     res["prefill_speedup"] = res["pipeline"]["prefill_s"] / res["mmsp"]["prefill_s"]
     res["decode_speedup"] = res["mmsp"]["decode_tokens_per_s"] / res["pipeline"]["decode_tokens_per_s"]
+    if "mmsp_all_reduce" in res:
+        res["decode_speedup_all_reduce"] = (res["mmsp_all_reduce"]["decode_tokens_per_s"]
+                                            / res["pipeline"]["decode_tokens_per_s"])
     if a.json:
         print(json.dumps(res))
     else:
