@@ -2,10 +2,12 @@
 
 Public API:
     save_checkpoint(save_dir, iteration, model, optimizer, scheduler, *, data_state, train_state, model_record=None,
-                    hooks=None) -> str
-    load_checkpoint(load_dir, model, optimizer=None, scheduler=None, *, load_rng=True, iteration=None)
-        -> LoadedCheckpoint | None
-    LoadedCheckpoint                              what a load restored
+                    hooks=None, retain=None, parallel_io=ParallelIO()) -> str
+    load_checkpoint(load_dir, model, optimizer=None, scheduler=None, *, load_rng=True, iteration=None,
+                    parallel_io=ParallelIO()) -> LoadedCheckpoint | None
+    ParallelIO                                    how saves and loads spread their I/O over the ranks
+    LoadedCheckpoint                              what a load restored (with the bytes this rank read)
+    bytes_written_per_rank(iteration_dir) -> {rank: bytes}   from the checkpoint's manifest
 (Folder naming, the tracker and safe_load: checkpoint.layout; the data position: checkpoint.data_state.)
 
 What a checkpoint holds:
@@ -33,8 +35,23 @@ iteration that exists already (a re-run of the same step) first moves the commit
 crash before the new copy is renamed into place leaves `iter_N.old` as the only copy, which loading uses and the
 next save moves back (never deletes); the `.old` copy is removed only once `iter_N` is the new, complete one.
 
-Workarounds of megatron-core 0.16.1 (runtime/megatron_optimizer.py): the asynchronous save hangs on CPU, so saves
-are synchronous; the distributed optimizer is saved as `fully_reshardable` with a repaired torch-Adam load.
+Who writes and reads what (ParallelIO): a shard replicated over a data-parallel x context-parallel group (every
+model weight without the distributed optimizer, and the optimizer's state too) is written once. By default
+(--ckpt-fully-parallel-save, Megatron's default) megatron-core's FullyParallelSaveStrategyWrapper spreads those
+writes over the group, balanced by size, exchanging only metadata: at TP 2 x DP 2 each rank writes about a quarter of
+the checkpoint instead of the DP-rank-0 ranks writing half each. --no-ckpt-fully-parallel-save keeps the replica-0
+ranks writing everything. The files hold the same tensors either way (tests/training/test_parallel_save.py). With
+--ckpt-fully-parallel-load each rank of the group reads a share of the group's shards and the group broadcasts them
+(FullyParallelLoadStrategyWrapper); without it, every rank reads its whole slice. Each rank reads one data-position
+file, its own replica's (checkpoint/data_state.py), at any TP, CP and PP layout.
+Bytes written per rank are the sizes of the files each rank wrote (its manifest entries); bytes read per rank are
+measured around each phase of a load (Linux's per-thread read counter, /proc/thread-self/io: the reading thread's
+file reads; gloo receives on threads of its own, NCCL through the device) and printed once by rank 0.
+
+Saves are synchronous (--async-save is refused at start-up): the commit above checksums the files and renames the
+folder only once every rank's files are on disk, and megatron-core 0.16.1's asynchronous writer hangs on CPU.
+Workaround of megatron-core 0.16.1 (runtime/megatron_optimizer.py): the distributed optimizer is saved as
+`fully_reshardable` with a repaired torch-Adam load.
 """
 
 from __future__ import annotations
@@ -46,7 +63,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -63,10 +80,25 @@ from .data_state import data_state_path, read_data_state, writes_data_state
 from .layout import (checkpoint_dir, committed_folder, read_tracker, recover_interrupted_resave, safe_load,
                      write_tracker)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "DISTRIBUTED_OPTIMIZER_SHARDING"]
+__all__ = ["save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "ParallelIO", "bytes_written_per_rank",
+           "DISTRIBUTED_OPTIMIZER_SHARDING"]
 
 FORMAT_VERSION = 2
 """1: the data position inside each rank's extra/ file; 2: one data_state/ file per data-parallel replica."""
+
+
+@dataclass(frozen=True)
+class ParallelIO:
+    """How a save and a load spread their file I/O over the ranks (--ckpt-fully-parallel-save / -load)."""
+
+    fully_parallel_save: bool = True
+    """Spread the writes of each shard replicated over a data-parallel x context-parallel group over that group,
+    balanced by size (megatron-core's FullyParallelSaveStrategyWrapper; one metadata all-gather per save). False: the
+    rank holding replica 0 of a shard writes it (the DP-rank-0 ranks write everything replicated)."""
+    fully_parallel_load: bool = False
+    """Each rank of a data-parallel x context-parallel group reads a share of the group's shards and the group
+    broadcasts them (FullyParallelLoadStrategyWrapper): fewer bytes read per rank, as many bytes sent over the
+    group. False: every rank reads its whole slice."""
 
 
 @dataclass
@@ -83,6 +115,12 @@ class LoadedCheckpoint:
     """Whether this rank's RNG states were restored (only at the saving layout)."""
     layout: dict = field(default_factory=dict)
     """The saving run's parallel layout."""
+    bytes_read: Dict[str, Optional[int]] = field(default_factory=dict)
+    """Bytes this rank read per phase: "verify" (its share of the manifest check), "tensors" (torch_dist's shards,
+    metadata and common state), "data_state" (its replica's data position), "rng" (its extra/ file); None where
+    the kernel offers no per-thread counter (not Linux)."""
+    bytes_read_per_rank: List[Dict[str, Optional[int]]] = field(default_factory=list)
+    """`bytes_read` of every rank, by global rank."""
 
 
 def _layout() -> dict:
@@ -120,10 +158,89 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _strategy():
+def _replica_group():
+    """The ranks that hold the same shards (same TP and PP rank): the data-parallel x context-parallel group, as
+    Megatron-LM's fully parallel save and load use."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def _save_strategy(parallel_io: ParallelIO):
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    return TorchDistSaveShardedStrategy("torch_dist", 1)
+    base = TorchDistSaveShardedStrategy("torch_dist", 1)
+    if not parallel_io.fully_parallel_save:
+        return base
+    # Not cached between saves: a save's structure may change (a stage that unfreezes parameters).
+    return FullyParallelSaveStrategyWrapper(base, _replica_group(), do_cache_distribution=False)
+
+
+def _load_strategy(path: str, parallel_io: ParallelIO):
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    base = get_default_load_sharded_strategy(path)
+    if not parallel_io.fully_parallel_load:
+        return base
+    return FullyParallelLoadStrategyWrapper(base, _replica_group())
+
+
+_THREAD_IO = "/proc/thread-self/io"
+
+
+def _thread_bytes_read() -> Optional[int]:
+    """Bytes this thread has read so far (Linux's rchar of the calling thread), or None without the counter."""
+    try:
+        with open(_THREAD_IO) as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class _ReadMeter:
+    """Bytes this thread read per phase of a load."""
+
+    def __init__(self):
+        self.phases: Dict[str, Optional[int]] = {}
+        self._start = None
+
+    def start(self) -> None:
+        self._start = _thread_bytes_read()
+
+    def stop(self, phase: str) -> None:
+        end = _thread_bytes_read()
+        self.phases[phase] = (self.phases.get(phase) or 0) + end - self._start \
+            if end is not None and self._start is not None else None
+
+
+def bytes_written_per_rank(iteration_dir: str) -> Dict[int, int]:
+    """{rank: bytes of the files that rank wrote} of a committed checkpoint, from its manifest (each rank hashes
+    the files it wrote; rank 0 also the common files it wrote). Raises CheckpointError without a manifest."""
+    manifest = integrity.read_manifest(iteration_dir)
+    if manifest is None:
+        raise CheckpointError(f"{iteration_dir} has no {integrity.MANIFEST}: the bytes each rank wrote are not known")
+    out: Dict[int, int] = {}
+    for entry in manifest["files"].values():
+        out[int(entry["rank"])] = out.get(int(entry["rank"]), 0) + int(entry["size"])
+    return dict(sorted(out.items()))
+
+
+def _mib(n: Optional[float]) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _spread(per_rank: List[Optional[int]]) -> str:
+    """'max X (rank r), min Y, total Z' of per-rank byte counts."""
+    known = [(n, r) for r, n in enumerate(per_rank) if n is not None]
+    if not known:
+        return "not measured (no per-thread read counter on this system)"
+    hi, lo = max(known), min(known)
+    return f"max {_mib(hi[0])} (rank {hi[1]}), min {_mib(lo[0])} (rank {lo[1]}), total {_mib(sum(n for n, _ in known))}"
 
 
 def _barrier() -> None:
@@ -133,7 +250,8 @@ def _barrier() -> None:
 
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, *, data_state: Optional[dict],
                     train_state: dict, model_record=None,
-                    hooks: Optional[Dict[str, Callable[[], None]]] = None, retain: Optional[int] = None) -> str:
+                    hooks: Optional[Dict[str, Callable[[], None]]] = None, retain: Optional[int] = None,
+                    parallel_io: ParallelIO = ParallelIO()) -> str:
     """Save a complete checkpoint after `iteration`; every rank calls it. Returns the committed directory.
 
     Args:
@@ -146,8 +264,10 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
         hooks: test hooks by name ("after_write": after this rank wrote everything, before the commit;
             "after_move_old": on rank 0, after an existing iter_N was moved aside for a re-save).
         retain: keep only the newest `retain` committed checkpoints (--save-retain); None keeps all.
+        parallel_io: who writes the replicated shards (ParallelIO.fully_parallel_save); the contents are the same.
 
-    Raises SaveFailed on every rank when any rank failed (printed once); the previous checkpoint stays the latest.
+    Rank 0 prints the bytes each rank wrote (from the manifest). Raises SaveFailed on every rank when any rank
+    failed (printed once); the previous checkpoint stays the latest.
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -181,7 +301,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "iteration": iteration, "format_version": FORMAT_VERSION, "layout": _layout(),
                  "train_state": dict(train_state)}
-        dist_checkpointing.save(state, partial, sharded_strategy=_strategy())
+        dist_checkpointing.save(state, partial, sharded_strategy=_save_strategy(parallel_io))
         extra = {"rng": _rng_state(), "layout": _layout(),
                  "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
                  "pp_rank": ps.get_pipeline_model_parallel_rank(), "cp_rank": ps.get_context_parallel_rank()}
@@ -224,7 +344,10 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
         agree.failed("committing", e)
     agree.check("committing")
     if rank == 0:
-        print(f"[checkpoint] saved iteration {iteration} to {final} in {time.perf_counter() - t0:.2f}s", flush=True)
+        written = bytes_written_per_rank(final)
+        print(f"[checkpoint] saved iteration {iteration} to {final} in {time.perf_counter() - t0:.2f}s; bytes "
+              f"written per rank ({'fully parallel' if parallel_io.fully_parallel_save else 'replica-0 ranks'}): "
+              f"{_spread([written.get(r, 0) for r in range(dist.get_world_size())])}", flush=True)
         if retain:
             try:
                 for gone in integrity.apply_retention(save_dir, retain, protect=iteration):
@@ -264,7 +387,7 @@ def _verified(load_dir: str, path: str, iteration: int, *, checksums: bool, newe
 
 def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, load_rng: bool = True,
                     iteration: Optional[int] = None, verify: str = "checksums",
-                    newest_valid: bool = False) -> Optional[LoadedCheckpoint]:
+                    newest_valid: bool = False, parallel_io: ParallelIO = ParallelIO()) -> Optional[LoadedCheckpoint]:
     """Load the latest complete checkpoint under `load_dir` (or `iteration`); None when there is none.
 
     optimizer/scheduler None: weights only (a new training stage starting from the previous stage).
@@ -273,6 +396,8 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
     verify: before any tensor is read, check the checkpoint against its manifest: "checksums" (sizes and
     checksums, each rank a share), "sizes", or "none". A checkpoint that fails raises CorruptCheckpoint naming
     the files, unless newest_valid (--ckpt-load-newest-valid): then the newest older one that passes is loaded.
+    parallel_io: whether each rank reads a share of its group's shards (ParallelIO.fully_parallel_load).
+    The bytes each rank read, per phase, are in the result; rank 0 prints them once.
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -282,13 +407,18 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
         if iteration is None:
             return None
     path = committed_folder(load_dir, iteration)  # iter_N, or its .old copy when a re-save of it was interrupted
+    meter = _ReadMeter()
     if verify != "none":
+        meter.start()
         path = _verified(load_dir, path, iteration, checksums=verify == "checksums", newest_valid=newest_valid)
+        meter.stop("verify")
     model_sd = unwrap_model(model).sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
-    loaded = dist_checkpointing.load(state, path)
+    meter.start()
+    loaded = dist_checkpointing.load(state, path, sharded_strategy=_load_strategy(path, parallel_io))
+    meter.stop("tensors")
     unwrap_model(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         load_optimizer_state(optimizer, loaded["optimizer"])
@@ -306,7 +436,9 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
     if optimizer is not None:  # resuming: RNG and data position matter
         if same:
             if load_rng:
+                meter.start()
                 _set_rng_state(safe_load(os.path.join(path, "extra", f"rank_{rank:05d}.pt"))["rng"])
+                meter.stop("rng")
                 rng_restored = True
         else:
             if load_rng:
@@ -320,8 +452,26 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
                     f"data-parallel size (change --tensor/--pipeline/--context-parallel-size only) or start fresh "
                     f"with --pretrained-checkpoint")
         # This replica's own file only, at any TP, CP and PP layout (checkpoint/data_state.py).
+        meter.start()
         data_state = read_data_state(path, ps.get_data_parallel_rank())
+        meter.stop("data_state")
+    per_rank = _gather_reads(meter.phases)
+    if rank == 0:
+        how = "fully parallel" if parallel_io.fully_parallel_load else "each rank its slice"
+        print(f"[checkpoint] loaded iteration {int(loaded['iteration'])} from {path}; bytes read per rank ({how}): "
+              + "; ".join(f"{phase} {_spread([p.get(phase) for p in per_rank])}" for phase in meter.phases),
+              flush=True)
     _barrier()
     return LoadedCheckpoint(iteration=int(loaded["iteration"]), train_state=dict(loaded.get("train_state", {})),
-                            data_state=data_state, rng_restored=rng_restored, layout=layout)
+                            data_state=data_state, rng_restored=rng_restored, layout=layout,
+                            bytes_read=dict(meter.phases), bytes_read_per_rank=per_rank)
+
+
+def _gather_reads(phases: Dict[str, Optional[int]]) -> List[Dict[str, Optional[int]]]:
+    """Every rank's bytes read per phase (one host all-gather on the checkpoint's gloo group)."""
+    if dist.get_world_size() == 1:
+        return [dict(phases)]
+    out: List[Optional[dict]] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, dict(phases), group=integrity.agreement_group())
+    return [dict(p) for p in out]
 

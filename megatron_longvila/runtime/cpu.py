@@ -55,6 +55,9 @@ PATCHED_MODULES: List[str] = [
     # The checkpoint writer synchronizes and asks for the current device.
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    # The fully parallel load synchronizes and exchanges shards through "cuda" buffers.
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.exchange_utils",
 ]
 
 _ACTIVE = False

@@ -99,6 +99,7 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"])
     add_fault_args(p)  # timeouts, the watchdog, the NaN check, retention, verification on load
+    add_checkpoint_io_args(p)  # who writes and reads the shards; --async-save refused
 
     g = p.add_argument_group("model")
     g.add_argument("--vision-encoder", default=None,
@@ -177,6 +178,36 @@ def check_data_flags(a: argparse.Namespace) -> None:
                             f"--decode-backend pyav")
     if backend == "dali_gpu" and getattr(a, "cpu", False):
         raise ArgumentError("--decode-backend dali_gpu decodes on the GPU (NVDEC): drop --cpu, or use dali_cpu / pyav")
+
+
+ASYNC_SAVE_REFUSED = (
+    "--async-save: the project's saves are synchronous. A save commits (each rank's files checksummed, the folder "
+    "renamed, the tracker replaced) only once every rank's files are on disk, and megatron-core 0.16.1's asynchronous "
+    "writer hangs on CPU; the fully parallel save (the default) already spreads the writes over the data-parallel "
+    "replicas. Drop --async-save")
+"""Why --async-save is refused under the project's loop (checkpoint.distributed)."""
+
+
+def add_checkpoint_io_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--ckpt-fully-parallel-save (Megatron's default) / --no-ckpt-fully-parallel-save, --ckpt-fully-parallel-load
+    (checkpoint.distributed.ParallelIO), and --async-save, accepted only to be refused with its reason."""
+    g = p.add_argument_group("checkpoint I/O (Megatron)")
+    g.add_argument("--ckpt-fully-parallel-save", dest="ckpt_fully_parallel_save", action="store_true", default=True,
+                   help="spread the writes of shards replicated over data-parallel (x context-parallel) ranks over "
+                        "those ranks, each shard written once (the default, as in Megatron-LM)")
+    g.add_argument("--no-ckpt-fully-parallel-save", dest="ckpt_fully_parallel_save", action="store_false",
+                   help="the ranks holding replica 0 of a shard write it (the data-parallel-rank-0 ranks write "
+                        "everything replicated)")
+    g.add_argument("--ckpt-fully-parallel-load", action="store_true",
+                   help="each data-parallel (x context-parallel) rank reads a share of its group's shards and the "
+                        "group exchanges them (fewer bytes read per rank, as many sent between ranks)")
+    g.add_argument("--async-save", action="store_true", help="refused: saves are synchronous (see the error)")
+    return p
+
+
+def check_checkpoint_io_args(a: argparse.Namespace) -> None:
+    if a.async_save:
+        raise ArgumentError(ASYNC_SAVE_REFUSED)
 
 
 def add_activation_memory_args(p: argparse.ArgumentParser, megatron_has_recompute: bool = False):
@@ -314,6 +345,7 @@ def validate(a: argparse.Namespace, world_size: Optional[int] = None) -> None:
                                 f"x data-parallel size = {a.micro_batch_size * dp}")
     check_activation_memory_args(a)
     check_fault_args(a)
+    check_checkpoint_io_args(a)
     check_data_flags(a)
     if a.save_interval is not None and a.save is None:
         raise ArgumentError("--save-interval without --save: give the checkpoint directory")

@@ -301,6 +301,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     forward_step_func = guard.wrap_forward_step(forward_step_func)
 
     result = TrainResult()
+    parallel_io = ckpt.ParallelIO(fully_parallel_save=args.ckpt_fully_parallel_save,
+                                  fully_parallel_load=args.ckpt_fully_parallel_load)
     iteration = 0
     data_state = None
     loaded = None
@@ -308,7 +310,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         loaded = ckpt.load_checkpoint(args.load, model, None if args.no_load_optim else optimizer,
                                       None if args.no_load_optim else scheduler, load_rng=not args.no_load_rng,
                                       verify="checksums" if args.ckpt_verify_checksums else "sizes",
-                                      newest_valid=args.ckpt_load_newest_valid, iteration=resume_iteration)
+                                      newest_valid=args.ckpt_load_newest_valid, iteration=resume_iteration,
+                                      parallel_io=parallel_io)
         check_loaded(args.load, loaded.iteration)
         iteration = loaded.iteration
         data_state = loaded.data_state
@@ -376,7 +379,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
                     args.save, iteration, ddp, optimizer, scheduler, data_state=train_ds.state_dict(),
                     train_state={"consumed_samples": iteration * args.global_batch_size, "recipe": args.recipe,
                                  **guard.train_state()},
-                    model_record=getattr(model, "record", None), hooks=hooks, retain=args.save_retain))
+                    model_record=getattr(model, "record", None), hooks=hooks, retain=args.save_retain,
+                    parallel_io=parallel_io))
         if hooks.get("stop_after") == iteration:
             break
     guard.close()

@@ -106,6 +106,8 @@ CONSUMED = frozenset({
     "save", "save_interval", "load", "finetune", "no_save_optim", "no_save_rng", "no_load_optim", "no_load_rng",
     "ckpt_format", "ckpt_step", "exit_on_missing_checkpoint", "ckpt_fully_parallel_load",
     "ckpt_fully_parallel_save", "dist_ckpt_strictness",
+    # Megatron's --ckpt-fully-parallel-save asks for its default (fully parallel; Megatron notes it changes nothing)
+    "ckpt_fully_parallel_save_deprecated",
     # logging and profiling
     "log_interval", "log_params_norm", "log_throughput", "log_progress", "timing_log_level", "timing_log_option",
     "tensorboard_dir", "tensorboard_log_interval", "tensorboard_queue_size", "log_timers_to_tensorboard",
