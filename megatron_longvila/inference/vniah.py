@@ -40,7 +40,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -322,7 +322,8 @@ def cache_decision(path: str, wanted: dict, shape: Sequence[int]) -> tuple:
     if diffs:
         return False, f"haystack cache {path} was made with another {'; another '.join(diffs)}: rebuilding it"
     if stored_shape != list(shape):
-        return False, f"haystack cache {path} holds embeddings {stored_shape}, this model makes {list(shape)}: rebuilding it"
+        return False, (f"haystack cache {path} holds embeddings {stored_shape}, this model makes {list(shape)}: "
+                       f"rebuilding it")
     return True, f"reusing haystack cache {path} (same model record, weights, preprocessing and frames)"
 
 
@@ -373,17 +374,20 @@ def haystack_embeddings(model, frames: HaystackFrames, path: str, mesh, processo
     shape = [n, tokens_per_frame(processor.size, processor.size, m.vision_model.cfg.patch_size),
              int(m.language_model.model.config.hidden_size)]
     rank = dist.get_rank() if dist.is_initialized() else 0
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    header = _safetensors_header(shape, wanted)
+    # Rank 0's decision and header length for every rank: the identity holds paths and times another node may
+    # see differently, and rows must land where rank 0's header says they start.
+    decided = torch.zeros(2, dtype=torch.int64, device=device)
     if rank == 0:
         reuse, line = cache_decision(path, wanted, shape)
         say(f"[vniah] {line}")
-        flag.fill_(int(reuse))
+        decided[0], decided[1] = int(reuse), len(header)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(flag, src=0)
-    if int(flag.item()):
+        dist.broadcast(decided, src=0)
+    reuse, data_start = (int(v) for v in decided.tolist())
+    if reuse:
         return path
     partial = path + ".partial"
-    header = _safetensors_header(shape, wanted)
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(partial, "wb") as f:
@@ -402,7 +406,7 @@ def haystack_embeddings(model, frames: HaystackFrames, path: str, mesh, processo
                                  f"cache expects [{len(idx)}, {shape[1]}, {shape[2]}] (tokens per frame at "
                                  f"{processor.size} px, the LLM's width)")
             if f is not None:
-                f.seek(len(header) + idx[0] * row_bytes)
+                f.seek(data_start + idx[0] * row_bytes)
                 f.write(emb.numpy().data)
         if f is not None:
             f.flush()

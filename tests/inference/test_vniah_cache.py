@@ -4,7 +4,8 @@ In one process (no model): the identity rule of `cache_decision` (reused only wh
 projector weights, the TP size, the image preprocessing and the frame sampling all match, and the embeddings' shape;
 rebuilt with a line naming what differs, for an older cache without a record of what made it, an unreadable one, or
 none); the header the ranks write into is a safetensors file safetensors reads; synthetic frames read by index equal
-the whole set's; the memory figures of `haystack_memory` against hand arithmetic.
+the whole set's, a video's frames read by index equal its decoded frames and a touched file changes the sampling;
+the memory figures of `haystack_memory` against hand arithmetic.
 
 On 2 gloo ranks: a cache built by one checkpoint's weights (CP 2, each rank writing its block in batches of 2 frames)
 equals the single-process encoding (1e-5 relative); offered again to the same weights it is reused untouched;
@@ -89,6 +90,20 @@ def test_synthetic_frames_by_index_and_shares():
     assert torch.equal(hs.read([8]), whole[[8]]) and hs.sampling["seed"] == 5
     for workers in (1, 2, 4, 16):  # the workers' blocks cover every frame once, in order
         assert [f for w in range(workers) for f in vniah.frame_share(9, w, workers)] == list(range(9))
+
+
+def test_video_haystack_reads_by_index_and_records_the_file(tmp_path):
+    from megatron_longvila.data.video import decode_frames
+    from tests.data.media import make_testsrc_video
+
+    video = make_testsrc_video(str(tmp_path / "clip.mp4"), "h264", seconds=1)  # 24 frames
+    hs = vniah.video_haystack(video, 5)
+    assert hs.sampling["video_frames"] == 24 and hs.count == 5
+    assert torch.equal(hs.read([1, 3]), decode_frames(video, [6, 17]))  # round(linspace(0, 23, 5)) = 0 6 12 17 23
+    os.utime(video, ns=(1, 1))  # the same path, another file as far as the cache can tell
+    stored = dict(_identity(), frames=hs.sampling)
+    wanted = dict(_identity(), frames=vniah.video_haystack(video, 5).sampling)
+    assert vniah._differences(stored, wanted) == [f"frame sampling (mtime_ns {hs.sampling['mtime_ns']} -> 1)"]
 
 
 def test_haystack_memory_at_the_papers_scale():
