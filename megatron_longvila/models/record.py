@@ -331,6 +331,8 @@ HF_FACTS_FILE = "longvila_facts.json"
 model's record (a tokenizer without Hugging Face files, such as bytes; media settings VILA has no key for); the
 reader takes those facts back from it, so a round trip keeps the record. VILA ignores the file."""
 _HF_FACTS_VERSION = 1
+VILA_MEDIA = {"frame_sampling": "uniform"}
+"""Media settings VILA's code fixes, so its configs need no key for them (frames evenly spread over the video)."""
 
 
 def hf_facts_file(record: ModelRecord, tokenizer: Dict[str, Any], media: Dict[str, Any]) -> Optional[bytes]:
@@ -339,7 +341,7 @@ def hf_facts_file(record: ModelRecord, tokenizer: Dict[str, Any], media: Dict[st
     facts: Dict[str, Any] = {}
     if record.tokenizer and not tokenizer:
         facts["tokenizer"] = dict(record.tokenizer)
-    extra = {k: v for k, v in (record.media or {}).items() if k not in media}
+    extra = {k: v for k, v in (record.media or {}).items() if k not in media and VILA_MEDIA.get(k) != v}
     if extra:
         facts["media"] = extra
     if any(v is not None for v in (record.registry_names or {}).values()):
@@ -355,7 +357,7 @@ def merge_hf_facts(data: Optional[bytes], tokenizer: Dict[str, Any], media: Dict
     """(tokenizer, media, registry_names, notes): the facts VILA's files gave, completed from HF_FACTS_FILE's
     `data` (None: no file). VILA's own files win where both say something (someone changed them since)."""
     if data is None:
-        return tokenizer, media, {}, []
+        return tokenizer, {**VILA_MEDIA, **media}, {}, []
     try:
         facts = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -378,4 +380,4 @@ def merge_hf_facts(data: Optional[bytes], tokenizer: Dict[str, Any], media: Dict
             notes.append(f"{where}: media {k} {v!r} ignored: VILA's configs say {med[k]!r}")
         else:
             med[k] = v
-    return tok, med, dict(facts.get("registry_names") or {}), notes
+    return tok, {**VILA_MEDIA, **med}, dict(facts.get("registry_names") or {}), notes

@@ -30,8 +30,10 @@ ENCODERS: Dict[str, VisionConfig] = {
     "siglip_so400m_patch14_448": VisionConfig(image_size=448, patch_size=14, hidden_size=1152, num_layers=27,
                                               num_attention_heads=16, ffn_hidden_size=4304),
     # For tests and demos: 28 px frames (2x2 patches -> 1 token), 56 px (4x4 -> 4 tokens), 42 px (3x3 -> 4).
+    # VILA's encoder semantics: the projector reads the last layer's raw hidden state (VILA's mm_vision_select_layer
+    # -1), the post-LayerNorm is kept in the state but not run, so a checkpoint exports to VILA's layout as it runs.
     "siglip_tiny": VisionConfig(image_size=56, patch_size=14, hidden_size=32, num_layers=2,
-                                num_attention_heads=4, ffn_hidden_size=64),
+                                num_attention_heads=4, ffn_hidden_size=64, apply_post_layernorm=False),
 }
 
 
