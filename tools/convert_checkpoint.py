@@ -16,7 +16,10 @@ The source format is detected (--source-format to insist). Only safetensors and 
 `.bin` weights are refused (unpickling runs code; convert them with a trusted tool first), and torch_dist holds a
 pickled index, so give it only checkpoints you trust. Tensors stream one at a time (peak memory about the largest
 stacked tensor); the target is written under a temporary name and renamed at the end, so a killed conversion leaves
-no target. Every missing, unexpected or misshaped tensor is listed in one error. docs/CONVERSION.md has the details.
+no target. Every missing, unexpected or misshaped tensor is listed in one error. A folder is trusted for nothing:
+an index entry that is not a plain file name, a symlink out of the source, a crafted safetensors header, a target
+overlapping the source are refused (exit status 2, one line) and leave the file system as it was.
+docs/CONVERSION.md has the details.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the projector's token order, overriding the source's (or the reader's guess for VILA's "
                         "plain mlp_downsample: row-major for Qwen2 releases, column-major for Llama ones)")
     p.add_argument("--seed", type=int, default=0, help="base models: seed of the projector's initialization")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --target")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --target (never one that is, contains or lies inside a source: refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     return p
