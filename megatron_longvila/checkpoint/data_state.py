@@ -7,7 +7,8 @@
 
 The ranks of one data-parallel replica (its TP x CP x PP ranks) read identical streams, so a replica's position is
 one file, written by its first rank (TP, CP and PP rank 0), and read back by data-parallel rank: a load at another
-TP, CP or PP layout reads only its own replica's file. The project's loop writes it through the checkpoint's
+TP, CP or PP layout reads only its own replica's file (each rank's reads are measured in
+tests/training/test_parallel_save.py: one file's worth). The project's loop writes it through the checkpoint's
 integrity manifest (checkpoint.distributed); under megatron.training it goes beside Megatron's own files
 (training.megatron_lm). Files hold tensors, numbers and strings only and are read with weights_only=True.
 """
