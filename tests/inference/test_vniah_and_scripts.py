@@ -3,7 +3,7 @@
 - tools/eval_vniah.py on a 2x2 mesh and on one rank writes VILA's files (all_accuracies.json with its keys,
   avg_accuracy.txt, heatmap.png), scores every cell both ways, and its teacher-forced predictions are identical on
   both meshes wherever the one-rank top-2 logit margin exceeds 1e-4; for single-token answers the generated first
-  token equals the teacher-forced argmax.
+  token equals the teacher-forced argmax; the second run reuses the first one's haystack cache, and says so.
 - examples/generate_longvila.py answers a question about a real (H.264) video on 4 CPU ranks (2x2) with the same
   tokens as on one rank, and reports its figures with --json.
 - tools/bench_inference.py: MM-SP and the layer-pipeline baseline generate the same tokens.
@@ -69,8 +69,10 @@ def test_vniah_grid_files_and_mesh_invariance(ckpt, tmp_path):
     for name, mesh in (("2x2", ["--cpu-ranks", "4", "--hierarchical-context-parallel-sizes", "2", "2"]),
                        ("1x1", ["--cpu-ranks", "1"])):
         out = str(tmp_path / name)
-        _run(["tools/eval_vniah.py", "--load", ckpt, "--synthetic-haystack", "--frames", "3", "6", "--depths", "0",
-              "50", "100", "--out", out, "--cache", str(tmp_path / "cache"), "--json", *mesh])
+        said = _run(["tools/eval_vniah.py", "--load", ckpt, "--synthetic-haystack", "--frames", "3", "6", "--depths",
+                     "0", "50", "100", "--out", out, "--cache", str(tmp_path / "cache"), "--json", *mesh])
+        # The 2x2 run builds the haystack cache; the 1x1 run, the same checkpoint, preprocessing and frames, reuses it.
+        assert ("[vniah] no haystack cache at" if name == "2x2" else "[vniah] reusing haystack cache") in said, said
         acc = json.load(open(os.path.join(out, "all_accuracies.json")))
         assert len(acc) == 6 and set(acc[0]) == {"Num. Frame", "Frame Depth", "Score"}
         assert all(0.0 <= a["Score"] <= 1.0 for a in acc)
