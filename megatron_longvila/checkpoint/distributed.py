@@ -46,7 +46,8 @@ ranks writing everything. The files hold the same tensors either way (tests/trai
 file, its own replica's (checkpoint/data_state.py), at any TP, CP and PP layout.
 Bytes written per rank are the sizes of the files each rank wrote (its manifest entries); bytes read per rank are
 measured around each phase of a load (Linux's per-thread read counter, /proc/thread-self/io: the reading thread's
-file reads; gloo receives on threads of its own, NCCL through the device) and printed once by rank 0.
+file reads; gloo receives on threads of its own, NCCL through the device). Rank 0 prints the bytes written with
+each save; the training loop logs the bytes read with its "loaded iteration" line.
 
 Saves are synchronous (--async-save is refused at start-up): the commit above checksums the files and renames the
 folder only once every rank's files are on disk, and megatron-core 0.16.1's asynchronous writer hangs on CPU.
@@ -121,6 +122,17 @@ class LoadedCheckpoint:
     the kernel offers no per-thread counter (not Linux)."""
     bytes_read_per_rank: List[Dict[str, Optional[int]]] = field(default_factory=list)
     """`bytes_read` of every rank, by global rank."""
+    fully_parallel_load: bool = False
+    """Whether the load was fully parallel (ParallelIO.fully_parallel_load)."""
+
+    def reads_summary(self) -> str:
+        """One line of the bytes the ranks read per phase (the training loop logs it once); "" when not measured."""
+        if not self.bytes_read_per_rank:
+            return ""
+        how = "fully parallel" if self.fully_parallel_load else "each rank its slice"
+        phases = list(self.bytes_read_per_rank[0])
+        return f"bytes read per rank ({how}): " + "; ".join(
+            f"{phase} {_spread([p.get(phase) for p in self.bytes_read_per_rank])}" for phase in phases)
 
 
 def _layout() -> dict:
@@ -397,7 +409,7 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
     checksums, each rank a share), "sizes", or "none". A checkpoint that fails raises CorruptCheckpoint naming
     the files, unless newest_valid (--ckpt-load-newest-valid): then the newest older one that passes is loaded.
     parallel_io: whether each rank reads a share of its group's shards (ParallelIO.fully_parallel_load).
-    The bytes each rank read, per phase, are in the result; rank 0 prints them once.
+    The bytes each rank read, per phase, are in the result (LoadedCheckpoint.reads_summary: one line for a log).
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -456,15 +468,11 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *, loa
         data_state = read_data_state(path, ps.get_data_parallel_rank())
         meter.stop("data_state")
     per_rank = _gather_reads(meter.phases)
-    if rank == 0:
-        how = "fully parallel" if parallel_io.fully_parallel_load else "each rank its slice"
-        print(f"[checkpoint] loaded iteration {int(loaded['iteration'])} from {path}; bytes read per rank ({how}): "
-              + "; ".join(f"{phase} {_spread([p.get(phase) for p in per_rank])}" for phase in meter.phases),
-              flush=True)
     _barrier()
     return LoadedCheckpoint(iteration=int(loaded["iteration"]), train_state=dict(loaded.get("train_state", {})),
                             data_state=data_state, rng_restored=rng_restored, layout=layout,
-                            bytes_read=dict(meter.phases), bytes_read_per_rank=per_rank)
+                            bytes_read=dict(meter.phases), bytes_read_per_rank=per_rank,
+                            fully_parallel_load=parallel_io.fully_parallel_load)
 
 
 def _gather_reads(phases: Dict[str, Optional[int]]) -> List[Dict[str, Optional[int]]]:

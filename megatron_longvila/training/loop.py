@@ -334,7 +334,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     logger = TrainLogger(args, world_size=dist.get_world_size(), is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
     if loaded is not None:
         logger.message(f"loaded iteration {loaded.iteration} from "
-                       f"{args.load if iteration else args.pretrained_checkpoint} (layout {loaded.layout})")
+                       f"{args.load if iteration else args.pretrained_checkpoint} (layout {loaded.layout})"
+                       + (f"; {loaded.reads_summary()}" if loaded.reads_summary() else ""))
     logger.message(f"training {args.recipe} (freeze preset {args.freeze}) from iteration {iteration} to "
                    f"{args.train_iters}: {num_microbatches} micro-batches x DP {dp} per step, TP "
                    f"{args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} CP "

@@ -100,7 +100,8 @@ def _world(rank, world, tmp):
         out["load_dp"] = ps.get_data_parallel_rank()  # this rank's replica at the loading layout
         loads[name] = {"params": params, "moments": moments, "bytes_read": loaded.bytes_read,
                        "per_rank": loaded.bytes_read_per_rank, "data_state": loaded.data_state,
-                       "changed": sum(not torch.equal(before[n], params[n]) for n in params), "n": len(params)}
+                       "changed": sum(not torch.equal(before[n], params[n]) for n in params), "n": len(params),
+                       "summary": loaded.reads_summary()}
     out["same_params"] = all(torch.equal(loads["plain"]["params"][n], loads["fully"]["params"][n])
                              for n in loads["plain"]["params"])
     out["moments"] = {k: len(v) for k, v in loads["fully"]["moments"].items()}
@@ -218,6 +219,8 @@ def test_loads_at_another_layout_read_their_share(saved):
         for name in ("plain", "fully"):
             load = o["loads"][name]
             assert load["changed"] > load["n"] // 2, (name, load["changed"], load["n"])
+            how = "fully parallel" if name == "fully" else "each rank its slice"
+            assert f"bytes read per rank ({how}): verify max" in load["summary"] and "; tensors max" in load["summary"]
             assert load["data_state"]["dp_rank"] == o["load_dp"]
             assert torch.equal(load["data_state"]["position"], torch.arange(5 + o["load_dp"]))
             path = data_state_path(checkpoint_dir(os.path.join(tmp, name), 1), o["load_dp"])
