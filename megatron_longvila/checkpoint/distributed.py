@@ -356,10 +356,14 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
         agree.failed("committing", e)
     agree.check("committing")
     if rank == 0:
-        written = bytes_written_per_rank(final)
+        try:  # the save is committed: a manifest that cannot be read back here only loses the figures
+            written = bytes_written_per_rank(final)
+            figures = _spread([written.get(r, 0) for r in range(dist.get_world_size())])
+        except (OSError, CheckpointError) as e:
+            figures = f"not known ({e})"
         print(f"[checkpoint] saved iteration {iteration} to {final} in {time.perf_counter() - t0:.2f}s; bytes "
               f"written per rank ({'fully parallel' if parallel_io.fully_parallel_save else 'replica-0 ranks'}): "
-              f"{_spread([written.get(r, 0) for r in range(dist.get_world_size())])}", flush=True)
+              f"{figures}", flush=True)
         if retain:
             try:
                 for gone in integrity.apply_retention(save_dir, retain, protect=iteration):

@@ -196,6 +196,7 @@ def add_checkpoint_io_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="spread the writes of shards replicated over data-parallel (x context-parallel) ranks over "
                         "those ranks, each shard written once (the default, as in Megatron-LM)")
     g.add_argument("--no-ckpt-fully-parallel-save", dest="ckpt_fully_parallel_save", action="store_false",
+                   default=argparse.SUPPRESS,  # the default is the flag above's
                    help="the ranks holding replica 0 of a shard write it (the data-parallel-rank-0 ranks write "
                         "everything replicated)")
     g.add_argument("--ckpt-fully-parallel-load", action="store_true",
