@@ -12,6 +12,8 @@
   classes set both to None); NVILA's temporal-pooling video encoder is refused by its key.
 - Vocabulary rows an export drops: refused when a token of the model's tokenizer has learned values there; allowed
   when they are zero (as a VILA conversion pads) or no token has their id (Megatron's padding).
+- A model trained from a release (frames per video changed, VILA's uniform sampling recorded) exports the release's
+  files and configs, no facts file.
 """
 
 import json
@@ -183,10 +185,10 @@ class _Random(Source):
         pass
 
 
-def _export(source, target):
+def _export(source, target, dtype=None):
     from megatron_longvila.conversion.hf_common import write_hf_vila
 
-    return write_hf_vila(source, str(target))
+    return write_hf_vila(source, str(target), dtype=dtype)
 
 
 def test_exports_vila_would_run_differently_are_refused(tmp_path):
@@ -289,3 +291,27 @@ def test_dropped_vocabulary_rows_must_be_padding(release, tmp_path):
     learned = {emb: {r: 0.0 for r in range(stored, used) if r != media}}
     with pytest.raises(ConversionError, match=rf"{emb}: rows {media} \(media_token_id\) hold values"):
         _export(_Random(rec, learned), tmp_path / "learned")
+
+
+def test_model_trained_from_a_release_exports_the_release_files(release, tmp_path):
+    # What training adds to a release's record (frames per video from --num-frames, VILA's own uniform sampling)
+    # needs no facts file: the export's file list and configs are the release's.
+    from megatron_longvila.conversion import read_record
+    from megatron_longvila.models.record import HF_FACTS_FILE, media_settings, training_media
+
+    from .fixtures import list_files
+
+    rec = read_record(release)
+
+    class Args:
+        num_frames = 4
+
+    rec.media = training_media(rec, media_settings(rec, Args()))
+    out = tmp_path / "trained"
+    emb = "language_model.model.embedding.word_embeddings.weight"  # VILA's three rows: zero, as converted
+    _export(_Random(rec, {emb: {r: 0.0 for r in range(rec.llm["vocab_size"], rec.tokenizer["vocab_size"])}}), out,
+            dtype=torch.bfloat16)  # the release's dtype: its configs are not retagged
+    assert HF_FACTS_FILE not in list_files(out) and list_files(out) == list_files(release)
+    for f in list_files(release):
+        if not f.endswith(".safetensors"):
+            assert (out / f).read_bytes() == open(os.path.join(release, f), "rb").read(), f
