@@ -12,7 +12,9 @@ schedule asks for it.
     fingerprint(packed_list) -> int                  what a step trains on, as a 48-bit number
     compact(packed) -> dict / expand(dict) -> PackedSequence   the reader's broadcast form of a sequence (exact)
 
-One step, made by `_produce` (on the training thread with --num-workers 0, else one step ahead on a producer thread):
+One step, made by `_produce` (on the training thread with --num-workers 0, else one step ahead on a producer thread,
+started with the iteration; under pipeline parallelism always the producer thread, since the last stage asks for data
+only after the first stage's activations reached it):
 1. Read once per replica. The replica's reader (its lowest global rank) takes the step's packed sequences from its
    stream (reading, probing and tokenizing the samples) and broadcasts them, with the stream's resume state and its
    sample counts, over a host (gloo) group spanning the replica's TP x CP x PP ranks: one pickled broadcast of about
@@ -86,8 +88,9 @@ class FeedConfig:
     """How a stream's steps are prepared."""
 
     num_workers: int = 0
-    """--num-workers: 0 prepares each step on the training thread when the schedule asks for it; N >= 1 runs a
-    producer thread that prepares the next step while the current one trains, N threads decoding its media items."""
+    """--num-workers: 0 prepares each step on the training thread when the schedule asks for it (with pipeline
+    parallelism a producer thread prepares it ahead all the same); N >= 1 runs a producer thread that prepares the
+    next step while the current one trains, N threads decoding its media items."""
     prefetch_steps: int = 1
     """Prepared steps that may wait in the queue (with num_workers >= 1)."""
     logged_unreadable: int = 3
@@ -203,6 +206,10 @@ class StepFeed:
                 (ps.get_data_parallel_rank(), ps.get_context_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
                 tag=f"data:{tag}:tp")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        # A replica spanning pipeline stages exchanges a step's data before its stages pair up in the schedule: the
+        # last stage waits for the first one's activations before it asks for data, so a producer thread, started
+        # with the iteration, prepares each step ahead whatever --num-workers says.
+        self.threaded = self.config.num_workers > 0 or self._pipeline_parallel()
         self.is_reader = self.rank == self.reader
         self._source = None  # the reader's generator over `packed`
         self._state = packed.state_dict()  # the resume point after the last step handed out
@@ -217,8 +224,18 @@ class StepFeed:
         self._media_root: Optional[str] = None  # shards: where the reader extracted this step's media
         self.closed = False
 
+    @staticmethod
+    def _pipeline_parallel() -> bool:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        from megatron.core import parallel_state as ps
+
+        return ps.get_pipeline_model_parallel_world_size() > 1
+
     # -- the schedule's side ------------------------------------------------------------------------------------
     def __iter__(self):
+        if self.threaded and self._thread is None:  # every rank starts preparing before any schedule pairs them
+            self._start(self.num_microbatches() if callable(self.num_microbatches) else int(self.num_microbatches))
         return self
 
     def __next__(self) -> PlannedMicroBatch:
@@ -275,7 +292,7 @@ class StepFeed:
         return self._source
 
     def _take(self, n: int) -> _Step:
-        if self.config.num_workers == 0:
+        if not self.threaded:
             return self._produce(n)
         while True:
             if self._thread is None:

@@ -399,7 +399,7 @@ def _resume_stream(stream, args) -> None:
     feed = getattr(stream, "feed", None)
     if feed is not None:  # a PlannedStream: its replica's reader replays the packed sequences
         feed.replay(skip)
-        return feed
+        return iter(feed)  # iter: a producer starts here (pipeline parallelism, --num-workers)
     it = iter(stream)
     for _ in range(skip):
         next(it)

@@ -282,7 +282,7 @@ class PlannedStream:
         self.feed = feed
 
     def __iter__(self) -> StepFeed:
-        return self.feed
+        return iter(self.feed)  # a producer starts here where there is one
 
     def state_dict(self) -> dict:
         return self.feed.state_dict()
