@@ -286,9 +286,10 @@ def test_tflops_count_the_step_s_own_sequences_once_per_replica(manifest, tmp_pa
     seen = [o["seen"] for o in out]
     assert len(seen[0]) == 2 and seen[0] == seen[1] and seen[2] == seen[3]  # one sequence per replica per step
     assert any(frames for _, frames, _ in seen[0] + seen[2])  # the data has video
-    # The tiny LLM and SigLIP-tiny; the demo tokenizer's vocabulary padded to a multiple of 128; short_sft trains all.
+    # The tiny LLM and SigLIP-tiny (VILA's semantics: the last layer's raw hidden state, no post-LayerNorm run); the demo
+    # tokenizer's vocabulary padded to a multiple of 128; short_sft trains all.
     shape = ModelShape(hidden=48, layers=2, heads=4, kv_heads=2, ffn=64, vocab=384, v_hidden=32, v_layers=2,
-                       v_layers_run=2, v_heads=4, v_ffn=64, patch=14, image=56)
+                       v_layers_run=2, v_heads=4, v_ffn=64, patch=14, image=56, v_post_norm=False)
     assert out[0]["model"] == [(shape, Trains())]
     for k, rec in enumerate(out[-1]["logged"]):
         want = sum(sequence_flops(shape, docs, frames, Trains())["total"] for docs, frames, _ in
