@@ -87,8 +87,8 @@ def _init_distributed(timeout_minutes: int = 10) -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
-        raise RuntimeError("no process group and no RANK in the environment: launch with torchrun (or srun via "
-                           "examples/slurm), or use --demo for the single-command CPU demo")
+        raise ArgumentError("no process group and no RANK in the environment: launch with torchrun (or srun via "
+                            "examples/slurm), or use --demo for the single-command CPU demo")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
