@@ -16,7 +16,7 @@ from megatron_longvila.parallel.launch import run_distributed
 from megatron_longvila.checkpoint.data_state import DATA_STATE_DIR
 from megatron_longvila.training import megatron_lm
 
-from .example_script import load_example_script
+from .example_script import load_example_script, write_text_manifest
 
 MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
 
@@ -30,6 +30,22 @@ ITERS = 4
 # Both trainers reduce the same float64 [loss sum, tokens] reports; only the summation order of the final
 # all-reduce may differ. Measured: equal to the last bit; the bound leaves room for that order.
 RTOL = 1e-9
+
+
+def record_megatron_losses() -> dict:
+    """{iteration: "lm loss"} of megatron.training's log, filled as it trains (Megatron prints the loss; the tests want
+    the numbers): the last pipeline stage's global token mean per iteration."""
+    import megatron.training.training as mt
+
+    losses, log = {}, mt.training_log
+
+    def record(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
+        if "lm loss" in loss_dict:
+            losses[iteration] = float(loss_dict["lm loss"])
+        return log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
+
+    mt.training_log = record
+    return losses
 
 
 def _script():
@@ -57,17 +73,7 @@ def _megatron_rank(rank, world, manifest, extra=()):
     from megatron_longvila.training import megatron_lm
 
     megatron_lm.enable_megatron_training_on_cpu()
-    import megatron.training.training as mt
-
-    losses = {}
-    log = mt.training_log
-
-    def record(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
-        if "lm loss" in loss_dict:  # the last pipeline stage's global token mean for this iteration
-            losses[iteration] = float(loss_dict["lm loss"])
-        return log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
-
-    mt.training_log = record  # Megatron prints the loss; the test wants the numbers
+    losses = record_megatron_losses()
     try:
         mod.main(_argv(manifest) + ["--use-megatron-training"] + list(extra))
     except SystemExit as e:  # --exit-interval ends the run through sys.exit
@@ -161,32 +167,12 @@ def test_megatron_command_line_flags_are_resolved_or_refused(manifest):
     assert "Transformer Engine" in out[3], out[3]
 
 
-def _text_manifest(path: str) -> str:
-    import json
-
-    with open(path, "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"id": f"text_{i}", "conversations": [
-                {"from": "human", "value": f"Count to {i % 5 + 2}."},
-                {"from": "gpt", "value": " ".join(str(k) for k in range(1, i % 5 + 3))}]}) + "\n")
-    return path
-
-
 def _megatron_overlap(rank, world, manifest, extra):
     sys.path.insert(0, MEGATRON_LM)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     mod = _script()
     megatron_lm.enable_megatron_training_on_cpu()
-    import megatron.training.training as mt
-
-    losses, log = {}, mt.training_log
-
-    def record(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
-        if "lm loss" in loss_dict:
-            losses[iteration] = float(loss_dict["lm loss"])
-        return log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
-
-    mt.training_log = record
+    losses = record_megatron_losses()
     mod.main(["--cpu", "--recipe", "short_sft", "--vision-encoder", "siglip_tiny", "--llm", "tiny", "--seq-length",
               "128", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "3", "--lr", "2e-3",
               "--min-lr", "2e-4", "--lr-warmup-iters", "1", "--data-path", manifest, "--log-interval", "1",
@@ -198,7 +184,7 @@ def test_megatron_training_overlap_with_a_trainable_encoder_and_no_frames(tmp_pa
     """megatron.training at DP 2 with the encoder training and micro-batches without media: with
     --overlap-grad-reduce the run completes (megatron-core's buckets for the encoder are reported by every backward)
     and its losses equal the run without overlap, bitwise."""
-    manifest = _text_manifest(str(tmp_path / "text.jsonl"))
+    manifest = write_text_manifest(str(tmp_path / "text.jsonl"))
     plain = run_distributed(_megatron_overlap, 2, manifest, [], timeout=280)[-1]
     overlap = run_distributed(_megatron_overlap, 2, manifest, ["--overlap-grad-reduce"], timeout=280)[-1]
     assert sorted(plain) == [1, 2, 3], plain

@@ -314,22 +314,13 @@ def _megatron_lm_rank(rank, world, manifest, extra):
     from megatron_longvila.training import megatron_lm
 
     from .example_script import load_example_script
-    from .test_megatron_lm import MEGATRON_LM, _argv
+    from .test_megatron_lm import MEGATRON_LM, _argv, record_megatron_losses
 
     sys.path.insert(0, MEGATRON_LM)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     mod = load_example_script()
     megatron_lm.enable_megatron_training_on_cpu()
-    import megatron.training.training as mt
-
-    losses, log = {}, mt.training_log
-
-    def record(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
-        if "lm loss" in loss_dict:
-            losses[iteration] = float(loss_dict["lm loss"])
-        return log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
-
-    mt.training_log = record
+    losses = record_megatron_losses()
     try:
         mod.main(_argv(manifest) + ["--use-megatron-training"] + list(extra))
     except SystemExit as e:

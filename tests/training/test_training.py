@@ -20,7 +20,7 @@ from megatron_longvila.errors import DistributedRunError
 from megatron_longvila.parallel.launch import run_distributed
 from megatron_longvila.checkpoint.layout import read_tracker, TRACKER
 
-from .example_script import SCRIPT, load_example_script
+from .example_script import SCRIPT, load_example_script, write_text_manifest
 
 
 pytest.importorskip("av")
@@ -187,15 +187,6 @@ def test_demo_learns_its_videos(tmp_path):
     assert "--train-iters 300" in again.stdout and len(again.stdout.strip().splitlines()) == 1
 
 
-def _text_manifest(path: str) -> str:
-    with open(path, "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"id": f"text_{i}", "conversations": [
-                {"from": "human", "value": f"Count to {i % 5 + 2}."},
-                {"from": "gpt", "value": " ".join(str(k) for k in range(1, i % 5 + 3))}]}) + "\n")
-    return path
-
-
 def _overlap(rank, world, manifest, tmp):
     mod = _script()
     out = {}
@@ -218,7 +209,7 @@ def test_overlap_grad_reduce_with_a_trainable_encoder_and_no_frames(tmp_path):
     rank encodes a frame: megatron-core's overlapped buckets for the encoder used to wait forever (an assertion in
     zero_grad_buffer); now every rank's backward reports those parameters (zero gradients) and the run equals the
     one without overlap, losses and gradient norms bitwise."""
-    manifest = _text_manifest(str(tmp_path / "text.jsonl"))
+    manifest = write_text_manifest(str(tmp_path / "text.jsonl"))
     out = run_distributed(_overlap, 2, manifest, str(tmp_path), timeout=240)[-1]
     assert sorted(out["plain"]) == [1, 2, 3]
     assert out["overlap"] == out["plain"], out
